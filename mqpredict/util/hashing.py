@@ -1,0 +1,47 @@
+"""Content hashes of large files, computed once per file version and remembered."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from mqpredict.util.atomic import atomic_write_text
+from mqpredict.util.paths import cache_dir
+
+_CHUNK = 8 << 20
+
+
+def _index_path() -> Path:
+    return cache_dir() / "hashes.json"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes; remembered per (path, size, mtime, inode) so a 100 GB base is hashed once."""
+    path = Path(path).resolve()
+    st = path.stat()
+    stamp = f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    index_file = _index_path()
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if stamp in index:
+        return index[stamp]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    digest = h.hexdigest()
+    index = {k: v for k, v in index.items() if not k.startswith(f"{path}|")}
+    index[stamp] = digest
+    try:
+        atomic_write_text(index_file, json.dumps(index, indent=0, sort_keys=True))
+    except OSError:
+        pass  # a cache that cannot be written only costs time
+    return digest
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
