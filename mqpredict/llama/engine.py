@@ -1,0 +1,329 @@
+"""The Engine contract: build any config of one base into a GGUF, and measure a GGUF against the base.
+
+An engine is bound to one base model and one evaluation setup (corpus, ctx, token slice, threads)::
+
+    engine.build(config, out=None) -> Built          # the file, its effective types, its exact size
+    engine.evaluate(path) -> Evaluation               # KLD statistics (+ per-token scores) vs the base
+    engine.measure(config) -> Measurement             # both, plus provenance
+
+Two implementations share one test suite: :class:`~mqpredict.llama.inprocess.InProcessEngine` (default,
+llama-cpp-python, stitching builder) and :class:`~mqpredict.llama.tools.ToolsEngine` (the user's own
+``llama-quantize`` / ``llama-perplexity`` binaries).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mqpredict.errors import ConfigError, InputError
+from mqpredict.measure.corpus import Corpus, EvalSpec
+from mqpredict.measure.kld import TokenScores
+from mqpredict.measure.stats import KLDStats
+from mqpredict.quant.config import Config
+from mqpredict.quant.model import ModelInfo
+from mqpredict.quant.resolve import EffectiveTypes, resolve, types_key
+from mqpredict.quant.size import SizeReport, size_of
+from mqpredict.util.hashing import file_sha256
+from mqpredict.util.paths import cache_dir
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+
+
+def _no_progress(what: str, done: int, total: int) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Built:
+    """A built GGUF and what it holds."""
+
+    path: Path
+    config: Config
+    types: EffectiveTypes
+    types_key: str
+    size: SizeReport
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    stats: KLDStats
+    scores: TokenScores | None  # per-token scores, when the engine can produce them
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One real llama.cpp evaluation of one config on one (base, corpus, token slice)."""
+
+    config: str
+    types_key: str
+    size_bytes: int
+    bpw: float
+    stats: KLDStats
+    engine: str
+    llama_version: str
+    build: str
+    base: str  # base file sha256
+    base_origin: str
+    corpus: str  # corpus id
+    ctx: int
+    chunk_offset: int
+    n_chunks: int
+    per_token_path: str | None
+    seconds_build: float
+    seconds_eval: float
+    types: dict[str, str] = field(repr=False, default_factory=dict)
+
+    def to_json(self, with_types: bool = False) -> dict:
+        d = {
+            "config": self.config,
+            "types_key": self.types_key,
+            "size_bytes": self.size_bytes,
+            "bpw": self.bpw,
+            **self.stats.to_json(),
+            "engine": self.engine,
+            "llama_version": self.llama_version,
+            "build": self.build,
+            "base": self.base,
+            "base_origin": self.base_origin,
+            "corpus": self.corpus,
+            "ctx": self.ctx,
+            "chunk_offset": self.chunk_offset,
+            "n_chunks": self.n_chunks,
+            "per_token_path": self.per_token_path,
+            "seconds_build": self.seconds_build,
+            "seconds_eval": self.seconds_eval,
+        }
+        if with_types:
+            d["types"] = self.types
+        return d
+
+
+class Engine(ABC):
+    """Shared behaviour of both engines; subclasses implement the llama.cpp calls."""
+
+    name: str = "engine"
+
+    def __init__(
+        self,
+        base: str | os.PathLike,
+        corpus: str | os.PathLike | None,
+        spec: EvalSpec = EvalSpec(),
+        *,
+        threads: int = 0,
+        allow_quantized_base: bool = False,
+        cache: str | os.PathLike | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.model = ModelInfo.load(base)
+        self.check_base(self.model, allow_quantized_base)
+        self.allow_quantized_base = allow_quantized_base
+        self._corpus = Corpus.load(corpus) if corpus is not None else None
+        self.spec = spec
+        self.threads = threads or os.cpu_count() or 1
+        self.cache = Path(cache) if cache else cache_dir()
+        self.progress = progress or _no_progress
+        self.base_sha = file_sha256(self.model.path)
+        self._workdir: Path | None = None
+
+    @property
+    def corpus(self) -> Corpus:
+        if self._corpus is None:
+            raise InputError("no evaluation corpus was given", "pass --corpus TEXT")
+        return self._corpus
+
+    # ------------------------------------------------------------- checks
+    @staticmethod
+    def check_base(model: ModelInfo, allow_quantized: bool) -> None:
+        q = model.quantized_tensors
+        if q and not allow_quantized:
+            raise InputError(
+                f"{model.path} is already quantized ({q[0].name} is {q[0].qtype.name}; {len(q)} tensors in all)",
+                "a quantized base makes its own grid look free and every KLD misleading; "
+                "use an F32/F16/BF16 base (`mqpredict base prepare` restores one) or pass --allow-quantized-base",
+            )
+
+    def check_candidate(self, path: Path) -> ModelInfo:
+        """A GGUF to evaluate must be a quantization of this base (same vocabulary and tensors)."""
+        cand = ModelInfo.load(path)
+        if cand.vocab_hash != self.model.vocab_hash:
+            raise InputError(
+                f"{path} has a different vocabulary from the base {self.model.path.name} "
+                f"({cand.n_vocab} vs {self.model.n_vocab} tokens)",
+                "KLD compares next-token distributions, so both files must share one tokenizer",
+            )
+        base_shapes = {t.name: t.shape for t in self.model.tensors}
+        for t in cand.tensors:
+            if base_shapes.get(t.name) != t.shape:
+                raise InputError(
+                    f"{path} is not a quantization of {self.model.path.name}: tensor {t.name} "
+                    f"{'is missing from the base' if t.name not in base_shapes else 'has another shape'}"
+                )
+        missing = set(base_shapes) - {t.name for t in cand.tensors}
+        if missing:
+            raise InputError(f"{path} is not a quantization of {self.model.path.name}: it lacks {sorted(missing)[0]}")
+        return cand
+
+    # --------------------------------------------------------------- paths
+    @property
+    def workdir(self) -> Path:
+        if self._workdir is None:
+            self._workdir = Path(tempfile.mkdtemp(prefix="mqpredict-"))
+        return self._workdir
+
+    def close(self) -> None:
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def logprob_path(self, spec: EvalSpec) -> Path:
+        return (
+            self.cache
+            / "logprobs"
+            / f"{self.base_sha[:16]}-{self.corpus.sha256[:12]}-{spec.key}-{self.name}-{self.build_id()}.kld"
+        )
+
+    def per_token_path(self, tkey: str, spec: EvalSpec) -> Path:
+        return (
+            self.cache
+            / "per_token"
+            / f"{self.base_sha[:16]}-{self.corpus.sha256[:12]}-{spec.key}-{self.name}-{self.build_id()}"
+            / f"{tkey}.kld.npy"
+        )
+
+    # ------------------------------------------------------ the contract
+    @abstractmethod
+    def version(self) -> str: ...
+
+    @abstractmethod
+    def build_id(self) -> str: ...
+
+    @abstractmethod
+    def dry_run(self, model: ModelInfo, config: Config) -> EffectiveTypes: ...
+
+    @abstractmethod
+    def _build(self, config: Config, types: EffectiveTypes, out: Path) -> None: ...
+
+    @abstractmethod
+    def _evaluate(self, path: Path, spec: EvalSpec) -> tuple[KLDStats, TokenScores | None]: ...
+
+    @abstractmethod
+    def base_logprobs(self, spec: EvalSpec):
+        """Make sure the base's log-probs for ``spec`` exist (computed once, cached on disk)."""
+
+    def resolve(self, config: Config) -> EffectiveTypes:
+        return resolve(self.model, config, self.dry_run)
+
+    def size(self, config: Config) -> SizeReport:
+        return size_of(self.model, self.resolve(config))
+
+    def build(self, config: Config, out: str | os.PathLike | None = None) -> Built:
+        """Build ``config`` into ``out`` (default: a file in the engine's work dir)."""
+        t0 = time.perf_counter()
+        types = self.resolve(config)
+        tkey = types_key(self.model, types)
+        out = Path(out) if out else self.workdir / f"{tkey}.gguf"
+        self._build(config, types, out)
+        written = ModelInfo.load(out)
+        actual = {t.name: t.qtype for t in written.tensors}
+        if actual != types:
+            diff = next(n for n in types if actual.get(n) != types[n])
+            out.unlink(missing_ok=True)
+            raise ConfigError(
+                f"{self.name} wrote {diff} as {actual.get(diff)} but {types[diff].name} was predicted",
+                "the llama.cpp build differs from the one mqpredict was tested with; please report it",
+            )
+        return Built(out, config, types, tkey, size_of(self.model, types), time.perf_counter() - t0)
+
+    def evaluate(self, path: str | os.PathLike, spec: EvalSpec | None = None) -> Evaluation:
+        path = Path(path)
+        self.check_candidate(path)
+        t0 = time.perf_counter()
+        stats, scores = self._evaluate(path, spec or self.spec)
+        return Evaluation(stats, scores, time.perf_counter() - t0)
+
+    def measure(self, config: Config, spec: EvalSpec | None = None, keep: str | os.PathLike | None = None) -> Measurement:
+        """Build, evaluate, keep the per-token scores; the built file is deleted unless ``keep``."""
+        spec = spec or self.spec
+        self.base_logprobs(spec)  # a corpus problem shows before any build work
+        built = self.build(config, keep)
+        try:
+            ev = self.evaluate(built.path, spec)
+        finally:
+            if keep is None:
+                built.path.unlink(missing_ok=True)
+        return _measurement(self, config.key, built.types, built.size.size_bytes, built.size.bpw, ev, spec, built.seconds)
+
+    def measure_file(self, path: str | os.PathLike, spec: EvalSpec | None = None) -> Measurement:
+        """Measure a ready GGUF of this base (e.g. a community quantization); its config is its file name."""
+        spec = spec or self.spec
+        cand = self.check_candidate(Path(path))
+        ev = self.evaluate(path, spec)
+        types = {t.name: t.qtype for t in cand.tensors}
+        return _measurement(self, f"gguf:{cand.path.name}", types, cand.header.file_size, cand.bpw, ev, spec, 0.0)
+
+
+def _measurement(engine: Engine, config: str, types: EffectiveTypes, size: int, bpw: float, ev: Evaluation,
+                 spec: EvalSpec, seconds_build: float) -> Measurement:  # fmt: skip
+    tkey = types_key(engine.model, types)
+    pt = None
+    if ev.scores is not None:
+        pt = engine.per_token_path(tkey, spec)
+        save_scores(pt, ev.scores)
+    return Measurement(
+        config=config,
+        types_key=tkey,
+        size_bytes=size,
+        bpw=bpw,
+        stats=ev.stats,
+        engine=engine.name,
+        llama_version=engine.version(),
+        build=engine.build_id(),
+        base=engine.base_sha,
+        base_origin=engine.model.base_origin,
+        corpus=engine.corpus.id,
+        ctx=spec.ctx,
+        chunk_offset=spec.chunk_offset,
+        n_chunks=spec.n_chunks,
+        per_token_path=str(pt) if pt else None,
+        seconds_build=seconds_build,
+        seconds_eval=ev.seconds,
+        types={k: v.name for k, v in types.items()},
+    )
+
+
+def save_scores(path: Path, scores: TokenScores) -> None:
+    """The per-token KLD as float32 ``.npy`` at ``path``; the other per-token scores beside it (.npz)."""
+    from mqpredict.util.atomic import atomic_path
+
+    with atomic_path(path, fsync=False) as tmp, open(tmp, "wb") as f:
+        np.save(f, scores.kld.astype(np.float32))
+    with atomic_path(_aux(path), fsync=False) as tmp, open(tmp, "wb") as f:
+        np.savez(f, p_diff=scores.p_diff, nll=scores.nll, nll_base=scores.nll_base, same_top=scores.same_top)
+
+
+def _aux(path: Path) -> Path:
+    return path.with_name(path.name.replace(".kld.npy", ".scores.npz"))
+
+
+def load_scores(path: str | os.PathLike) -> TokenScores:
+    path = Path(path)
+    kld = np.load(path, allow_pickle=False)
+    with np.load(_aux(path), allow_pickle=False) as z:
+        return TokenScores(kld, z["p_diff"], z["nll"], z["nll_base"], z["same_top"])

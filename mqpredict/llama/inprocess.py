@@ -1,0 +1,248 @@
+"""InProcessEngine: llama.cpp in this process (llama-cpp-python's low-level API), stitched builds.
+
+Evaluation mirrors ``llama-perplexity --kl-divergence`` call for call: the same context layout
+(``n_seq = n_batch / ctx`` chunks side by side, KV cleared per group), BOS in each chunk's first slot,
+logits requested only for the scored half, and the same per-token formulas (:mod:`mqpredict.measure.kld`).
+It differs where that is cheaper: the logits are read in place (a numpy view on llama.cpp's buffer,
+no copies) and scored with vectorised numpy instead of per-token loops.
+
+Builds are stitched (:mod:`mqpredict.llama.stitch`) from a per-(base, type) cache of pure
+quantizations, so any hybrid costs a file copy once the types it uses have been quantized once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from mqpredict.errors import InputError, LlamaError
+from mqpredict.llama import runtime
+from mqpredict.llama.engine import Engine
+from mqpredict.llama.quantize import dry_run_types, pure_quantize
+from mqpredict.llama.stitch import index_sources, stitch
+from mqpredict.measure.corpus import EvalSpec
+from mqpredict.measure.kld import TokenScores, score_rows
+from mqpredict.measure.logprobs import LogProbFile, LogProbWriter, compress
+from mqpredict.measure.stats import KLDStats
+from mqpredict.quant.config import Config
+from mqpredict.quant.header import read_header
+from mqpredict.quant.model import ModelInfo
+from mqpredict.quant.presets import FTYPE
+from mqpredict.quant.resolve import EffectiveTypes, export_preset
+from mqpredict.quant.types import QuantType
+
+
+class LoadedModel:
+    """A model loaded by llama.cpp (mmap), freed on close."""
+
+    def __init__(self, path: Path, vocab_only: bool = False) -> None:
+        lib = runtime.lib()
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = 0
+        params.vocab_only = vocab_only
+        self.path = path
+        self.ptr = lib.llama_model_load_from_file(str(path).encode(), params)
+        if not self.ptr:
+            raise LlamaError(
+                f"llama.cpp could not load {path}: {runtime.LOG.last_error() or 'no reason given'}",
+                "check that the file is complete and its architecture is supported by this llama.cpp build",
+            )
+        self.vocab = lib.llama_model_get_vocab(self.ptr)
+        self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
+        self.add_bos = bool(lib.llama_vocab_get_add_bos(self.vocab))
+        self.bos = lib.llama_vocab_bos(self.vocab)
+
+    def close(self) -> None:
+        if self.ptr:
+            runtime.lib().llama_model_free(self.ptr)
+            self.ptr = None
+
+    def tokenize(self, text: str) -> np.ndarray:
+        """Tokens as llama-perplexity gets them (special tokens added, not parsed)."""
+        lib = runtime.lib()
+        data = text.encode("utf-8")
+        n_max = len(data) + 2
+        buf = (lib.llama_token * n_max)()
+        n = lib.llama_tokenize(self.vocab, data, len(data), buf, n_max, True, False)
+        if n < 0:
+            buf = (lib.llama_token * -n)()
+            n = lib.llama_tokenize(self.vocab, data, len(data), buf, -n, True, False)
+        if n < 0:
+            raise LlamaError(f"llama.cpp could not tokenize the corpus ({n})")
+        return np.ctypeslib.as_array(buf)[:n].astype(np.int32)
+
+
+class Evaluator:
+    """A llama.cpp context set up like llama-perplexity's, yielding logits of the scored positions."""
+
+    def __init__(self, model: LoadedModel, spec: EvalSpec, threads: int) -> None:
+        lib = runtime.lib()
+        self.lib, self.model, self.spec = lib, model, spec
+        cp = lib.llama_context_default_params()
+        cp.n_ctx = spec.n_seq * spec.ctx
+        cp.n_batch = min(spec.n_batch, cp.n_ctx)
+        cp.n_seq_max = spec.n_seq
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.swa_full = False
+        cp.no_perf = True
+        self.ctx = lib.llama_init_from_model(model.ptr, cp)
+        if not self.ctx:
+            raise LlamaError(f"llama.cpp could not create a context for {model.path}: {runtime.LOG.last_error()}")
+        n = spec.n_seq * spec.ctx
+        self.batch = lib.llama_batch_init(n, 0, 1)
+        self.tokens = np.ctypeslib.as_array(self.batch.token, shape=(n,))
+        pos = np.ctypeslib.as_array(self.batch.pos, shape=(n,))
+        nseq = np.ctypeslib.as_array(self.batch.n_seq_id, shape=(n,))
+        want = np.ctypeslib.as_array(self.batch.logits, shape=(n,))
+        k = np.tile(np.arange(spec.ctx, dtype=np.int32), spec.n_seq)
+        pos[:] = k
+        nseq[:] = 1
+        want[:] = k >= spec.first  # logits only for the scored half (as llama-perplexity asks)
+        for i in range(n):
+            self.batch.seq_id[i][0] = i // spec.ctx
+
+    def close(self) -> None:
+        if self.ctx:
+            self.lib.llama_batch_free(self.batch)
+            self.lib.llama_free(self.ctx)
+            self.ctx = None
+
+    def run(self, windows: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """For each window (chunk) yield (index, logits view (scored_per_chunk, n_vocab) float32).
+
+        The view points into llama.cpp's buffer and is valid until the next iteration.
+        """
+        spec, lib = self.spec, self.lib
+        n_vocab = self.model.n_vocab
+        for g in range(0, len(windows), spec.n_seq):
+            group = windows[g : g + spec.n_seq]
+            k = len(group)
+            flat = np.array(group, dtype=np.int32, copy=True)
+            if self.model.add_bos:
+                flat[:, 0] = self.model.bos
+            self.tokens[: k * spec.ctx] = flat.reshape(-1)
+            self.batch.n_tokens = k * spec.ctx
+            lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
+            rc = lib.llama_decode(self.ctx, self.batch)
+            if rc != 0:
+                raise LlamaError(f"llama.cpp failed to decode a batch of {self.model.path} (code {rc})")
+            for s in range(k):
+                ptr = lib.llama_get_logits_ith(self.ctx, s * spec.ctx + spec.first)
+                if not ptr:
+                    raise LlamaError(f"llama.cpp returned no logits for {self.model.path}")
+                view = np.ctypeslib.as_array(
+                    ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(spec.scored_per_chunk, n_vocab)
+                )
+                yield g + s, view
+
+
+@contextmanager
+def evaluator(path: Path, spec: EvalSpec, threads: int) -> Iterator[Evaluator]:
+    model = LoadedModel(path)
+    try:
+        ev = Evaluator(model, spec, threads)
+        try:
+            yield ev
+        finally:
+            ev.close()
+    finally:
+        model.close()
+
+
+class InProcessEngine(Engine):
+    """The default engine: llama-cpp-python in process, hybrids stitched from pure quantizations."""
+
+    name = "inprocess"
+
+    def version(self) -> str:
+        return runtime.version()
+
+    def build_id(self) -> str:
+        return runtime.build_fingerprint()
+
+    def dry_run(self, model: ModelInfo, config: Config) -> EffectiveTypes:
+        return dry_run_types(model, config, self.threads)
+
+    # ------------------------------------------------------------- build
+    def pure_path(self, qtype: QuantType) -> Path:
+        return self.cache / "pure" / f"{self.base_sha[:16]}-{self.build_id()}" / f"{qtype.name}.gguf"
+
+    def ensure_pure(self, qtype: QuantType) -> Path:
+        """The pure ``qtype`` quantization of the base, made once and cached."""
+        path = self.pure_path(qtype)
+        if path.exists():
+            try:
+                read_header(path)
+                return path
+            except InputError:
+                path.unlink(missing_ok=True)  # damaged cache entry: rebuild it
+        self.progress(f"quantize {qtype.name}", 0, 1)
+        pure_quantize(self.model.path, path, qtype, self.threads)
+        self.progress(f"quantize {qtype.name}", 1, 1)
+        return path
+
+    def _build(self, config: Config, types: EffectiveTypes, out: Path) -> None:
+        own = {t.name: t.qtype for t in self.model.tensors}
+        needed = sorted({qt for name, qt in types.items() if qt != own[name]}, key=lambda t: t.name)
+        headers = [read_header(self.ensure_pure(qt)) for qt in needed]
+        if headers:
+            order = [t.name for t in headers[0].tensors]
+        else:  # every tensor keeps the base's type: llama.cpp's order, from any pure file
+            order = [t.name for t in read_header(self.ensure_pure(QuantType.Q8_0)).tensors]
+        stitch(self.model, types, index_sources(headers), order, int(FTYPE[export_preset(config)]), out)
+
+    # ---------------------------------------------------------- evaluate
+    def base_logprobs(self, spec: EvalSpec) -> LogProbFile:
+        """The base's log-probs on ``spec``'s chunks: computed once, cached on disk."""
+        path = self.logprob_path(spec)
+        if path.exists():
+            try:
+                return LogProbFile.open(path)
+            except InputError:
+                path.unlink(missing_ok=True)
+        base = LoadedModel(self.model.path)
+        try:
+            tokens = base.tokenize(self.corpus.text)
+            spec.check_corpus(len(tokens), self.corpus.path)
+            start = spec.chunk_offset * spec.ctx
+            windows = tokens[start : start + spec.n_chunks * spec.ctx].reshape(spec.n_chunks, spec.ctx)
+            writer = LogProbWriter(path, spec.ctx, base.n_vocab, windows)
+            ok = False
+            try:
+                ev = Evaluator(base, spec, self.threads)
+                try:
+                    for i, logits in ev.run(windows):
+                        rows, _ = compress(logits)
+                        writer.write(rows)
+                        self.progress("base log-probs", i + 1, spec.n_chunks)
+                finally:
+                    ev.close()
+                ok = True
+            finally:
+                writer.close(ok)
+        finally:
+            base.close()
+        return LogProbFile.open(path)
+
+    def _evaluate(self, path: Path, spec: EvalSpec) -> tuple[KLDStats, TokenScores]:
+        lp = self.base_logprobs(spec)
+        first = spec.first
+        parts: list[TokenScores] = []
+        with evaluator(path, spec, self.threads) as ev:
+            if ev.model.n_vocab != lp.n_vocab:
+                raise InputError(f"{path} has {ev.model.n_vocab} tokens in its vocabulary, the base {lp.n_vocab}")
+            for i, logits in ev.run(np.asarray(lp.tokens)):
+                nxt = np.asarray(lp.tokens[i, first + 1 :])
+                parts.append(score_rows(logits, lp.rows[i], nxt))
+                self.progress(f"evaluate {path.name}", i + 1, spec.n_chunks)
+        scores = TokenScores.concat(parts)
+        return KLDStats.from_scores(scores), scores
+
+
+def default_threads() -> int:
+    return os.cpu_count() or 1

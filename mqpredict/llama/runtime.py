@@ -1,0 +1,109 @@
+"""The in-process llama.cpp library (llama-cpp-python's ctypes bindings): loading, logging, version.
+
+llama.cpp logs through a callback; mqpredict keeps the lines (the tail explains a failed load) and
+echoes them to stderr only when verbose, so ``--json`` output on stdout stays clean.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import sys
+import threading
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+
+from mqpredict.errors import LlamaError
+
+#: llama.cpp commit vendored by each llama-cpp-python release mqpredict pins
+VENDORED_COMMIT = {"0.3.36": "0c1e570"}
+
+
+class LlamaLog:
+    """Collects llama.cpp's log lines; ``capture()`` hands the lines of one block to the caller."""
+
+    def __init__(self) -> None:
+        self.tail: deque[str] = deque(maxlen=400)
+        self.verbose = False
+        self._partial = ""
+        self._captures: list[list[str]] = []
+        self._lock = threading.Lock()
+
+    def write(self, level: int, text: str) -> None:
+        with self._lock:
+            if self.verbose:
+                sys.stderr.write(text)
+            buf = self._partial + text
+            *lines, self._partial = buf.split("\n")
+            for line in lines:
+                self.tail.append(line)
+                for c in self._captures:
+                    c.append(line)
+
+    @contextmanager
+    def capture(self) -> Iterator[list[str]]:
+        lines: list[str] = []
+        with self._lock:
+            self._captures.append(lines)
+        try:
+            yield lines
+        finally:
+            with self._lock:
+                self._captures.remove(lines)
+                if self._partial:
+                    lines.append(self._partial)
+
+    def last_error(self, n: int = 6) -> str:
+        """The most telling recent lines (errors first) for an error message."""
+        lines = [x.strip() for x in self.tail if x.strip()]
+        errs = [x for x in lines if any(w in x.lower() for w in ("error", "failed", "invalid", "unable"))]
+        return " | ".join((errs or lines)[-n:])
+
+
+LOG = LlamaLog()
+_keep_alive: list = []
+
+
+@lru_cache(maxsize=1)
+def lib():
+    """Import llama_cpp once, route its logging through :data:`LOG`, init the backend."""
+    try:
+        import llama_cpp
+    except ImportError as e:  # pragma: no cover - the set-up installs it
+        raise LlamaError(
+            f"llama-cpp-python is not importable ({e})", "run the README set-up (bash scripts/setup.sh)"
+        ) from None
+
+    @llama_cpp.llama_log_callback
+    def _cb(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        LOG.write(level, text.decode("utf-8", errors="replace"))
+
+    _keep_alive.append(_cb)
+    llama_cpp.llama_log_set(_cb, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    return llama_cpp
+
+
+def set_verbose(verbose: bool) -> None:
+    LOG.verbose = verbose
+
+
+@lru_cache(maxsize=1)
+def version() -> str:
+    """e.g. ``llama-cpp-python 0.3.36 (llama.cpp 0c1e570)``."""
+    v = lib().__version__
+    return f"llama-cpp-python {v} (llama.cpp {VENDORED_COMMIT.get(v, 'unknown')})"
+
+
+@lru_cache(maxsize=1)
+def commit() -> str:
+    return VENDORED_COMMIT.get(lib().__version__, "unknown")
+
+
+@lru_cache(maxsize=1)
+def build_fingerprint() -> str:
+    """Short hash of the library version and its CPU feature set (builds use -march=native)."""
+    info = lib().llama_print_system_info().decode(errors="replace")
+    return hashlib.sha256(f"{version()}|{info}".encode()).hexdigest()[:12]

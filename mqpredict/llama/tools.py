@@ -1,0 +1,209 @@
+"""ToolsEngine: the user's own ``llama-quantize`` and ``llama-perplexity`` binaries.
+
+This is the path for people with their own CUDA/Metal build (``--llama-bin DIR``, extra arguments such
+as ``-ngl 99`` via ``tool_args``). Binaries are looked up in ``--llama-bin``, ``$MQPREDICT_LLAMA_BIN``,
+``PATH``, then the ``site-packages/bin/`` of this Python environment, where the project's set-up builds
+them. Builds run ``llama-quantize`` with the exported tensor-type file; evaluations run
+``llama-perplexity --kl-divergence`` against a base log-prob file and parse its statistics, failing
+loudly when one is missing (the tool has been seen to exit 0 without printing them).
+
+llama-perplexity prints statistics only, so this engine has no per-token scores (``scores`` is None).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sysconfig
+from functools import cached_property
+from pathlib import Path
+
+from mqpredict.errors import InputError, LlamaError
+from mqpredict.llama.engine import Engine
+from mqpredict.llama.quantize import parse_dry_run
+from mqpredict.measure.corpus import EvalSpec
+from mqpredict.measure.logprobs import LogProbFile
+from mqpredict.measure.stats import KLDStats
+from mqpredict.quant.config import Config
+from mqpredict.quant.model import ModelInfo
+from mqpredict.quant.resolve import EffectiveTypes, quantize_command, tensor_type_lines
+from mqpredict.util.atomic import atomic_path
+
+TOOLS = ("llama-quantize", "llama-perplexity")
+
+
+def find_tool(name: str, llama_bin: str | os.PathLike | None = None) -> Path:
+    """Locate a llama.cpp binary (see the module doc for the search order)."""
+    dirs = [llama_bin, os.environ.get("MQPREDICT_LLAMA_BIN")]
+    for d in dirs:
+        if d:
+            p = Path(d) / name
+            if p.is_file() and os.access(p, os.X_OK):
+                return p
+            if d == llama_bin:
+                raise InputError(f"{p} does not exist or is not executable", f"point --llama-bin at the folder holding {name}")
+    found = shutil.which(name)
+    if found:
+        return Path(found)
+    p = Path(sysconfig.get_paths()["purelib"]) / "bin" / name
+    if p.is_file():
+        return p
+    raise InputError(
+        f"{name} not found (looked in --llama-bin, $MQPREDICT_LLAMA_BIN, PATH and {p.parent})",
+        "run the README set-up, which builds the tools, or pass --llama-bin DIR",
+    )
+
+
+def run_tool(cmd: list[str], what: str) -> str:
+    """Run a tool, return stdout+stderr; a failure raises with the tool's own last lines."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    try:
+        out, _ = proc.communicate()
+    except BaseException:  # Ctrl-C: do not leave the tool running
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    if proc.returncode != 0:
+        tail = " | ".join(x.strip() for x in out.strip().splitlines()[-4:])
+        raise LlamaError(f"{what} failed (exit {proc.returncode}): {tail}", f"command: {' '.join(cmd)}")
+    return out
+
+
+_NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"
+_STAT_LINES = {  # key: (the line's label, regex)
+    "ppl": ("Mean PPL(Q)", rf"^Mean PPL\(Q\)\s*:\s*{_NUM}\s*±\s*{_NUM}"),
+    "ppl_base": ("Mean PPL(base)", rf"^Mean PPL\(base\)\s*:\s*{_NUM}\s*±\s*{_NUM}"),
+    "ln_ppl_ratio": ("Mean ln(PPL(Q)/PPL(base))", rf"^Mean ln\(PPL\(Q\)/PPL\(base\)\)\s*:\s*{_NUM}\s*±\s*{_NUM}"),
+    "kld_mean": ("Mean KLD", rf"^Mean\s+KLD:\s*{_NUM}\s*±\s*{_NUM}"),
+    "kld_max": ("Maximum KLD", rf"^Maximum KLD:\s*{_NUM}"),
+    "kld_p999": ("99.9% KLD", rf"^99\.9%\s+KLD:\s*{_NUM}"),
+    "kld_p99": ("99.0% KLD", rf"^99\.0%\s+KLD:\s*{_NUM}"),
+    "kld_p95": ("95.0% KLD", rf"^95\.0%\s+KLD:\s*{_NUM}"),
+    "kld_p90": ("90.0% KLD", rf"^90\.0%\s+KLD:\s*{_NUM}"),
+    "kld_median": ("Median KLD", rf"^Median\s+KLD:\s*{_NUM}"),
+    "dp_mean": ("Mean Δp", rf"^Mean\s+Δp:\s*{_NUM}\s*±\s*{_NUM}\s*%"),
+    "dp_rms": ("RMS Δp", rf"^RMS Δp\s*:\s*{_NUM}\s*±\s*{_NUM}\s*%"),
+    "same_top_p": ("Same top p", rf"^Same top p:\s*{_NUM}\s*±\s*{_NUM}\s*%"),
+}
+_PERCENT = {"dp_mean", "dp_rms", "same_top_p"}
+
+
+def parse_kld_output(text: str, n_tokens: int, source: str) -> KLDStats:
+    """The statistics ``llama-perplexity --kl-divergence`` prints → :class:`KLDStats` (fractions, not %)."""
+    got: dict[str, float] = {}
+    for key, (label, rx) in _STAT_LINES.items():
+        m = re.search(rx, text, re.MULTILINE)
+        if m is None:
+            raise LlamaError(
+                f"llama-perplexity printed no '{label}' statistic for {source}",
+                "the run did not finish its statistics (it needs at least 100 scored tokens); treat it as failed",
+            )
+        vals = [float(v) for v in m.groups()]
+        scale = 0.01 if key in _PERCENT else 1.0
+        got[key] = vals[0] * scale
+        if len(vals) > 1:
+            got[f"{key}_err"] = vals[1] * scale
+    fields = [f for f in KLDStats.__dataclass_fields__ if f != "n_tokens"]
+    return KLDStats(n_tokens=n_tokens, **{f: got.get(f, float("nan")) for f in fields})
+
+
+class ToolsEngine(Engine):
+    """Engine on the real llama.cpp command-line tools."""
+
+    name = "tools"
+
+    def __init__(self, *args, llama_bin: str | os.PathLike | None = None, tool_args: list[str] | None = None, **kw) -> None:
+        self.llama_bin = llama_bin
+        self.tool_args = list(tool_args or [])
+        self.quantize_bin = find_tool("llama-quantize", llama_bin)
+        self.perplexity_bin = find_tool("llama-perplexity", llama_bin)
+        super().__init__(*args, **kw)
+
+    @cached_property
+    def _version_text(self) -> str:
+        out = subprocess.run([str(self.perplexity_bin), "--version"], capture_output=True, text=True).stderr
+        out += subprocess.run([str(self.perplexity_bin), "--version"], capture_output=True, text=True).stdout
+        return out
+
+    def version(self) -> str:
+        m = re.search(r"version:\s*(.+)", self._version_text)
+        return f"llama.cpp {m.group(1).strip()}" if m else "llama.cpp (unknown version)"
+
+    def build_id(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256(self._version_text.encode())
+        h.update(str(self.perplexity_bin.resolve()).encode())
+        return h.hexdigest()[:12]
+
+    # ------------------------------------------------------------- build
+    def dry_run(self, model: ModelInfo, config: Config) -> EffectiveTypes:
+        tt = self.workdir / f"dry-{abs(hash(config.key))}.txt"
+        tt.write_text("\n".join(tensor_type_lines(model, config)) + "\n")
+        cmd = quantize_command(model, config, "", str(tt))
+        cmd = [str(self.quantize_bin), "--dry-run", *[c for c in cmd[1:] if c != ""]]
+        if "--allow-requantize" not in cmd and self.allow_quantized_base:
+            cmd.insert(1, "--allow-requantize")
+        out = run_tool(cmd, f"llama-quantize --dry-run on {model.path}")
+        return parse_dry_run(out.splitlines())
+
+    def _build(self, config: Config, types: EffectiveTypes, out: Path) -> None:
+        tt = self.workdir / f"{out.stem}.tensor-types.txt"
+        tt.write_text("\n".join(tensor_type_lines(self.model, config)) + "\n")
+        with atomic_path(out, fsync=False) as tmp:
+            cmd = quantize_command(self.model, config, str(tmp), str(tt), self.threads)
+            cmd[0] = str(self.quantize_bin)
+            if self.allow_quantized_base:
+                cmd.insert(1, "--allow-requantize")
+            run_tool(cmd, f"llama-quantize {self.model.path.name} → {out.name}")
+
+    # ---------------------------------------------------------- evaluate
+    def _common(self, spec: EvalSpec) -> list[str]:
+        return ["-c", str(spec.ctx), "-b", str(spec.n_batch), "-t", str(self.threads), *self.tool_args]
+
+    def base_logprobs(self, spec: EvalSpec) -> Path:
+        """llama-perplexity's base file for ``spec``'s chunks (cached; sliced when offset > 0)."""
+        path = self.logprob_path(spec)
+        if path.exists():
+            try:
+                LogProbFile.open(path)
+                return path
+            except InputError:
+                path.unlink(missing_ok=True)
+        total = spec.chunk_offset + spec.n_chunks
+        full = self.logprob_path(EvalSpec(spec.ctx, total, 0, spec.n_batch))
+        if not full.exists():
+            with atomic_path(full, fsync=False) as tmp:
+                cmd = [str(self.perplexity_bin), "-m", str(self.model.path), "-f", str(self.corpus.path),
+                       "--kl-divergence-base", str(tmp), "--chunks", str(total), *self._common(spec)]  # fmt: skip
+                run_tool(cmd, f"llama-perplexity (base log-probs of {self.model.path.name})")
+                try:
+                    LogProbFile.open(tmp)
+                except (InputError, OSError):
+                    raise InputError(
+                        f"llama-perplexity wrote no log-probs for {self.corpus.path}",
+                        f"the corpus may be shorter than two windows of {spec.ctx} tokens",
+                    ) from None
+        lp = LogProbFile.open(full)
+        if lp.n_chunk < total:
+            full.unlink(missing_ok=True)
+            raise InputError(
+                f"{self.corpus.path} holds {lp.n_chunk} windows of {spec.ctx} tokens; {total} were asked for",
+                "lower --tokens / --chunk-offset or give a longer corpus",
+            )
+        if full != path:
+            lp.slice(path, spec.chunk_offset, spec.n_chunks)
+        return path
+
+    def _evaluate(self, path: Path, spec: EvalSpec):
+        base = self.base_logprobs(spec)
+        cmd = [str(self.perplexity_bin), "-m", str(path), "--kl-divergence-base", str(base), "--kl-divergence",
+               *self._common(spec)]  # fmt: skip
+        out = run_tool(cmd, f"llama-perplexity --kl-divergence on {path.name}")
+        return parse_kld_output(out, spec.n_tokens, str(path)), None
