@@ -1,0 +1,147 @@
+"""What every command shares: options, output (stdout for results, stderr for the rest), engines."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mqpredict.measure.corpus import DEFAULT_CTX, DEFAULT_TOKENS, EvalSpec
+from mqpredict.util.paths import DEFAULT_CORPUS
+
+out = Console(soft_wrap=True)  # results (tables); JSON goes through emit_json
+err = Console(stderr=True)  # progress, notes, warnings, errors
+
+
+class State:
+    debug = False
+
+
+class EngineName(StrEnum):
+    inprocess = "inprocess"
+    tools = "tools"
+
+
+# ------------------------------------------------------------------------------------ options
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (logs go to stderr).")]
+ConfigsOpt = Annotated[
+    list[str],
+    typer.Option(
+        "--config",
+        "-c",
+        help="A config: a llama.cpp preset (Q4_K_M), 'default=TYPE,group=TYPE,…', 'tensor:REGEX=TYPE' items, "
+        "or a .toml file. Repeat for several.",
+    ),
+]
+CorpusOpt = Annotated[
+    Path, typer.Option("--corpus", help="UTF-8 evaluation text (default: the bundled public-domain corpus).")
+]
+CtxOpt = Annotated[int, typer.Option("--ctx", help="Context window; the second half of each window is scored.")]
+TokensOpt = Annotated[
+    int, typer.Option("--tokens", help="Scored-token budget; rounded up to whole windows of ctx/2 scored tokens.")
+]
+OffsetOpt = Annotated[
+    int, typer.Option("--chunk-offset", help="First window to score (later windows stay free for held-out runs).")
+]
+EngineOpt = Annotated[
+    EngineName,
+    typer.Option("--engine", help="inprocess: llama-cpp-python, stitched builds; tools: llama-quantize/llama-perplexity."),
+]
+LlamaBinOpt = Annotated[
+    Path | None,
+    typer.Option("--llama-bin", help="Folder with your own llama-quantize and llama-perplexity (tools engine)."),
+]
+ThreadsOpt = Annotated[int, typer.Option("--threads", "-t", help="CPU threads for llama.cpp (0: all cores).")]
+QuantizedBaseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-quantized-base",
+        help="Accept an already-quantized base. Its grid makes its own type look free: prefer `mqpredict base prepare`.",
+    ),
+]
+
+DEFAULTS = {"corpus": DEFAULT_CORPUS, "ctx": DEFAULT_CTX, "tokens": DEFAULT_TOKENS}
+
+
+def spec_from(ctx: int, tokens: int, offset: int) -> EvalSpec:
+    return EvalSpec.from_tokens(tokens, ctx, offset)
+
+
+# ------------------------------------------------------------------------------------ output
+def _clean(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def emit_json(obj) -> None:
+    """The one JSON document of a --json command (NaN/inf become null)."""
+    print(json.dumps(_clean(obj), indent=2))
+
+
+@contextmanager
+def progress_bar(enabled: bool = True) -> Iterator:
+    """A (what, done, total) callback drawing rich progress bars on stderr."""
+    if not enabled or not err.is_terminal or os.environ.get("MQPREDICT_NO_PROGRESS"):
+        yield lambda what, done, total: None
+        return
+    prog = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
+    tasks: dict[str, int] = {}
+
+    def update(what: str, done: int, total: int) -> None:
+        if what not in tasks:
+            tasks[what] = prog.add_task(what, total=total)
+        prog.update(tasks[what], completed=done, total=total)
+        if done >= total:
+            prog.remove_task(tasks.pop(what))
+
+    with prog:
+        yield update
+
+
+def make_engine(
+    base: Path,
+    corpus: Path | None,
+    spec: EvalSpec,
+    engine: EngineName,
+    llama_bin: Path | None,
+    threads: int,
+    allow_quantized_base: bool,
+    progress,
+):
+    if engine == EngineName.tools:
+        from mqpredict.llama.tools import ToolsEngine
+
+        return ToolsEngine(
+            base, corpus, spec, threads=threads, allow_quantized_base=allow_quantized_base,
+            progress=progress, llama_bin=llama_bin,
+        )  # fmt: skip
+    from mqpredict.llama.inprocess import InProcessEngine
+
+    return InProcessEngine(base, corpus, spec, threads=threads, allow_quantized_base=allow_quantized_base, progress=progress)
+
+
+def fmt_mb(n: int) -> str:
+    return f"{n / 1e6:,.1f}"

@@ -1,0 +1,168 @@
+"""Real measurements: ``measure`` (configs or ready GGUFs against a base) and ``demo`` (the main job)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mqpredict.cli.common import (
+    DEFAULTS,
+    ConfigsOpt,
+    CorpusOpt,
+    CtxOpt,
+    EngineName,
+    EngineOpt,
+    JsonOpt,
+    LlamaBinOpt,
+    OffsetOpt,
+    QuantizedBaseOpt,
+    ThreadsOpt,
+    TokensOpt,
+    emit_json,
+    err,
+    fmt_mb,
+    make_engine,
+    out,
+    progress_bar,
+    spec_from,
+)
+from mqpredict.cli.model_cmds import BaseArg, _base
+from mqpredict.errors import InputError
+
+#: the demo's hybrid: on SmolLM2 only ffn_down can hold a K-quant, so keep it at Q6_K over a Q5_0 body
+DEMO_HYBRIDS = ("default=Q5_0,ffn_down=Q6_K", "default=Q4_0,ffn_down=Q6_K,embeddings=Q8_0")
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name)[:120]
+
+
+def run_measurements(engine, configs, files, keep: Path | None, progress) -> list[dict]:
+    rows = []
+    total = len(configs) + len(files)
+    for i, c in enumerate(configs):
+        progress("configs", i, total)
+        err.print(f"[{i + 1}/{total}] {c.key}", highlight=False)
+        dest = keep / f"{_safe(c.key)}.gguf" if keep else None
+        rows.append(engine.measure(c, keep=dest).to_json())
+    for j, f in enumerate(files):
+        progress("configs", len(configs) + j, total)
+        err.print(f"[{len(configs) + j + 1}/{total}] {f}", highlight=False)
+        rows.append(engine.measure_file(f).to_json())
+    progress("configs", total, total)
+    return rows
+
+
+def print_table(rows: list[dict], title: str | None = None) -> None:
+    t = Table(title=title, show_edge=False)
+    cols = ("config", "size MB", "bpw", "KLD mean ± err", "median", "p99", "same top", "PPL", "s")
+    for c in cols:
+        t.add_column(c, justify="left" if c == "config" else "right")
+    for r in rows:
+        t.add_row(
+            r["config"],
+            fmt_mb(r["size_bytes"]),
+            f"{r['bpw']:.3f}",
+            f"{r['kld_mean']:.5f} ± {r['kld_mean_err']:.5f}",
+            f"{r['kld_median']:.5f}",
+            f"{r['kld_p99']:.4f}",
+            f"{100 * r['same_top_p']:.2f}%",
+            f"{r['ppl']:.3f}",
+            f"{r['seconds_eval']:.1f}",
+        )
+    out.print(t)
+
+
+def measure(
+    base: BaseArg,
+    config: ConfigsOpt = None,
+    gguf: Annotated[
+        list[Path] | None, typer.Option("--gguf", help="A ready quantized GGUF of this base to measure (repeatable).")
+    ] = None,
+    presets: Annotated[bool, typer.Option("--presets", help="Add the standard llama.cpp presets.")] = False,
+    corpus: CorpusOpt = DEFAULTS["corpus"],
+    ctx: CtxOpt = DEFAULTS["ctx"],
+    tokens: TokensOpt = DEFAULTS["tokens"],
+    chunk_offset: OffsetOpt = 0,
+    engine: EngineOpt = EngineName.inprocess,
+    llama_bin: LlamaBinOpt = None,
+    threads: ThreadsOpt = 0,
+    keep: Annotated[Path | None, typer.Option("--keep", help="Keep the built GGUFs in this folder.")] = None,
+    allow_quantized_base: QuantizedBaseOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Measure configs for real with llama.cpp: exact size + KLD statistics against the base, one row per config.
+
+    Statistics follow llama-perplexity --kl-divergence (same tokens, same formulas): mean KLD ± error,
+    median, p90/p95/p99/p99.9, max, same-top (fraction), Δp, PPL of both models, ln(PPL ratio).
+    Rows come back in the order the configs were given; per-token KLD vectors are kept (per_token_path).
+    """
+    from mqpredict.quant.config import Config
+    from mqpredict.quant.presets import STANDARD_PRESETS
+
+    configs = [Config.parse(c) for c in config or []]
+    if presets:
+        configs = [Config.from_preset(p) for p in STANDARD_PRESETS] + configs
+    files = list(gguf or [])
+    if not configs and not files:
+        raise InputError("nothing to measure", "give --config CFG (repeatable), --presets or --gguf FILE")
+    spec = spec_from(ctx, tokens, chunk_offset)
+    with progress_bar() as progress:
+        path = _base(base, progress)
+        eng = make_engine(path, corpus, spec, engine, llama_bin, threads, allow_quantized_base, progress)
+        with eng:
+            rows = run_measurements(eng, configs, files, keep, progress)
+    if json:
+        emit_json(rows)
+    else:
+        print_table(rows, f"{path.name} · {spec.n_chunks}×{spec.ctx} ({spec.n_tokens} tokens scored) · {engine.value}")
+
+
+def demo(
+    engine: EngineOpt = EngineName.inprocess,
+    threads: ThreadsOpt = 0,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write measurements.json.")] = Path("out/demo"),
+    json: JsonOpt = False,
+) -> None:
+    """The main job on the embedded default: SmolLM2-135M (restored base) + the bundled corpus.
+
+    Prepares the base on first use, measures the standard llama.cpp presets and two hybrids, prints the
+    table sorted by size and writes out/demo/measurements.json.
+    """
+    import json as js
+
+    from mqpredict.base.embedded import EMBEDDED
+    from mqpredict.quant.config import Config
+    from mqpredict.quant.model import ModelInfo
+    from mqpredict.quant.presets import STANDARD_PRESETS
+    from mqpredict.util.atomic import atomic_write_text
+    from mqpredict.util.paths import DEFAULT_CORPUS
+
+    configs = [Config.from_preset(p) for p in STANDARD_PRESETS] + [Config.parse(h) for h in DEMO_HYBRIDS]
+    spec = spec_from(DEFAULTS["ctx"], DEFAULTS["tokens"], 0)
+    with progress_bar() as progress:
+        path = _base("smollm2", progress)
+        eng = make_engine(path, DEFAULT_CORPUS, spec, engine, None, threads, False, progress)
+        with eng:
+            rows = run_measurements(eng, configs, [], None, progress)
+    rows.sort(key=lambda r: r["size_bytes"])
+    atomic_write_text(out_dir / "measurements.json", js.dumps(rows, indent=2) + "\n")
+    if json:
+        emit_json(rows)
+        return
+    m = ModelInfo.load(path)
+    print_table(rows, f"SmolLM2-135M · {spec.n_chunks}×{spec.ctx} ({spec.n_tokens} tokens scored) · {engine.value}")
+    out.print(
+        f"base origin: {m.base_origin} (restored from {EMBEDDED['smollm2'].filename} by seeded in-bin dithering). "
+        f"{EMBEDDED['smollm2'].note}.\nwrote {out_dir / 'measurements.json'}",
+        highlight=False,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(measure)
+    app.command()(demo)

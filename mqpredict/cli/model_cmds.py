@@ -1,0 +1,228 @@
+"""Commands about one model and its configs: inspect, size, build, recipe, testmodel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mqpredict.cli.common import (
+    ConfigsOpt,
+    EngineName,
+    EngineOpt,
+    JsonOpt,
+    LlamaBinOpt,
+    QuantizedBaseOpt,
+    ThreadsOpt,
+    emit_json,
+    err,
+    fmt_mb,
+    out,
+    progress_bar,
+)
+from mqpredict.errors import InputError
+
+BaseArg = Annotated[str, typer.Argument(help="A GGUF file, or the name of an embedded base (smollm2).")]
+
+
+def _base(arg: str, progress=None) -> Path:
+    from mqpredict.base.embedded import resolve_base
+
+    return resolve_base(arg, progress)
+
+
+def _configs(texts: list[str] | None):
+    from mqpredict.quant.config import Config
+
+    if not texts:
+        raise InputError("no --config given", "e.g. --config Q4_K_M or --config default=Q4_K,ffn_down=Q6_K")
+    return [Config.parse(t) for t in texts]
+
+
+def _resolver(config):
+    """llama.cpp's dry run for presets; explicit configs are resolved from the header alone."""
+    if not config.is_preset:
+        return None
+    from mqpredict.llama.quantize import dry_run_types
+
+    return dry_run_types
+
+
+def inspect(model: Annotated[Path, typer.Argument(help="A GGUF file.")], json: JsonOpt = False) -> None:
+    """Architecture, tensor groups found, parameters and type(s) per group, bits per weight."""
+    from mqpredict.quant.model import ModelInfo
+    from mqpredict.quant.types import bpw
+
+    m = ModelInfo.load(model)
+    groups = []
+    for g, ts in m.groups.items():
+        n = sum(t.n_elements for t in ts)
+        mix = m.group_type_mix()[g]
+        rows = sorted({t.shape[0] for t in ts})
+        groups.append(
+            {
+                "group": g,
+                "n_tensors": len(ts),
+                "n_params": n,
+                "share": n / m.n_params,
+                "types": {t.name: c for t, c in sorted(mix.items(), key=lambda x: -x[1])},
+                "bpw": sum(bpw(t) * c for t, c in mix.items()) / n,
+                "row_lengths": rows,
+                "k_quants": all(r % 256 == 0 for r in rows),
+                "example": ts[0].name,
+            }
+        )
+    fixed = m.fixed
+    doc = {
+        "file": str(m.path),
+        "size_bytes": m.header.file_size,
+        **m.descriptors(),
+        "bpw": m.bpw,
+        "groups": groups,
+        "fixed": {"n_tensors": len(fixed), "n_params": sum(t.n_elements for t in fixed), "names": [t.name for t in fixed]},
+        "quantized": bool(m.quantized_tensors),
+    }
+    if json:
+        emit_json(doc)
+        return
+    d = m.descriptors()
+    out.print(
+        f"[bold]{m.path.name}[/]  {d['architecture']} · {d['n_params'] / 1e6:,.1f}M params · {d['n_layers']} layers · "
+        f"n_embd {d['n_embd']} · n_ff {d['n_ff']} · vocab {d['n_vocab']} · "
+        f"{'tied' if d['tied_embeddings'] else 'untied'} embeddings · {fmt_mb(m.header.file_size)} MB · {m.bpw:.2f} bpw"
+        f" · base origin: {d['base_origin']}",
+        highlight=False,
+    )
+    t = Table(show_edge=False)
+    for c in ("group", "tensors", "params", "share", "types (by params)", "bpw", "K-quants"):
+        t.add_column(c, justify="right" if c in ("tensors", "params", "share", "bpw") else "left")
+    for g in groups:
+        types = ", ".join(f"{k} {v / g['n_params']:.0%}" if len(g["types"]) > 1 else k for k, v in g["types"].items())
+        kq = "yes" if g["k_quants"] else "falls back"
+        t.add_row(g["group"], str(g["n_tensors"]), f"{g['n_params']:,}", f"{g['share']:.1%}", types, f"{g['bpw']:.2f}", kq)
+    out.print(t)
+    out.print(
+        f"fixed (never quantized by llama.cpp): {len(fixed)} tensors, {doc['fixed']['n_params']:,} params "
+        f"(e.g. {', '.join(x.name for x in fixed[:3])})",
+        highlight=False,
+    )
+    no_k = [g["group"] for g in groups if not g["k_quants"]]
+    if no_k:
+        out.print(
+            f"[yellow]note:[/] row lengths not divisible by 256 in {', '.join(no_k)}: K-quants fall back there "
+            f"(Q4_K→Q5_0, Q5_K→Q5_1, Q6_K→Q8_0, Q2_K/Q3_K→Q4_0, IQ4_XS→IQ4_NL)",
+            highlight=False,
+        )
+    if m.quantized_tensors:
+        out.print("[yellow]note:[/] this file is quantized; as a base it would make its own grid look free")
+
+
+def size(
+    base: BaseArg,
+    config: ConfigsOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Exact file size and bpw of configs, computed before anything is built.
+
+    Explicit configs need only the base's header (about a second even for a 100 GB file); presets ask
+    llama.cpp for its per-tensor choices with a dry run. With one --config, --json gives an object with
+    size_bytes, bpw and tensors (name, group, type, bytes); with several, a list of them in order.
+    """
+    from mqpredict.quant.model import ModelInfo
+    from mqpredict.quant.resolve import resolve
+    from mqpredict.quant.size import size_of
+
+    m = ModelInfo.load(_base(base))
+    rows = []
+    for c in _configs(config):
+        rep = size_of(m, resolve(m, c, _resolver(c)))
+        rows.append({"config": c.key, **rep.to_json()})
+    if json:
+        emit_json(rows[0] if len(rows) == 1 else rows)
+        return
+    t = Table(show_edge=False)
+    for col in ("config", "size (MB)", "bytes", "bpw"):
+        t.add_column(col, justify="left" if col == "config" else "right")
+    for r in rows:
+        t.add_row(r["config"], fmt_mb(r["size_bytes"]), f"{r['size_bytes']:,}", f"{r['bpw']:.3f}")
+    out.print(t)
+
+
+def build(
+    base: BaseArg,
+    config: Annotated[str, typer.Option("--config", "-c", help="The config to build (see `size --help`).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the GGUF.")],
+    engine: EngineOpt = EngineName.inprocess,
+    llama_bin: LlamaBinOpt = None,
+    threads: ThreadsOpt = 0,
+    allow_quantized_base: QuantizedBaseOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Build the hybrid GGUF of a config (loadable by llama.cpp); prints its effective types' summary."""
+    from mqpredict.cli.common import make_engine
+    from mqpredict.measure.corpus import EvalSpec
+
+    cfg = _configs([config])[0]
+    with progress_bar(not json) as progress:
+        eng = make_engine(_base(base, progress), None, EvalSpec(), engine, llama_bin, threads,
+                          allow_quantized_base, progress)  # fmt: skip
+        with eng:
+            built = eng.build(cfg, output)
+    doc = {"config": cfg.key, "path": str(built.path), "types_key": built.types_key, **built.size.to_json(),
+           "seconds": built.seconds}  # fmt: skip
+    if json:
+        emit_json(doc)
+    else:
+        err.print(
+            f"wrote {built.path} · {fmt_mb(built.size.size_bytes)} MB · {built.size.bpw:.3f} bpw · {built.seconds:.2f} s",
+            highlight=False,
+        )
+
+
+def recipe(
+    base: BaseArg,
+    config: Annotated[str, typer.Option("--config", "-c", help="The config to export.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The --tensor-type-file to write.")] = Path(
+        "tensor-types.txt"
+    ),
+    gguf_out: Annotated[str, typer.Option("--gguf-out", help="Output path to put in the printed command.")] = "OUT.gguf",
+    json: JsonOpt = False,
+) -> None:
+    """Export a config as a llama-quantize --tensor-type-file plus the exact command line that builds it."""
+    from mqpredict.quant.model import ModelInfo
+    from mqpredict.quant.resolve import quantize_command, tensor_type_lines
+    from mqpredict.util.atomic import atomic_write_text
+
+    cfg = _configs([config])[0]
+    m = ModelInfo.load(_base(base))
+    lines = tensor_type_lines(m, cfg)
+    atomic_write_text(output, "\n".join(lines) + ("\n" if lines else ""))
+    cmd = quantize_command(m, cfg, gguf_out, str(output))
+    if json:
+        emit_json({"config": cfg.key, "tensor_type_file": str(output), "lines": lines, "command": cmd})
+    else:
+        err.print(f"wrote {output} ({len(lines)} patterns)")
+        print(" ".join(cmd))
+
+
+def testmodel(
+    output: Annotated[Path, typer.Argument(help="Where to write the tiny GGUF.")],
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    n_embd: Annotated[int, typer.Option("--n-embd", help="Hidden size (256 is K-quant friendly; 576 is SmolLM2's).")] = 256,
+    n_ff: Annotated[int, typer.Option("--n-ff", help="Feed-forward size.")] = 768,
+    layers: Annotated[int, typer.Option("--layers", help="Transformer blocks.")] = 4,
+    n_vocab: Annotated[int, typer.Option("--n-vocab", help="Vocabulary size (bytes + characters + pieces).")] = 512,
+    tied: Annotated[bool, typer.Option("--tied", help="Tie the output projection to the embeddings.")] = False,
+) -> None:
+    """Write a deterministic tiny llama GGUF (F32, working tokenizer) for tests and experiments."""
+    from mqpredict.base.testmodel import TinyShape, write_test_model
+
+    p = write_test_model(output, seed, TinyShape(n_embd, n_ff, layers, n_vocab, tied=tied))
+    err.print(f"wrote {p} ({fmt_mb(p.stat().st_size)} MB)")
+
+
+def register(app: typer.Typer) -> None:
+    for f in (inspect, size, build, recipe, testmodel):
+        app.command()(f)
