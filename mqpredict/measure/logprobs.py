@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from mqpredict.errors import InputError
-from mqpredict.util.atomic import atomic_path
+from mqpredict.util.atomic import atomic_open
 
 MAGIC = b"_logits_"
 HEADER = 8 + 3 * 4
@@ -91,7 +91,7 @@ class LogProbFile:
         """Write chunks ``offset … offset+count-1`` as a file of their own (what a held-out run reads)."""
         if offset + count > self.n_chunk:
             raise InputError(f"{self.path} has {self.n_chunk} chunks; {offset}+{count} asked for")
-        with atomic_path(out, fsync=False) as tmp, open(tmp, "wb") as f:
+        with atomic_open(out) as f:
             f.write(MAGIC + np.array([self.n_ctx, self.n_vocab, count], dtype=np.int32).tobytes())
             f.write(np.ascontiguousarray(self.tokens[offset : offset + count]).tobytes())
             for i in range(offset, offset + count):
@@ -105,9 +105,8 @@ class LogProbWriter:
     def __init__(self, path: str | os.PathLike, n_ctx: int, n_vocab: int, tokens: np.ndarray) -> None:
         self.path = Path(path)
         self.n_vocab = n_vocab
-        self._ctx = atomic_path(self.path, fsync=False)
-        self._tmp = self._ctx.__enter__()
-        self._f = open(self._tmp, "wb")
+        self._ctx = atomic_open(self.path)
+        self._f = self._ctx.__enter__()
         n_chunk = tokens.shape[0]
         self._f.write(MAGIC + np.array([n_ctx, n_vocab, n_chunk], dtype=np.int32).tobytes())
         self._f.write(np.ascontiguousarray(tokens, dtype=np.int32).tobytes())
@@ -116,7 +115,7 @@ class LogProbWriter:
         self._f.write(np.ascontiguousarray(rows, dtype=np.uint16).tobytes())
 
     def close(self, ok: bool = True) -> None:
-        self._f.close()
+        """Publish the file (``ok``) or remove every trace of it."""
         if ok:
             self._ctx.__exit__(None, None, None)
         else:

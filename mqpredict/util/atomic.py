@@ -40,6 +40,17 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
         raise
 
 
+@contextmanager
+def atomic_open(path: str | os.PathLike, *, fsync: bool = False) -> Iterator:
+    """A binary file to write ``path`` through: it appears complete or not at all (see atomic_path).
+
+    The temp file is opened without truncation ("r+b"): it is new and empty, and truncating it again
+    would make ext4 (auto_da_alloc) flush the whole file to disk when it is closed.
+    """
+    with atomic_path(path, fsync=fsync) as tmp, open(tmp, "r+b") as f:
+        yield f
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -47,8 +58,8 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+    with atomic_open(path, fsync=True) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

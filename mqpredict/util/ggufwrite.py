@@ -19,7 +19,7 @@ from gguf.constants import GGUFValueType
 from mqpredict.errors import InputError
 from mqpredict.quant.header import GGUFHeader, pad, tensor_nbytes
 from mqpredict.quant.types import QuantType
-from mqpredict.util.atomic import atomic_path
+from mqpredict.util.atomic import atomic_open
 
 
 def kv_u32(key: str, value: int) -> bytes:
@@ -89,7 +89,7 @@ def write_gguf(out: str | os.PathLike, kvs: list[bytes], tensors: list[TensorOut
     out = Path(out)
     fds: dict[Path, int] = {}
     try:
-        with atomic_path(out, fsync=False) as tmp, open(tmp, "wb") as f:
+        with atomic_open(out) as f:
             f.write(head)
             f.flush()
             dst = f.fileno()
