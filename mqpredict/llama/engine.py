@@ -31,7 +31,8 @@ from mqpredict.measure.stats import KLDStats
 from mqpredict.quant.config import Config
 from mqpredict.quant.model import ModelInfo
 from mqpredict.quant.resolve import EffectiveTypes, resolve, types_key
-from mqpredict.quant.size import SizeReport, size_of
+from mqpredict.quant.header import read_header, read_tensor_infos
+from mqpredict.quant.size import SizeReport, output_kv_bytes, size_of
 from mqpredict.util.hashing import file_sha256
 from mqpredict.util.paths import cache_dir
 
@@ -240,8 +241,7 @@ class Engine(ABC):
         tkey = types_key(self.model, types)
         out = Path(out) if out else self.workdir / f"{tkey}.gguf"
         self._build(config, types, out)
-        written = ModelInfo.load(out)
-        actual = {t.name: t.qtype for t in written.tensors}
+        actual = read_back_types(self.model, out)
         if actual != types:
             diff = next(n for n in types if actual.get(n) != types[n])
             out.unlink(missing_ok=True)
@@ -279,6 +279,16 @@ class Engine(ABC):
         return _measurement(self, f"gguf:{cand.path.name}", types, cand.header.file_size, cand.bpw, ev, spec, 0.0)
 
 
+def read_back_types(model: ModelInfo, path: Path) -> EffectiveTypes:
+    """The per-tensor types actually in a file built from ``model``. Its metadata is the base's as
+    llama-quantize rewrites it (known size), so the tensor infos are read from where they must be;
+    anything else gets a full header parse."""
+    infos = read_tensor_infos(path, 24 + output_kv_bytes(model), len(model.tensors))
+    if infos is None or {t.name for t in infos} != set(model.header.tensor_map):
+        infos = read_header(path).tensors
+    return {t.name: t.qtype for t in infos}
+
+
 def _measurement(engine: Engine, config: str, types: EffectiveTypes, size: int, bpw: float, ev: Evaluation,
                  spec: EvalSpec, seconds_build: float) -> Measurement:  # fmt: skip
     tkey = types_key(engine.model, types)
@@ -310,11 +320,11 @@ def _measurement(engine: Engine, config: str, types: EffectiveTypes, size: int, 
 
 def save_scores(path: Path, scores: TokenScores) -> None:
     """The per-token KLD as float32 ``.npy`` at ``path``; the other per-token scores beside it (.npz)."""
-    from mqpredict.util.atomic import atomic_path
+    from mqpredict.util.atomic import atomic_open
 
-    with atomic_path(path, fsync=False) as tmp, open(tmp, "wb") as f:
+    with atomic_open(path) as f:
         np.save(f, scores.kld.astype(np.float32))
-    with atomic_path(_aux(path), fsync=False) as tmp, open(tmp, "wb") as f:
+    with atomic_open(_aux(path)) as f:
         np.savez(f, p_diff=scores.p_diff, nll=scores.nll, nll_base=scores.nll_base, same_top=scores.same_top)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,11 +27,11 @@ from mqpredict.llama.engine import Engine
 from mqpredict.llama.quantize import dry_run_types, pure_quantize
 from mqpredict.llama.stitch import index_sources, stitch
 from mqpredict.measure.corpus import EvalSpec
-from mqpredict.measure.kld import TokenScores, score_rows
+from mqpredict.measure.kld import TokenScores, score_rows_parallel
 from mqpredict.measure.logprobs import LogProbFile, LogProbWriter, compress
 from mqpredict.measure.stats import KLDStats
 from mqpredict.quant.config import Config
-from mqpredict.quant.header import read_header
+from mqpredict.quant.header import GGUFHeader, read_header
 from mqpredict.quant.model import ModelInfo
 from mqpredict.quant.presets import FTYPE
 from mqpredict.quant.resolve import EffectiveTypes, export_preset
@@ -159,6 +160,10 @@ class InProcessEngine(Engine):
 
     name = "inprocess"
 
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self._pure: dict[QuantType, GGUFHeader] = {}
+
     def version(self) -> str:
         return runtime.version()
 
@@ -172,28 +177,31 @@ class InProcessEngine(Engine):
     def pure_path(self, qtype: QuantType) -> Path:
         return self.cache / "pure" / f"{self.base_sha[:16]}-{self.build_id()}" / f"{qtype.name}.gguf"
 
-    def ensure_pure(self, qtype: QuantType) -> Path:
-        """The pure ``qtype`` quantization of the base, made once and cached."""
+    def pure_header(self, qtype: QuantType) -> GGUFHeader:
+        """The pure ``qtype`` quantization of the base (made once, cached on disk; header kept in memory)."""
+        if qtype in self._pure:
+            return self._pure[qtype]
         path = self.pure_path(qtype)
+        hdr = None
         if path.exists():
             try:
-                read_header(path)
-                return path
+                hdr = read_header(path)
             except InputError:
                 path.unlink(missing_ok=True)  # damaged cache entry: rebuild it
-        self.progress(f"quantize {qtype.name}", 0, 1)
-        pure_quantize(self.model.path, path, qtype, self.threads)
-        self.progress(f"quantize {qtype.name}", 1, 1)
-        return path
+        if hdr is None:
+            self.progress(f"quantize {qtype.name}", 0, 1)
+            pure_quantize(self.model.path, path, qtype, self.threads, self.allow_quantized_base)
+            self.progress(f"quantize {qtype.name}", 1, 1)
+            hdr = read_header(path)
+        self._pure[qtype] = hdr
+        return hdr
 
     def _build(self, config: Config, types: EffectiveTypes, out: Path) -> None:
         own = {t.name: t.qtype for t in self.model.tensors}
         needed = sorted({qt for name, qt in types.items() if qt != own[name]}, key=lambda t: t.name)
-        headers = [read_header(self.ensure_pure(qt)) for qt in needed]
-        if headers:
-            order = [t.name for t in headers[0].tensors]
-        else:  # every tensor keeps the base's type: llama.cpp's order, from any pure file
-            order = [t.name for t in read_header(self.ensure_pure(QuantType.Q8_0)).tensors]
+        headers = [self.pure_header(qt) for qt in needed]
+        # llama.cpp's tensor order, from any file it wrote from this base
+        order = [t.name for t in (headers[0] if headers else self.pure_header(QuantType.Q8_0)).tensors]
         stitch(self.model, types, index_sources(headers), order, int(FTYPE[export_preset(config)]), out)
 
     # ---------------------------------------------------------- evaluate
@@ -233,12 +241,12 @@ class InProcessEngine(Engine):
         lp = self.base_logprobs(spec)
         first = spec.first
         parts: list[TokenScores] = []
-        with evaluator(path, spec, self.threads) as ev:
+        with evaluator(path, spec, self.threads) as ev, ThreadPoolExecutor(self.threads) as pool:
             if ev.model.n_vocab != lp.n_vocab:
                 raise InputError(f"{path} has {ev.model.n_vocab} tokens in its vocabulary, the base {lp.n_vocab}")
             for i, logits in ev.run(np.asarray(lp.tokens)):
                 nxt = np.asarray(lp.tokens[i, first + 1 :])
-                parts.append(score_rows(logits, lp.rows[i], nxt))
+                parts.append(score_rows_parallel(logits, lp.rows[i], nxt, pool))
                 self.progress(f"evaluate {path.name}", i + 1, spec.n_chunks)
         scores = TokenScores.concat(parts)
         return KLDStats.from_scores(scores), scores

@@ -125,7 +125,9 @@ def dry_run_types(model: ModelInfo, config: Config, threads: int = 0) -> Effecti
     return types
 
 
-def pure_quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: QuantType, threads: int = 0) -> Path:
+def pure_quantize(
+    src: str | os.PathLike, dst: str | os.PathLike, qtype: QuantType, threads: int = 0, allow_requantize: bool = False
+) -> Path:
     """Every quantizable tensor of ``src`` as ``qtype`` (llama.cpp's fallbacks apply) → ``dst``."""
-    quantize(src, dst, PURE_PRESET[qtype], pure=True, threads=threads)
+    quantize(src, dst, PURE_PRESET[qtype], pure=True, threads=threads, allow_requantize=allow_requantize)
     return Path(dst)

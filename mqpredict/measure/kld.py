@@ -76,6 +76,19 @@ def score_rows(logits: np.ndarray, base_rows: np.ndarray, next_tokens: np.ndarra
     return TokenScores(kld.astype(np.float32), p_diff.astype(np.float32), nll.astype(np.float32), nll_base, same_top)
 
 
+def score_rows_parallel(logits: np.ndarray, base_rows: np.ndarray, next_tokens: np.ndarray, pool) -> TokenScores:
+    """:func:`score_rows` split over the threads of ``pool`` (numpy releases the GIL in its kernels).
+
+    Scoring runs between forward passes, when llama.cpp's threads are idle, so it may use every core.
+    """
+    k = getattr(pool, "_max_workers", 1)
+    if k < 2 or len(logits) < 64:
+        return score_rows(logits, base_rows, next_tokens)
+    cuts = np.linspace(0, len(logits), k + 1).astype(int)
+    jobs = [(logits[a:b], base_rows[a:b], next_tokens[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    return TokenScores.concat(list(pool.map(lambda j: score_rows(*j), jobs)))
+
+
 def dense_kld(lg: np.ndarray, rows: np.ndarray, n_vocab: int) -> np.ndarray:
     """Reference for the tests: the same KLD on dense arrays, element for element as llama-perplexity."""
     head = np.ascontiguousarray(rows[:, :4]).view(np.float32)

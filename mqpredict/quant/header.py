@@ -172,6 +172,9 @@ class GGUFHeader:
         return max(t.offset + pad(t.nbytes, self.alignment) for t in self.tensors)
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Cursor:
     __slots__ = ("buf", "pos", "path")
 
@@ -203,12 +206,15 @@ class _Cursor:
             count = self.unpack("<Q")
             start = self.pos
             if item == GGUFValueType.STRING:
-                buf, pos = self.buf, self.pos
-                for _ in range(count):
-                    if pos + 8 > len(buf):
-                        raise _Truncated
-                    (n,) = struct.unpack_from("<Q", buf, pos)
-                    pos += 8 + n
+                buf, pos, end = self.buf, self.pos, len(self.buf)
+                unpack = _U64.unpack_from
+                try:
+                    for _ in range(count):  # a tokenizer holds ~10⁵ of these: keep the loop minimal
+                        pos += 8 + unpack(buf, pos)[0]
+                except struct.error:
+                    raise _Truncated from None
+                if pos > end:
+                    raise _Truncated
                 self.pos = pos
             elif item == GGUFValueType.ARRAY:
                 for _ in range(count):
@@ -223,6 +229,27 @@ class _Cursor:
 
 class _Truncated(Exception):
     pass
+
+
+def read_tensor_infos(path: str | os.PathLike, infos_offset: int, n_tensors: int) -> tuple[TensorInfo, ...] | None:
+    """Tensor infos read straight from ``infos_offset`` (when the metadata's size is known), or None
+    if they are not there. Lets a writer read back what it wrote without re-walking the metadata."""
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            if mm[:4] != GGUF_MAGIC or struct.unpack_from("<Q", mm, 8)[0] != n_tensors:
+                return None
+            cur = _Cursor(mm, Path(path), infos_offset)
+            out = []
+            for _ in range(n_tensors):
+                name = cur.string()
+                n_dims = cur.unpack("<I")
+                if n_dims > 8:
+                    return None
+                shape = tuple(cur.unpack("<Q") for _ in range(n_dims))
+                out.append(TensorInfo(name, shape, GGMLQuantizationType(cur.unpack("<I")), cur.unpack("<Q")))
+            return tuple(out)
+    except (_Truncated, ValueError, OSError):
+        return None
 
 
 def read_header(path: str | os.PathLike) -> GGUFHeader:
