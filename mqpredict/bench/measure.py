@@ -1,0 +1,133 @@
+"""Benchmark: InProcessEngine vs the llama.cpp tools, measured side by side in one run.
+
+* **evaluate**: seconds per config for ``InProcessEngine.evaluate`` vs ``llama-perplexity --kl-divergence``
+  reading its saved base-logits file — same GGUF files, model, corpus, ctx and threads, runs interleaved
+  (in-process, tool, in-process, tool …) so machine noise hits both alike; the median of each is compared.
+* **build**: seconds to build one hybrid by stitching (pure quantizations cached) vs
+  ``llama-quantize --pure --tensor-type-file`` for the same config, interleaved likewise.
+
+Base log-probs and pure quantizations are prepared before timing (their one-off cost is reported).
+Targets (from the foundation issue): evaluate ≤ 1.0× (aim 0.8×), build ≤ 0.1×.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mqpredict.llama.inprocess import InProcessEngine
+from mqpredict.llama.tools import ToolsEngine, run_tool
+from mqpredict.measure.corpus import EvalSpec
+from mqpredict.quant.config import Config
+from mqpredict.quant.resolve import quantize_command, tensor_type_lines
+
+EVAL_CONFIGS = ("Q8_0", "Q4_K_M", "default=Q5_0,ffn_down=Q6_K")
+BUILD_CONFIG = "default=Q5_0,ffn_down=Q6_K,embeddings=Q8_0"
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    model: str
+    n_chunks: int
+    ctx: int
+    threads: int
+    repeats: int
+    eval_inprocess_s: float  # median seconds per config
+    eval_tool_s: float
+    eval_ratio: float
+    kld_agreement: float  # max relative difference of mean KLD between the two, over the configs
+    build_stitch_s: float
+    build_tool_s: float
+    build_ratio: float
+    setup_base_logprobs_s: float
+    setup_pure_cache_s: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def run(base: Path, corpus: Path, spec: EvalSpec, threads: int, repeats: int, progress=None) -> BenchResult:
+    progress = progress or (lambda *a: None)
+    inproc = InProcessEngine(base, corpus, spec, threads=threads)
+    tools = ToolsEngine(base, corpus, spec, threads=threads)
+    try:
+        t0 = time.perf_counter()
+        inproc.base_logprobs(spec)
+        tool_base = tools.base_logprobs(spec)
+        t_base = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        files = {c: inproc.build(Config.parse(c)).path for c in EVAL_CONFIGS}  # fills the pure cache
+        hybrid = Config.parse(BUILD_CONFIG)
+        inproc.build(hybrid)
+        t_pure = time.perf_counter() - t0
+
+        t_in: list[float] = []
+        t_tool: list[float] = []
+        agree = 0.0
+        total = repeats * len(files)
+        for r in range(repeats):
+            for i, (c, path) in enumerate(files.items()):
+                progress("evaluate (side by side)", r * len(files) + i, total)
+                t0 = time.perf_counter()
+                mi = inproc.evaluate(path).stats
+                t_in.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                mt = tools._evaluate(path, spec)[0]
+                t_tool.append(time.perf_counter() - t0)
+                agree = max(agree, abs(mi.kld_mean / mt.kld_mean - 1))
+        progress("evaluate (side by side)", total, total)
+
+        tt = inproc.workdir / "bench.tensor-types.txt"
+        tt.write_text("\n".join(tensor_type_lines(inproc.model, hybrid)) + "\n")
+        b_st, b_tool = [], []
+        n_build = max(5, repeats)
+        for r in range(n_build):  # each build writes a fresh file, removed outside the timed region
+            progress("build (side by side)", r, n_build)
+            stitched = inproc.workdir / f"stitched-{r}.gguf"
+            t0 = time.perf_counter()
+            inproc.build(hybrid, stitched)
+            b_st.append(time.perf_counter() - t0)
+            out = inproc.workdir / f"quantized-{r}.gguf"
+            cmd = quantize_command(inproc.model, hybrid, str(out), str(tt), threads)
+            cmd[0] = str(tools.quantize_bin)
+            t0 = time.perf_counter()
+            run_tool(cmd, "llama-quantize")
+            b_tool.append(time.perf_counter() - t0)
+            if stitched.read_bytes() != out.read_bytes():
+                raise AssertionError("stitched and llama-quantize files differ")
+            stitched.unlink()
+            out.unlink()
+        progress("build (side by side)", n_build, n_build)
+        assert Path(tool_base).exists()
+        m_in, m_tool = statistics.median(t_in), statistics.median(t_tool)
+        s_st, s_tool = statistics.median(b_st), statistics.median(b_tool)
+        return BenchResult(
+            model=inproc.model.path.name,
+            n_chunks=spec.n_chunks,
+            ctx=spec.ctx,
+            threads=inproc.threads,
+            repeats=repeats,
+            eval_inprocess_s=m_in,
+            eval_tool_s=m_tool,
+            eval_ratio=m_in / m_tool,
+            kld_agreement=agree,
+            build_stitch_s=s_st,
+            build_tool_s=s_tool,
+            build_ratio=s_st / s_tool,
+            setup_base_logprobs_s=t_base,
+            setup_pure_cache_s=t_pure,
+        )
+    finally:
+        inproc.close()
+        tools.close()
+
+
+def llama_perplexity_version() -> str:
+    from mqpredict.llama.tools import find_tool
+
+    p = subprocess.run([str(find_tool("llama-perplexity")), "--version"], capture_output=True, text=True)
+    return (p.stdout + p.stderr).strip().splitlines()[0] if (p.stdout + p.stderr).strip() else "unknown"
