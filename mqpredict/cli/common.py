@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -18,7 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from mqpredict.measure.corpus import DEFAULT_CTX, DEFAULT_TOKENS, EvalSpec
 from mqpredict.util.paths import DEFAULT_CORPUS
 
-out = Console(soft_wrap=True)  # results (tables); JSON goes through emit_json
+# results (tables); JSON goes through emit_json. Piped output gets a wide console, not rich's 80 columns.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)  # progress, notes, warnings, errors
 
 

@@ -33,8 +33,8 @@ from mqpredict.cli.common import (
 from mqpredict.cli.model_cmds import BaseArg, _base
 from mqpredict.errors import InputError
 
-#: the demo's hybrid: on SmolLM2 only ffn_down can hold a K-quant, so keep it at Q6_K over a Q5_0 body
-DEMO_HYBRIDS = ("default=Q5_0,ffn_down=Q6_K", "default=Q4_0,ffn_down=Q6_K,embeddings=Q8_0")
+#: the demo's hybrids: on SmolLM2 only ffn_down can hold a K-quant, so it keeps Q6_K over a lighter body
+DEMO_HYBRIDS = ("default=Q5_0,ffn_down=Q6_K", "default=IQ4_NL,ffn_down=Q6_K")
 
 
 def _safe(name: str) -> str:
@@ -57,12 +57,21 @@ def run_measurements(engine, configs, files, keep: Path | None, progress) -> lis
     return rows
 
 
-def print_table(rows: list[dict], title: str | None = None) -> None:
+def print_table(rows: list[dict], title: str | None = None, line: bool = False) -> None:
+    """The measurements as a table; with ``line``, each row's position against the presets' line."""
+    from mqpredict.search.line import Line, Point, position
+
+    pts = {r["config"]: Point(r["bpw"], r["kld_mean"], r["config"].removeprefix("preset=")) for r in rows}
+    presets = [pts[r["config"]] for r in rows if r["config"].startswith("preset=")]
+    the_line = Line.from_presets(presets)
+    hull = {p.name for p in the_line.hull}
     t = Table(title=title, show_edge=False)
     cols = ("config", "size MB", "bpw", "KLD mean ± err", "median", "p99", "same top", "PPL", "s")
-    for c in cols:
-        t.add_column(c, justify="left" if c == "config" else "right")
+    for c in cols + (("vs presets",) if line else ()):
+        t.add_column(c, justify="left" if c in ("config", "vs presets") else "right", no_wrap=c == "config")
     for r in rows:
+        p = pts[r["config"]]
+        extra = ("on the line" if p.name in hull else position(p, the_line, presets),) if line else ()
         t.add_row(
             r["config"],
             fmt_mb(r["size_bytes"]),
@@ -73,6 +82,7 @@ def print_table(rows: list[dict], title: str | None = None) -> None:
             f"{100 * r['same_top_p']:.2f}%",
             f"{r['ppl']:.3f}",
             f"{r['seconds_eval']:.1f}",
+            *extra,
         )
     out.print(t)
 
@@ -119,7 +129,8 @@ def measure(
     if json:
         emit_json(rows)
     else:
-        print_table(rows, f"{path.name} · {spec.n_chunks}×{spec.ctx} ({spec.n_tokens} tokens scored) · {engine.value}")
+        title = f"{path.name} · {spec.n_chunks}×{spec.ctx} ({spec.n_tokens} tokens scored) · {engine.value}"
+        print_table(rows, title, line=sum(r["config"].startswith("preset=") for r in rows) >= 2)
 
 
 def demo(
@@ -155,7 +166,7 @@ def demo(
         emit_json(rows)
         return
     m = ModelInfo.load(path)
-    print_table(rows, f"SmolLM2-135M · {spec.n_chunks}×{spec.ctx} ({spec.n_tokens} tokens scored) · {engine.value}")
+    print_table(rows, f"SmolLM2-135M · {spec.n_chunks}×{spec.ctx} ({spec.n_tokens} tokens scored) · {engine.value}", True)
     out.print(
         f"base origin: {m.base_origin} (restored from {EMBEDDED['smollm2'].filename} by seeded in-bin dithering). "
         f"{EMBEDDED['smollm2'].note}.\nwrote {out_dir / 'measurements.json'}",
