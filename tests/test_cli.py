@@ -87,7 +87,12 @@ def test_measure_json_contract(tiny, tmp_path):
 
 def test_measure_tools_engine(tiny):
     rows = _json(mq("measure", tiny, "-c", "Q4_K_M", *SMALL, "--engine", "tools", "--json"))
-    assert rows[0]["engine"] == "tools" and rows[0]["kld_mean"] > 0 and rows[0]["per_token_path"] is None
+    assert rows[0]["engine"] == "tools" and rows[0]["kld_mean"] > 0
+    assert rows[0]["kld_source"] in ("llama-perplexity statistics", "llama-perplexity logits")
+    logits = _json(mq("measure", tiny, "-c", "Q4_K_M", *SMALL, "--engine", "tools", "--tools-kld", "logits", "--json"))
+    assert logits[0]["kld_source"] == "llama-perplexity logits" and logits[0]["per_token_path"]
+    assert logits[0]["kld_mean"] == pytest.approx(rows[0]["kld_mean"], rel=5e-3)
+    _fails(mq("measure", tiny, "-c", "Q4_K_M", *SMALL, "--engine", "tools", "--tools-kld", "bogus"), "bogus")
 
 
 def test_help_explains():
@@ -213,3 +218,35 @@ def test_unsupported_architecture(tiny, tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     p = mq("--debug", "size", tmp_path / "nope.gguf", "-c", "Q8_0")
     assert p.returncode != 0 and "Traceback" in p.stderr
+
+
+def test_size_reads_only_the_header_of_a_100gb_file(tiny, tmp_path):
+    """A 100 GB model as a sparse file (no disk used): `size` of an explicit config answers from the
+    header; reading the tensor data would take minutes and fill the page cache."""
+    import os
+
+    from mqpredict.quant.header import pad
+    from mqpredict.quant.types import T
+    from mqpredict.util.ggufwrite import header_bytes
+
+    h = read_header(tiny)
+    d, ff, layers, vocab = 8192, 28672, 100, 512
+    kvs = [kv for kv in (h.raw(k.span) for k in h.kvs.values())]
+    tensors = [TensorOut("token_embd.weight", (d, vocab), T.F16, None), TensorOut("output.weight", (d, vocab), T.F16, None)]
+    for i in range(layers):
+        tensors += [
+            TensorOut(f"blk.{i}.attn_q.weight", (d, d), T.F16, None),
+            TensorOut(f"blk.{i}.ffn_up.weight", (d, ff), T.F16, None),
+            TensorOut(f"blk.{i}.ffn_down.weight", (ff, d), T.F16, None),
+        ]
+    head = header_bytes(kvs, tensors, 32)
+    big = tmp_path / "big-f16.gguf"
+    with open(big, "wb") as f:
+        f.write(head)
+        f.truncate(len(head) + sum(pad(t.nbytes, 32) for t in tensors))
+    assert big.stat().st_size > 100e9 and big.stat().st_blocks * 512 < 10e6  # sparse: nothing on disk
+    doc = _json(mq("size", big, "-c", "default=Q4_K,ffn_down=Q6_K", "--json"))
+    assert 0.30 < doc["size_bytes"] / big.stat().st_size < 0.36  # 4.5-bit and 6.56-bit weights from 16-bit
+    assert {t["type"] for t in doc["tensors"]} == {"Q4_K", "Q6_K"}
+    assert big.stat().st_blocks * 512 < 10e6
+    os.unlink(big)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,10 +166,11 @@ def test_tool_output_without_statistics_fails_loudly():
         parse_kld_output(text, 100, "q.gguf")
 
 
-def _wrapped_tools(tmp_path, silent_runs: int) -> tuple:
-    """A --llama-bin folder whose llama-perplexity exits 0 silently the first `silent_runs` times
-    (what the real one does now and then: its asynchronous logger loses the last lines at exit),
-    then runs the real binary."""
+def _wrapped_tools(tmp_path, silent_runs: int, silent_saves: int = 0) -> Path:
+    """A --llama-bin folder whose llama-perplexity exits 0 and prints nothing the first `silent_runs`
+    times it is asked for --kl-divergence (what the real one does now and then: its asynchronous
+    logger loses the last lines at exit) and writes nothing the first `silent_saves` times it is
+    asked to save log-probs; otherwise it runs the real binary."""
     import os
     import stat
 
@@ -181,10 +183,11 @@ def _wrapped_tools(tmp_path, silent_runs: int) -> tuple:
     script = d / "llama-perplexity"
     script.write_text(
         "#!/usr/bin/env bash\n"
-        f'if [[ " $* " == *" --kl-divergence "* ]]; then\n'
-        f'  n=$(cat "{d}/count" 2>/dev/null || echo 0); echo $((n+1)) > "{d}/count"\n'
-        f'  if [ "$n" -lt {silent_runs} ]; then exit 0; fi\n'
-        f"fi\n"
+        'if [[ " $* " == *" --kl-divergence "* ]]; then kind=kld; max=' + str(silent_runs) + "\n"
+        'elif [[ " $* " == *" -f "* && " $* " == *".logits.kld "* ]]; then kind=save; max=' + str(silent_saves) + "\n"
+        "else exec " + f'"{real}"' + ' "$@"; fi\n'
+        f'n=$(cat "{d}/$kind" 2>/dev/null || echo 0); echo $((n+1)) > "{d}/$kind"\n'
+        'if [ "$n" -lt "$max" ]; then exit 0; fi\n'
         f'exec "{real}" "$@"\n'
     )
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
@@ -197,12 +200,49 @@ def test_tools_engine_reruns_a_run_that_lost_its_statistics(tiny, corpus, spec, 
     with ToolsEngine(tiny, corpus, spec, threads=2, llama_bin=_wrapped_tools(tmp_path, 1)) as eng:
         with pytest.warns(UserWarning, match="without its statistics"):
             m = eng.measure(Config.parse("Q8_0"))
-    assert m.stats.kld_mean > 0
+    assert m.stats.kld_mean > 0 and m.kld_source == "llama-perplexity statistics"
 
 
-def test_tools_engine_fails_loudly_when_statistics_never_come(tiny, corpus, spec, tmp_path):
+def test_tools_engine_switches_to_logits_when_statistics_keep_vanishing(engines, tiny, corpus, spec, tmp_path):
     from mqpredict.llama.tools import ToolsEngine
 
     with ToolsEngine(tiny, corpus, spec, threads=2, llama_bin=_wrapped_tools(tmp_path, 99)) as eng:
-        with pytest.warns(UserWarning), pytest.raises(LlamaError, match=r"no 'Mean PPL\(Q\)' statistic.*3 runs"):
+        with pytest.warns(UserWarning, match="switching to llama-perplexity's saved log-probs"):
+            m = eng.measure(Config.parse("Q8_0"))
+    assert m.kld_source == "llama-perplexity logits" and m.per_token_path
+    ref = engines["inprocess", "tiny"].measure(Config.parse("Q8_0")).stats
+    assert m.stats.kld_mean == pytest.approx(ref.kld_mean, rel=5e-3)
+
+
+def test_tools_engine_fails_loudly_when_nothing_comes_back(tiny, corpus, spec, tmp_path):
+    from mqpredict.llama.tools import ToolsEngine
+
+    with ToolsEngine(tiny, corpus, spec, threads=2, llama_bin=_wrapped_tools(tmp_path, 99, 99)) as eng:
+        with pytest.warns(UserWarning), pytest.raises(LlamaError, match="wrote no usable log-probs"):
             eng.measure(Config.parse("Q8_0"))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_tools_logits_path_agrees_and_keeps_per_token_vectors(engines, corpus, spec, model, tmp_path):
+    from mqpredict.llama.tools import KLDSource, ToolsEngine
+
+    base = engines["inprocess", model].model.path
+    later = EvalSpec(ctx=128, n_chunks=4, chunk_offset=3)  # an offset slice too
+    with ToolsEngine(base, corpus, spec, threads=2, kld_source=KLDSource.logits) as eng:
+        for s in (spec, later):
+            m = eng.measure(Config.parse("default=Q4_K,ffn_down=Q6_K"), s)
+            ref = engines["inprocess", model].measure(Config.parse("default=Q4_K,ffn_down=Q6_K"), s)
+            assert m.stats.kld_mean == pytest.approx(ref.stats.kld_mean, rel=5e-3)  # measured: <= 0.13 %
+            assert m.stats.same_top_p == pytest.approx(ref.stats.same_top_p, abs=0.005)
+            a, b = np.load(m.per_token_path), np.load(ref.per_token_path)
+            assert a.shape == b.shape and np.corrcoef(a, b)[0, 1] > 0.999  # the same tokens, paired
+
+
+def test_a_window_scores_the_same_whatever_else_is_measured(engines):
+    """One window per batch: the per-token KLD of windows 3-6 is the same measured alone or inside 0-6,
+    so stages, slices and offsets can be compared token for token."""
+    eng = engines["inprocess", "tiny"]
+    cfg = Config.parse("default=Q4_K,ffn_down=Q6_K")
+    wide = np.load(eng.measure(cfg, EvalSpec(ctx=128, n_chunks=7)).per_token_path)
+    part = np.load(eng.measure(cfg, EvalSpec(ctx=128, n_chunks=4, chunk_offset=3)).per_token_path)
+    assert np.array_equal(wide[3 * 63 :], part)

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from mqpredict.errors import InputError
 from mqpredict.measure.corpus import DEFAULT_CTX, DEFAULT_TOKENS, EvalSpec
 from mqpredict.util.paths import DEFAULT_CORPUS
 
@@ -61,6 +62,14 @@ EngineOpt = Annotated[
 LlamaBinOpt = Annotated[
     Path | None,
     typer.Option("--llama-bin", help="Folder with your own llama-quantize and llama-perplexity (tools engine)."),
+]
+ToolsKLDOpt = Annotated[
+    str,
+    typer.Option(
+        "--tools-kld",
+        help="tools engine: 'statistics' parses llama-perplexity --kl-divergence (falls back to 'logits' if the "
+        "tool loses its output); 'logits' scores llama-perplexity's saved log-probs and keeps per-token vectors.",
+    ),
 ]
 ThreadsOpt = Annotated[int, typer.Option("--threads", "-t", help="CPU threads for llama.cpp (0: all cores).")]
 QuantizedBaseOpt = Annotated[
@@ -132,17 +141,37 @@ def make_engine(
     threads: int,
     allow_quantized_base: bool,
     progress,
+    tools_kld: str = "statistics",
 ):
     if engine == EngineName.tools:
-        from mqpredict.llama.tools import ToolsEngine
+        from mqpredict.llama.tools import KLDSource, ToolsEngine
 
+        try:
+            source = KLDSource(tools_kld)
+        except ValueError:
+            raise InputError(f"--tools-kld {tools_kld!r} is not one of: statistics, logits") from None
         return ToolsEngine(
             base, corpus, spec, threads=threads, allow_quantized_base=allow_quantized_base,
-            progress=progress, llama_bin=llama_bin,
+            progress=progress, llama_bin=llama_bin, kld_source=source,
         )  # fmt: skip
     from mqpredict.llama.inprocess import InProcessEngine
 
     return InProcessEngine(base, corpus, spec, threads=threads, allow_quantized_base=allow_quantized_base, progress=progress)
+
+
+def base_notes(model) -> str:
+    """What every report says about its base: where it came from, and where K-quants fall back."""
+    fit, back = model.k_quant_groups()
+    origin = model.base_origin
+    text = f"base {model.path.name}: origin {origin}" + (
+        " (restored by seeded in-bin dithering)" if origin.startswith("dither") else ""
+    )
+    if back:
+        text += (
+            f"; n_embd {model.n_embd}: K-quants fall back in {', '.join(back)}"
+            + (f" — only {', '.join(fit)} can hold them" if fit else "")
+        )
+    return text
 
 
 def fmt_mb(n: int) -> str:

@@ -22,6 +22,8 @@ from mqpredict.cli.common import (
     QuantizedBaseOpt,
     ThreadsOpt,
     TokensOpt,
+    ToolsKLDOpt,
+    base_notes,
     emit_json,
     err,
     fmt_mb,
@@ -100,6 +102,7 @@ def measure(
     chunk_offset: OffsetOpt = 0,
     engine: EngineOpt = EngineName.inprocess,
     llama_bin: LlamaBinOpt = None,
+    tools_kld: ToolsKLDOpt = "statistics",
     threads: ThreadsOpt = 0,
     keep: Annotated[Path | None, typer.Option("--keep", help="Keep the built GGUFs in this folder.")] = None,
     allow_quantized_base: QuantizedBaseOpt = False,
@@ -123,14 +126,17 @@ def measure(
     spec = spec_from(ctx, tokens, chunk_offset)
     with progress_bar() as progress:
         path = _base(base, progress)
-        eng = make_engine(path, corpus, spec, engine, llama_bin, threads, allow_quantized_base, progress)
+        eng = make_engine(path, corpus, spec, engine, llama_bin, threads, allow_quantized_base, progress, tools_kld)
         with eng:
             rows = run_measurements(eng, configs, files, keep, progress)
     if json:
         emit_json(rows)
     else:
+        from mqpredict.quant.model import ModelInfo
+
         title = f"{path.name} · {spec.n_chunks}×{spec.ctx} ({spec.n_tokens} tokens scored) · {engine.value}"
         print_table(rows, title, line=sum(r["config"].startswith("preset=") for r in rows) >= 2)
+        out.print(base_notes(ModelInfo.load(path)), highlight=False)
 
 
 def demo(
@@ -167,11 +173,9 @@ def demo(
         return
     m = ModelInfo.load(path)
     print_table(rows, f"SmolLM2-135M · {spec.n_chunks}×{spec.ctx} ({spec.n_tokens} tokens scored) · {engine.value}", True)
-    out.print(
-        f"base origin: {m.base_origin} (restored from {EMBEDDED['smollm2'].filename} by seeded in-bin dithering). "
-        f"{EMBEDDED['smollm2'].note}.\nwrote {out_dir / 'measurements.json'}",
-        highlight=False,
-    )
+    out.print(f"{base_notes(m)}. Source: {EMBEDDED['smollm2'].package} ({EMBEDDED['smollm2'].licence}).",
+              highlight=False)  # fmt: skip
+    out.print(f"wrote {out_dir / 'measurements.json'}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

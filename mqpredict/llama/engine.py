@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mqpredict.errors import ConfigError, InputError
+from mqpredict.errors import InputError, LlamaError
 from mqpredict.measure.corpus import Corpus, EvalSpec
 from mqpredict.measure.kld import TokenScores
 from mqpredict.measure.stats import KLDStats
@@ -60,6 +60,7 @@ class Evaluation:
     stats: KLDStats
     scores: TokenScores | None  # per-token scores, when the engine can produce them
     seconds: float
+    source: str  # what the numbers were computed from (e.g. "llama-perplexity statistics")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class Measurement:
     bpw: float
     stats: KLDStats
     engine: str
+    kld_source: str
     llama_version: str
     build: str
     base: str  # base file sha256
@@ -85,7 +87,7 @@ class Measurement:
     seconds_eval: float
     types: dict[str, str] = field(repr=False, default_factory=dict)
 
-    def to_json(self, with_types: bool = False) -> dict:
+    def to_json(self, with_types: bool = True) -> dict:
         d = {
             "config": self.config,
             "types_key": self.types_key,
@@ -93,6 +95,7 @@ class Measurement:
             "bpw": self.bpw,
             **self.stats.to_json(),
             "engine": self.engine,
+            "kld_source": self.kld_source,
             "llama_version": self.llama_version,
             "build": self.build,
             "base": self.base,
@@ -222,7 +225,8 @@ class Engine(ABC):
     def _build(self, config: Config, types: EffectiveTypes, out: Path) -> None: ...
 
     @abstractmethod
-    def _evaluate(self, path: Path, spec: EvalSpec) -> tuple[KLDStats, TokenScores | None]: ...
+    def _evaluate(self, path: Path, spec: EvalSpec) -> tuple[KLDStats, TokenScores | None, str]:
+        """(statistics, per-token scores or None, what they were computed from)."""
 
     @abstractmethod
     def base_logprobs(self, spec: EvalSpec):
@@ -245,7 +249,7 @@ class Engine(ABC):
         if actual != types:
             diff = next(n for n in types if actual.get(n) != types[n])
             out.unlink(missing_ok=True)
-            raise ConfigError(
+            raise LlamaError(
                 f"{self.name} wrote {diff} as {actual.get(diff)} but {types[diff].name} was predicted",
                 "the llama.cpp build differs from the one mqpredict was tested with; please report it",
             )
@@ -255,8 +259,11 @@ class Engine(ABC):
         path = Path(path)
         self.check_candidate(path)
         t0 = time.perf_counter()
-        stats, scores = self._evaluate(path, spec or self.spec)
-        return Evaluation(stats, scores, time.perf_counter() - t0)
+        stats, scores, source = self._evaluate(path, spec or self.spec)
+        return Evaluation(stats, scores, time.perf_counter() - t0, source)
+
+    def release(self, path: Path) -> None:
+        """Forget anything held for ``path`` (it is about to be deleted)."""
 
     def measure(self, config: Config, spec: EvalSpec | None = None, keep: str | os.PathLike | None = None) -> Measurement:
         """Build, evaluate, keep the per-token scores; the built file is deleted unless ``keep``."""
@@ -267,6 +274,7 @@ class Engine(ABC):
             ev = self.evaluate(built.path, spec)
         finally:
             if keep is None:
+                self.release(built.path)
                 built.path.unlink(missing_ok=True)
         return _measurement(self, config.key, built.types, built.size.size_bytes, built.size.bpw, ev, spec, built.seconds)
 
@@ -303,6 +311,7 @@ def _measurement(engine: Engine, config: str, types: EffectiveTypes, size: int, 
         bpw=bpw,
         stats=ev.stats,
         engine=engine.name,
+        kld_source=ev.source,
         llama_version=engine.version(),
         build=engine.build_id(),
         base=engine.base_sha,

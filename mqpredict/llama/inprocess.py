@@ -143,8 +143,10 @@ class Evaluator:
 
 
 @contextmanager
-def evaluator(path: Path, spec: EvalSpec, threads: int) -> Iterator[Evaluator]:
-    model = LoadedModel(path)
+def evaluator(path: Path, spec: EvalSpec, threads: int, model: LoadedModel | None = None) -> Iterator[Evaluator]:
+    """A context on ``model`` (or on a model loaded from ``path`` for the duration)."""
+    own = model is None
+    model = model or LoadedModel(path)
     try:
         ev = Evaluator(model, spec, threads)
         try:
@@ -152,7 +154,8 @@ def evaluator(path: Path, spec: EvalSpec, threads: int) -> Iterator[Evaluator]:
         finally:
             ev.close()
     finally:
-        model.close()
+        if own:
+            model.close()
 
 
 class InProcessEngine(Engine):
@@ -163,6 +166,32 @@ class InProcessEngine(Engine):
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)
         self._pure: dict[QuantType, GGUFHeader] = {}
+        self._warm: tuple[tuple, LoadedModel] | None = None  # the last evaluated model stays loaded
+
+    def close(self) -> None:
+        if self._warm is not None:
+            self._warm[1].close()
+            self._warm = None
+        super().close()
+
+    def release(self, path: Path) -> None:
+        if self._warm is not None and self._warm[0][0] == str(path.resolve()):
+            self._warm[1].close()
+            self._warm = None
+
+    def loaded(self, path: Path) -> LoadedModel:
+        """The model at ``path``, kept loaded while the same file is evaluated again (e.g. a confirmation
+        in stages, or on held-out windows); a different file replaces it."""
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+        if self._warm is not None and self._warm[0] == key:
+            return self._warm[1]
+        if self._warm is not None:
+            self._warm[1].close()
+            self._warm = None
+        model = LoadedModel(path)
+        self._warm = (key, model)
+        return model
 
     def version(self) -> str:
         return runtime.version()
@@ -237,11 +266,11 @@ class InProcessEngine(Engine):
             base.close()
         return LogProbFile.open(path)
 
-    def _evaluate(self, path: Path, spec: EvalSpec) -> tuple[KLDStats, TokenScores]:
+    def _evaluate(self, path: Path, spec: EvalSpec) -> tuple[KLDStats, TokenScores, str]:
         lp = self.base_logprobs(spec)
         first = spec.first
         parts: list[TokenScores] = []
-        with evaluator(path, spec, self.threads) as ev, ThreadPoolExecutor(self.threads) as pool:
+        with evaluator(path, spec, self.threads, self.loaded(path)) as ev, ThreadPoolExecutor(self.threads) as pool:
             if ev.model.n_vocab != lp.n_vocab:
                 raise InputError(f"{path} has {ev.model.n_vocab} tokens in its vocabulary, the base {lp.n_vocab}")
             for i, logits in ev.run(np.asarray(lp.tokens)):
@@ -249,7 +278,7 @@ class InProcessEngine(Engine):
                 parts.append(score_rows_parallel(logits, lp.rows[i], nxt, pool))
                 self.progress(f"evaluate {path.name}", i + 1, spec.n_chunks)
         scores = TokenScores.concat(parts)
-        return KLDStats.from_scores(scores), scores
+        return KLDStats.from_scores(scores), scores, "llama-cpp-python logits"
 
 
 def default_threads() -> int:

@@ -7,11 +7,22 @@ them. Builds run ``llama-quantize`` with the exported tensor-type file; evaluati
 ``llama-perplexity --kl-divergence`` against a base log-prob file and parse its statistics, failing
 loudly when one is missing (the tool has been seen to exit 0 without printing them).
 
-llama-perplexity prints statistics only, so this engine has no per-token scores (``scores`` is None).
+Two ways to get the KLD (``kld_source``):
+
+* ``statistics`` (default): ``llama-perplexity --kl-divergence`` against the base log-prob file; its
+  printed statistics are parsed and a missing one is an error, never a value. llama-perplexity's
+  asynchronous logger can lose those lines at exit (a few % of runs, more under CPU load), so a run
+  without them is repeated once and then the engine switches to the logits path for that file.
+* ``logits``: llama-perplexity evaluates the quantized model in its *save* mode, which writes the
+  model's 16-bit log-probs with an ordinary file stream (nothing to lose), and mqpredict scores that
+  file against the base's as the in-process engine scores logits (measured agreement: 0.01 % on
+  SmolLM2, up to 0.13 % on the tiny test models, whose KLDs are small). It also
+  yields per-token vectors, which the ``statistics`` path cannot.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -19,13 +30,17 @@ import signal
 import subprocess
 import sysconfig
 import warnings
+from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
+
+import numpy as np
 
 from mqpredict.errors import InputError, LlamaError
 from mqpredict.llama.engine import Engine
 from mqpredict.llama.quantize import parse_dry_run
 from mqpredict.measure.corpus import EvalSpec
+from mqpredict.measure.kld import TokenScores, score_stored
 from mqpredict.measure.logprobs import LogProbFile
 from mqpredict.measure.stats import KLDStats
 from mqpredict.quant.config import Config
@@ -34,6 +49,11 @@ from mqpredict.quant.resolve import EffectiveTypes, quantize_command, tensor_typ
 from mqpredict.util.atomic import atomic_path
 
 TOOLS = ("llama-quantize", "llama-perplexity")
+
+
+class KLDSource(StrEnum):
+    statistics = "statistics"  # llama-perplexity --kl-divergence, its printed statistics parsed
+    logits = "logits"  # llama-perplexity's saved log-probs, scored by mqpredict
 
 
 def find_tool(name: str, llama_bin: str | os.PathLike | None = None) -> Path:
@@ -123,12 +143,20 @@ class ToolsEngine(Engine):
 
     name = "tools"
 
-    #: extra runs of llama-perplexity when it exits 0 without its statistics (its asynchronous logger
-    #: can lose the last lines at exit: about 1 run in 20 on the tiny model, see docs/measurement.md)
-    retries = 2
+    #: extra runs of ``--kl-divergence`` when it exits 0 without its statistics (its asynchronous logger
+    #: can lose the last lines at exit; see docs/measurement.md) before switching to the logits path
+    retries = 1
 
-    def __init__(self, *args, llama_bin: str | os.PathLike | None = None, tool_args: list[str] | None = None, **kw) -> None:
+    def __init__(
+        self,
+        *args,
+        llama_bin: str | os.PathLike | None = None,
+        tool_args: list[str] | None = None,
+        kld_source: KLDSource = KLDSource.statistics,
+        **kw,
+    ) -> None:
         self.llama_bin = llama_bin
+        self.kld_source = KLDSource(kld_source)
         self.tool_args = list(tool_args or [])
         self.quantize_bin = find_tool("llama-quantize", llama_bin)
         self.perplexity_bin = find_tool("llama-perplexity", llama_bin)
@@ -136,24 +164,21 @@ class ToolsEngine(Engine):
 
     @cached_property
     def _version_text(self) -> str:
-        out = subprocess.run([str(self.perplexity_bin), "--version"], capture_output=True, text=True).stderr
-        out += subprocess.run([str(self.perplexity_bin), "--version"], capture_output=True, text=True).stdout
-        return out
+        p = subprocess.run([str(self.perplexity_bin), "--version"], capture_output=True, text=True)
+        return p.stdout + p.stderr
 
     def version(self) -> str:
         m = re.search(r"version:\s*(.+)", self._version_text)
         return f"llama.cpp {m.group(1).strip()}" if m else "llama.cpp (unknown version)"
 
     def build_id(self) -> str:
-        import hashlib
-
         h = hashlib.sha256(self._version_text.encode())
         h.update(str(self.perplexity_bin.resolve()).encode())
         return h.hexdigest()[:12]
 
     # ------------------------------------------------------------- build
     def dry_run(self, model: ModelInfo, config: Config) -> EffectiveTypes:
-        tt = self.workdir / f"dry-{abs(hash(config.key))}.txt"
+        tt = self.workdir / f"dry-{hashlib.sha256(config.key.encode()).hexdigest()[:12]}.txt"
         tt.write_text("\n".join(tensor_type_lines(model, config)) + "\n")
         cmd = quantize_command(model, config, "", str(tt))
         cmd = [str(self.quantize_bin), "--dry-run", *[c for c in cmd[1:] if c != ""]]
@@ -210,15 +235,45 @@ class ToolsEngine(Engine):
             lp.slice(path, spec.chunk_offset, spec.n_chunks)
         return path
 
-    def _evaluate(self, path: Path, spec: EvalSpec):
-        base = self.base_logprobs(spec)
-        cmd = [str(self.perplexity_bin), "-m", str(path), "--kl-divergence-base", str(base), "--kl-divergence",
-               *self._common(spec)]  # fmt: skip
-        for attempt in range(self.retries + 1):
-            out = run_tool(cmd, f"llama-perplexity --kl-divergence on {path.name}")
+    def _evaluate(self, path: Path, spec: EvalSpec) -> tuple[KLDStats, TokenScores | None, str]:
+        if self.kld_source == KLDSource.statistics:
+            base = self.base_logprobs(spec)
+            cmd = [str(self.perplexity_bin), "-m", str(path), "--kl-divergence-base", str(base), "--kl-divergence",
+                   *self._common(spec)]  # fmt: skip
+            for attempt in range(self.retries + 1):
+                out = run_tool(cmd, f"llama-perplexity --kl-divergence on {path.name}")
+                try:
+                    return parse_kld_output(out, spec.n_tokens, str(path)), None, "llama-perplexity statistics"
+                except LlamaError as e:
+                    warnings.warn(f"llama-perplexity exited 0 without its statistics for {path.name} ({e.message})",
+                                  stacklevel=2)  # fmt: skip
+            warnings.warn(f"switching to llama-perplexity's saved log-probs for {path.name}", stacklevel=2)
+        return self._evaluate_logits(path, spec)
+
+    def _evaluate_logits(self, path: Path, spec: EvalSpec) -> tuple[KLDStats, TokenScores, str]:
+        base = LogProbFile.open(self.base_logprobs(spec))
+        total = spec.chunk_offset + spec.n_chunks
+        dump = self.workdir / f"{path.stem}.logits.kld"
+        cmd = [str(self.perplexity_bin), "-m", str(path), "-f", str(self.corpus.path), "--kl-divergence-base",
+               str(dump), "--chunks", str(total), *self._common(spec)]  # fmt: skip
+        try:
+            run_tool(cmd, f"llama-perplexity (log-probs of {path.name})")
             try:
-                return parse_kld_output(out, spec.n_tokens, str(path)), None
-            except LlamaError as e:
-                if attempt == self.retries:
-                    raise LlamaError(f"{e.message} ({attempt + 1} runs)", e.hint) from None
-                warnings.warn(f"llama-perplexity exited 0 without its statistics for {path.name}; retrying", stacklevel=2)
+                q = LogProbFile.open(dump)
+            except (InputError, OSError):
+                raise LlamaError(f"llama-perplexity wrote no usable log-probs for {path}", "run with --debug") from None
+            window = slice(spec.chunk_offset, total)
+            if q.n_chunk < total or q.n_vocab != base.n_vocab or not np.array_equal(q.tokens[window], base.tokens):
+                raise LlamaError(
+                    f"llama-perplexity's log-probs for {path} do not cover the base's tokens",
+                    "the model's tokenizer differs from the base's",
+                )
+            first = spec.first
+            parts = [
+                score_stored(q.rows[spec.chunk_offset + i], base.rows[i], np.asarray(base.tokens[i, first + 1 :]), q.n_vocab)
+                for i in range(spec.n_chunks)
+            ]
+        finally:
+            dump.unlink(missing_ok=True)
+        scores = TokenScores.concat(parts)
+        return KLDStats.from_scores(scores), scores, "llama-perplexity logits"

@@ -57,14 +57,17 @@ class EvalSpec:
     ctx: int = DEFAULT_CTX
     n_chunks: int = 16
     chunk_offset: int = 0
-    n_batch: int = 2048
+    #: tokens per llama_decode; 0 (default) = one window. One window per batch makes every window's
+    #: results independent of which other windows are measured with it (llama.cpp's numerics depend
+    #: slightly on a batch's composition), so slices, stages and offsets give identical per-token values.
+    n_batch: int = 0
 
     def __post_init__(self) -> None:
         if self.ctx < 16 or self.ctx % 2:
             raise InputError(f"--ctx {self.ctx} is not supported", "use an even context of at least 16 tokens")
         if self.n_chunks < 1 or self.chunk_offset < 0:
             raise InputError("the token budget must cover at least one chunk")
-        object.__setattr__(self, "n_batch", max(self.n_batch, self.ctx))
+        object.__setattr__(self, "n_batch", self.ctx if self.n_batch == 0 else max(self.n_batch, self.ctx))
 
     @classmethod
     def from_tokens(cls, n_tokens: int = DEFAULT_TOKENS, ctx: int = DEFAULT_CTX, chunk_offset: int = 0) -> EvalSpec:
@@ -90,7 +93,8 @@ class EvalSpec:
 
     @property
     def key(self) -> str:
-        return f"ctx{self.ctx}-o{self.chunk_offset}-n{self.n_chunks}"
+        """Names cache entries: everything that changes the numbers (the batch layout included)."""
+        return f"ctx{self.ctx}-b{self.n_batch}-o{self.chunk_offset}-n{self.n_chunks}"
 
     def check_corpus(self, n_corpus_tokens: int, corpus: Path) -> None:
         available = n_corpus_tokens // self.ctx

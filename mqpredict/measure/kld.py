@@ -35,12 +35,49 @@ class TokenScores:
         return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in names))
 
 
+def _decode_head(rows: np.ndarray, n_vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scale, min_log_prob, 16-bit codes) of stored rows: log p = scale·code + min_log_prob."""
+    head = np.ascontiguousarray(rows[:, :4]).view(np.float32)
+    return head[:, 0], head[:, 1], rows[:, 4 : 4 + n_vocab]
+
+
+def _sparse_kld(base_rows: np.ndarray, n_vocab: int, diff) -> np.ndarray:
+    """Σ_{i: log p_i > -16} p_i · diff(row, i, log p_i) per row, over the base entries llama-perplexity keeps.
+
+    Those entries (about a fifth of a real vocabulary) are found on the 16-bit codes with a one-code
+    margin, then tested and summed with llama-perplexity's float32 arithmetic.
+    """
+    scale, min_lp, q = _decode_head(base_rows, n_vocab)
+    cut = np.float32(-16)
+    kld = np.empty(len(base_rows), dtype=np.float64)
+    for i in range(len(base_rows)):
+        s, m = scale[i], min_lp[i]
+        if s > 0:
+            thr = int(np.floor((cut - m) / s)) - 1
+            idx = np.flatnonzero(q[i] > thr) if thr < 65535 else np.empty(0, np.intp)
+        else:  # a flat row: every entry has log p = min_lp
+            idx = np.arange(n_vocab) if m > cut else np.empty(0, np.intp)
+        lp = s * q[i, idx].astype(np.float32) + m
+        keep = lp > cut
+        if not keep.all():
+            idx, lp = idx[keep], lp[keep]
+        kld[i] = (np.exp(lp) * diff(i, idx, lp)).sum(dtype=np.float64)
+    return kld
+
+
+def _scores(kld, nll, base_rows, n_vocab, next_tokens, top) -> TokenScores:
+    scale, min_lp, q = _decode_head(base_rows, n_vocab)
+    r = np.arange(len(base_rows))
+    nll_base = -(scale * q[r, next_tokens].astype(np.float32) + min_lp)
+    same_top = top == q.argmax(axis=1)  # log p increases with the code: the same first maximum
+    p_diff = np.exp(-nll) - np.exp(-nll_base)
+    return TokenScores(kld.astype(np.float32), p_diff.astype(np.float32), nll.astype(np.float32), nll_base, same_top)
+
+
 def score_rows(logits: np.ndarray, base_rows: np.ndarray, next_tokens: np.ndarray) -> TokenScores:
     """Score ``n`` positions: quantized ``logits`` (n, V) float32 vs ``base_rows`` (n, nv) uint16.
 
-    The quantized side needs every logit (the normaliser); the base side only the entries with
-    log p > -16, about a fifth of a real vocabulary. Those are found on the 16-bit codes (with a
-    one-code margin) and then tested and summed with the exact float32 arithmetic of llama-perplexity.
+    The quantized side needs every logit (the normaliser); the base side only the kept entries.
     """
     n, n_vocab = logits.shape
     r = np.arange(n)
@@ -52,28 +89,18 @@ def score_rows(logits: np.ndarray, base_rows: np.ndarray, next_tokens: np.ndarra
     log_sum_exp = np.log(tmp.sum(axis=1, dtype=np.float64)).astype(np.float32)
     shift = max_logit + log_sum_exp
     nll = shift - logits[r, next_tokens]
+    kld = _sparse_kld(base_rows, n_vocab, lambda i, idx, lp: lp - logits[i, idx] + shift[i])
+    return _scores(kld, nll, base_rows, n_vocab, next_tokens, imax)
 
-    head = np.ascontiguousarray(base_rows[:, :4]).view(np.float32)
-    scale, min_lp = head[:, 0], head[:, 1]
-    q = base_rows[:, 4 : 4 + n_vocab]
-    cut = np.float32(-16)
-    kld = np.empty(n, dtype=np.float64)
-    for i in range(n):
-        s, m = scale[i], min_lp[i]
-        if s > 0:
-            thr = int(np.floor((cut - m) / s)) - 1
-            idx = np.flatnonzero(q[i] > thr) if thr < 65535 else np.empty(0, np.intp)
-        else:  # a flat row: every entry has log p = min_lp
-            idx = np.arange(n_vocab) if m > cut else np.empty(0, np.intp)
-        lp = s * q[i, idx].astype(np.float32) + m
-        keep = lp > cut
-        if not keep.all():
-            idx, lp = idx[keep], lp[keep]
-        kld[i] = (np.exp(lp) * (lp - logits[i, idx] + shift[i])).sum(dtype=np.float64)
-    nll_base = -(scale * q[r, next_tokens].astype(np.float32) + min_lp)
-    same_top = imax == q.argmax(axis=1)  # log p increases with q: the same first maximum
-    p_diff = np.exp(-nll) - np.exp(-nll_base)
-    return TokenScores(kld.astype(np.float32), p_diff.astype(np.float32), nll.astype(np.float32), nll_base, same_top)
+
+def score_stored(quant_rows: np.ndarray, base_rows: np.ndarray, next_tokens: np.ndarray, n_vocab: int) -> TokenScores:
+    """Score positions whose quantized log-probs are themselves stored 16-bit rows (llama-perplexity's
+    file, written by the tools engine's logits path). Agrees with scoring the float logits to 0.01-0.13 %."""
+    sq, mq, cq = _decode_head(quant_rows, n_vocab)
+    r = np.arange(len(quant_rows))
+    nll = -(sq * cq[r, next_tokens].astype(np.float32) + mq)
+    kld = _sparse_kld(base_rows, n_vocab, lambda i, idx, lp: lp - (sq[i] * cq[i, idx].astype(np.float32) + mq[i]))
+    return _scores(kld, nll, base_rows, n_vocab, next_tokens, cq.argmax(axis=1))
 
 
 def score_rows_parallel(logits: np.ndarray, base_rows: np.ndarray, next_tokens: np.ndarray, pool) -> TokenScores:

@@ -319,10 +319,11 @@ def read_header(path: str | os.PathLike) -> GGUFHeader:
                 f"{path} is truncated or corrupt: its header runs past the end of the file ({file_size} bytes)",
                 "re-download or rebuild the file",
             )
-    hdr = GGUFHeader(path, version, kvs, tuple(tensors), (kv_start, kv_end), 0, file_size, raw)
-    data_offset = pad(header_end, hdr.alignment)
-    hdr = GGUFHeader(path, version, kvs, tuple(tensors), (kv_start, kv_end), data_offset, file_size, raw)
-    need = data_offset + max((t.offset + t.nbytes for t in tensors), default=0)
+    align = int(kvs["general.alignment"].value) if "general.alignment" in kvs else DEFAULT_ALIGNMENT
+    if align <= 0 or align & (align - 1):
+        raise GGUFError(f"{path}: general.alignment is {align}, not a power of two; the file is corrupt")
+    hdr = GGUFHeader(path, version, kvs, tuple(tensors), (kv_start, kv_end), pad(header_end, align), file_size, raw)
+    need = hdr.data_offset + max((t.offset + t.nbytes for t in tensors), default=0)
     if need > file_size:
         raise GGUFError(
             f"{path} is truncated: it has {file_size} bytes but its tensors need {need}",

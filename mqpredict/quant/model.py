@@ -85,6 +85,13 @@ class ModelInfo:
     def group_params(self) -> dict[str, int]:
         return {g: sum(t.n_elements for t in ts) for g, ts in self.groups.items()}
 
+    def k_quant_groups(self) -> tuple[list[str], list[str]]:
+        """(groups whose row lengths fit 256-blocks, groups where K-quants fall back)."""
+        fit, back = [], []
+        for g, ts in self.groups.items():
+            (fit if all(t.shape[0] % 256 == 0 for t in ts) else back).append(g)
+        return fit, back
+
     def group_type_mix(self) -> dict[str, dict[QuantType, int]]:
         """group → {type: parameters at that type} as stored in this file."""
         out: dict[str, dict[QuantType, int]] = {}

@@ -28,8 +28,6 @@ TARGET_TYPES: tuple[QuantType, ...] = (
 #: token_embd/output are exempt there. Q2_K needs one only inside a Q2_K_S preset.
 IMATRIX_TYPES: frozenset[QuantType] = frozenset({T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_M, T.IQ1_S})
 
-FLOAT_TYPES: frozenset[QuantType] = frozenset({T.F32, T.F16, T.BF16})
-
 #: llama.cpp's replacement when a row length is not a multiple of the type's block size.
 FALLBACK: dict[QuantType, QuantType] = {
     T.IQ1_S: T.IQ4_NL, T.IQ1_M: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL, T.IQ2_XS: T.IQ4_NL, T.IQ2_S: T.IQ4_NL,

@@ -76,8 +76,8 @@ def _copy(src_fd: int, dst_fd: int, offset: int, n: int) -> None:
         n -= done
 
 
-def write_gguf(out: str | os.PathLike, kvs: list[bytes], tensors: list[TensorOut], alignment: int) -> Path:
-    """Write a GGUF v3 file atomically: a crash or Ctrl-C leaves no partial ``out``."""
+def header_bytes(kvs: list[bytes], tensors: list[TensorOut], alignment: int) -> bytes:
+    """Everything before the data section: magic, counts, metadata, tensor infos, padding."""
     infos, offset = [], 0
     for t in tensors:
         nm = t.name.encode()
@@ -85,7 +85,12 @@ def write_gguf(out: str | os.PathLike, kvs: list[bytes], tensors: list[TensorOut
         infos.append(struct.pack(f"<{len(t.shape)}Q", *t.shape) + struct.pack("<IQ", int(t.qtype), offset))
         offset += pad(t.nbytes, alignment)
     head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kvs)) + b"".join(kvs) + b"".join(infos)
-    head += b"\0" * (pad(len(head), alignment) - len(head))
+    return head + b"\0" * (pad(len(head), alignment) - len(head))
+
+
+def write_gguf(out: str | os.PathLike, kvs: list[bytes], tensors: list[TensorOut], alignment: int) -> Path:
+    """Write a GGUF v3 file atomically: a crash or Ctrl-C leaves no partial ``out``."""
+    head = header_bytes(kvs, tensors, alignment)
     out = Path(out)
     fds: dict[Path, int] = {}
     try:
