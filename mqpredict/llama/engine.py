@@ -256,10 +256,14 @@ class Engine(ABC):
         return Built(out, config, types, tkey, size_of(self.model, types), time.perf_counter() - t0)
 
     def evaluate(self, path: str | os.PathLike, spec: EvalSpec | None = None) -> Evaluation:
+        """KLD statistics of the GGUF at ``path`` (a quantization of this base) against the base."""
         path = Path(path)
         self.check_candidate(path)
+        return self._timed_evaluate(path, spec or self.spec)
+
+    def _timed_evaluate(self, path: Path, spec: EvalSpec) -> Evaluation:
         t0 = time.perf_counter()
-        stats, scores, source = self._evaluate(path, spec or self.spec)
+        stats, scores, source = self._evaluate(path, spec)
         return Evaluation(stats, scores, time.perf_counter() - t0, source)
 
     def release(self, path: Path) -> None:
@@ -282,7 +286,7 @@ class Engine(ABC):
         """Measure a ready GGUF of this base (e.g. a community quantization); its config is its file name."""
         spec = spec or self.spec
         cand = self.check_candidate(Path(path))
-        ev = self.evaluate(path, spec)
+        ev = self._timed_evaluate(Path(path), spec)
         types = {t.name: t.qtype for t in cand.tensors}
         return _measurement(self, f"gguf:{cand.path.name}", types, cand.header.file_size, cand.bpw, ev, spec, 0.0)
 
