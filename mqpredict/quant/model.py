@@ -18,6 +18,8 @@ KEY_ORIGIN = "mqpredict.base.origin"
 KEY_SOURCE = "mqpredict.base.source"
 KEY_SOURCE_SHA = "mqpredict.base.source_sha256"
 KEY_SEED = "mqpredict.base.seed"
+KEY_FAMILY = "mqpredict.base.family"
+KEY_SYNTHETIC = "mqpredict.base.synthetic"
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,12 @@ def _index_path() -> Path:
     return cache_dir() / "hashes.json"
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes; remembered per (path, size, mtime, inode) so a 100 GB base is hashed once."""
+def file_sha256(path: str | os.PathLike, start: int = 0) -> str:
+    """sha256 of a file's bytes from ``start``; remembered per (path, size, mtime, inode, start) so a
+    100 GB base is hashed once."""
     path = Path(path).resolve()
     st = path.stat()
-    stamp = f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    stamp = f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}" + (f"|{start}" if start else "")
     index_file = _index_path()
     try:
         index = json.loads(index_file.read_text())
@@ -31,10 +32,12 @@ def file_sha256(path: str | os.PathLike) -> str:
         return index[stamp]
     h = hashlib.sha256()
     with open(path, "rb") as f:
+        f.seek(start)
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     digest = h.hexdigest()
-    index = {k: v for k, v in index.items() if not k.startswith(f"{path}|")}
+    stale = f"{path}|"
+    index = {k: v for k, v in index.items() if not k.startswith(stale) or k.split("|")[1:4] == stamp.split("|")[1:4]}
     index[stamp] = digest
     try:
         atomic_write_text(index_file, json.dumps(index, indent=0, sort_keys=True))
