@@ -1,0 +1,143 @@
+"""Seeding a model: measure the configs people already use and keep every result as a record.
+
+Candidates are the standard llama.cpp presets plus any recipes and GGUF-derived configs, adapted to
+this model. A candidate whose effective per-tensor types were already measured (in the store, or
+earlier in this run) is skipped before any work: it is the same file. Each record is appended as soon
+as it is measured, so Ctrl-C or kill -9 loses nothing finished and a re-run continues where it
+stopped. A llama.cpp failure becomes a ``failed`` record with its reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mqpredict.errors import LlamaError, MqError
+from mqpredict.llama.engine import Engine
+from mqpredict.quant.config import Config
+from mqpredict.quant.presets import Preset
+from mqpredict.quant.resolve import types_key
+from mqpredict.records.convert import Provenance, failed, from_measurement
+from mqpredict.records.identity import identify
+from mqpredict.records.ingest import GGUFConfig, Recipe, adapt
+from mqpredict.records.schema import Record, Source, record_key
+from mqpredict.records.store import Store
+
+#: the presets every seed measures (the ones people publish), high to low
+SEED_PRESETS: tuple[Preset, ...] = (
+    Preset.Q8_0, Preset.Q6_K, Preset.Q5_K_M, Preset.Q5_K_S, Preset.Q5_0, Preset.Q5_1, Preset.Q4_K_M,
+    Preset.Q4_K_S, Preset.Q4_0, Preset.Q4_1, Preset.IQ4_NL, Preset.IQ4_XS, Preset.Q3_K_L, Preset.Q3_K_M,
+    Preset.Q3_K_S, Preset.Q2_K,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Candidate:
+    config: Config
+    source: Source
+    prov: Provenance = Provenance()
+    label: str = ""
+
+
+@dataclass
+class SeedReport:
+    measured: list[Record] = field(default_factory=list)
+    failed: list[Record] = field(default_factory=list)
+    same_file: list[tuple[str, str]] = field(default_factory=list)  # (config, the config/record it duplicates)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (config, reason it cannot apply here)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "measured": [r["config"] for r in self.measured],
+            "failed": [{"config": r["config"], "reason": r["status_reason"]} for r in self.failed],
+            "same_file": [{"config": c, "as": other} for c, other in self.same_file],
+            "skipped": [{"config": c, "reason": why} for c, why in self.skipped],
+            "notes": self.notes,
+        }
+
+
+def config_candidates(configs: list[Config], source: Source) -> list[Candidate]:
+    return [Candidate(c, source) for c in configs]
+
+
+def preset_candidates(presets=SEED_PRESETS) -> list[Candidate]:
+    return [Candidate(Config.from_preset(p), Source.preset, label=p.value) for p in presets]
+
+
+def recipe_candidates(recipes: list[Recipe]) -> list[Candidate]:
+    return [Candidate(r.config, Source.recipe, Provenance(str(r.file), r.url, r.author), r.file.name) for r in recipes]
+
+
+def gguf_candidates(ggufs: list[GGUFConfig]) -> list[Candidate]:
+    out = []
+    for g in ggufs:
+        author = g.model.header.get("general.organization") or g.model.header.get("general.author")
+        out.append(Candidate(g.config, Source.community, Provenance(str(g.model.path), None, author), g.model.path.name))
+    return out
+
+
+def summarize(name: str, notes: list[str]) -> list[str]:
+    """One line per candidate: what adapting it to this model dropped or moved."""
+    dropped = [n for n in notes if " dropped " in n]
+    moved = [n for n in notes if " dropped " not in n]
+    out = [f"{name}: {m}" for m in moved]
+    if dropped:
+        first = dropped[0].split(" dropped ")[0]
+        out.append(f"{name}: {len(dropped)} pattern(s)/group(s) match nothing here and were dropped (e.g. {first})")
+    return out
+
+
+def seed(
+    engine: Engine,
+    store: Store,
+    candidates: list[Candidate],
+    progress: Callable[[str, int, int], None] | None = None,
+    say: Callable[[str], None] | None = None,
+    keep_vectors: bool = True,
+) -> SeedReport:
+    """Measure every candidate not yet in ``store`` for this (model, corpus, slice, build).
+
+    ``keep_vectors=False`` stores no per-token vectors (a dataset meant for git stays small)."""
+    progress = progress or (lambda *a: None)
+    say = say or (lambda s: None)
+    ident = identify(engine.model)
+    spec = engine.spec
+    report = SeedReport()
+    engine.base_logprobs(spec)  # a corpus problem shows before any work
+    planned: dict[str, str] = {}  # record key → config that claims it in this run
+    for i, cand in enumerate(candidates):
+        progress("seed", i, len(candidates))
+        cfg, notes = adapt(cand.config, engine.model)
+        name = cand.label or cfg.key
+        report.notes += summarize(name, notes)
+        try:
+            types = engine.resolve(cfg)
+        except MqError as e:
+            report.skipped.append((name, e.message))
+            say(f"skip {name}: {e.message}")
+            continue
+        key = record_key(ident.model_id, engine.corpus.id, spec.ctx, spec.n_batch, spec.chunk_offset,
+                         spec.n_chunks, types_key(engine.model, types), engine.build_id(), None)  # fmt: skip
+        stored = {r.key: r for r in store.records()}  # re-read: another process may have added it
+        if key in planned or key in stored:
+            other = planned.get(key) or stored[key]["config"]
+            report.same_file.append((name, other))
+            say(f"{name}: the same file as {other if len(other) < 70 else other[:69] + '…'} (already measured)")
+            continue
+        planned[key] = name
+        say(f"[{i + 1}/{len(candidates)}] {name}")
+        try:
+            m = engine.measure(cfg)
+        except LlamaError as e:
+            rec = failed(engine, ident, cfg, types, spec, cand.source, e.message, cand.prov)
+            store.append([rec])
+            report.failed.append(rec)
+            continue
+        pt = store.attach_vector(key, m.per_token_path) if m.per_token_path and keep_vectors else None
+        rec = from_measurement(engine, ident, m, spec, cand.source, cand.prov, per_token_path=pt)
+        assert rec.key == key, (rec.key, key)
+        store.append([rec])
+        report.measured.append(rec)
+    progress("seed", len(candidates), len(candidates))
+    return report
