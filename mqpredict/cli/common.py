@@ -22,7 +22,7 @@ from mqpredict.util.paths import DEFAULT_CORPUS
 
 # results (tables); JSON goes through emit_json. Piped output gets a wide console, not rich's 80 columns.
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True)  # progress, notes, warnings, errors
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)  # progress, notes, warnings, errors
 
 
 class State:

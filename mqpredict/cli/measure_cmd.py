@@ -59,31 +59,42 @@ def run_measurements(engine, configs, files, keep: Path | None, progress) -> lis
     return rows
 
 
+def is_plain_preset(config_key: str) -> bool:
+    """``preset=Q4_K_M`` exactly: a llama.cpp preset as shipped (with overrides it is a hybrid)."""
+    return re.fullmatch(r"preset=[A-Z0-9_]+", config_key) is not None
+
+
+def short(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
 def print_table(rows: list[dict], title: str | None = None, line: bool = False) -> None:
     """The measurements as a table; with ``line``, each row's position against the presets' line."""
     from mqpredict.search.line import Line, Point, position
 
     pts = {r["config"]: Point(r["bpw"], r["kld_mean"], r["config"].removeprefix("preset=")) for r in rows}
-    presets = [pts[r["config"]] for r in rows if r["config"].startswith("preset=")]
+    presets = [pts[r["config"]] for r in rows if is_plain_preset(r["config"])]
     the_line = Line.from_presets(presets)
     hull = {p.name for p in the_line.hull}
     t = Table(title=title, show_edge=False)
-    cols = ("config", "size MB", "bpw", "KLD mean ± err", "median", "p99", "same top", "PPL", "s")
+    timed = any(r.get("seconds_eval") is not None for r in rows)
+    cols = ("config", "size MB", "bpw", "KLD mean ± err", "median", "p99", "same top", "PPL") + (("s",) if timed else ())
     for c in cols + (("vs presets",) if line else ()):
         t.add_column(c, justify="left" if c in ("config", "vs presets") else "right", no_wrap=c == "config")
     for r in rows:
         p = pts[r["config"]]
-        extra = ("on the line" if p.name in hull else position(p, the_line, presets),) if line else ()
+        on = is_plain_preset(r["config"]) and p.name in hull
+        extra = ("on the line" if on else position(p, the_line, presets),) if line else ()
         t.add_row(
-            r["config"],
+            r.get("label") or short(r["config"]),
             fmt_mb(r["size_bytes"]),
             f"{r['bpw']:.3f}",
             f"{r['kld_mean']:.5f} ± {r['kld_mean_err']:.5f}",
             f"{r['kld_median']:.5f}",
             f"{r['kld_p99']:.4f}",
             f"{100 * r['same_top_p']:.2f}%",
-            f"{r['ppl']:.3f}",
-            f"{r['seconds_eval']:.1f}",
+            f"{r['ppl']:.3f}" if r.get("ppl") is not None else "",
+            *((f"{r['seconds_eval']:.1f}",) if timed else ()),
             *extra,
         )
     out.print(t)
