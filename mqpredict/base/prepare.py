@@ -21,7 +21,8 @@ from gguf.constants import LlamaFileType
 from mqpredict.base.dither import restore
 from mqpredict.errors import InputError
 from mqpredict.quant.header import read_header
-from mqpredict.quant.model import KEY_ORIGIN, KEY_SEED, KEY_SOURCE, KEY_SOURCE_SHA
+from mqpredict.quant.model import KEY_FAMILY, KEY_ORIGIN, KEY_SEED, KEY_SOURCE, KEY_SOURCE_SHA, ModelInfo
+from mqpredict.records.identity import family_name
 from mqpredict.quant.types import T, is_quantized
 from mqpredict.util.ggufwrite import FileRange, TensorOut, copied_kvs, kv_str, kv_u32, write_gguf
 from mqpredict.util.hashing import file_sha256
@@ -48,7 +49,7 @@ def prepare_base(
         raise InputError(f"{src} holds no quantized or 16-bit tensors", "it is already an F32 base; use it directly")
     mix = Counter(t.qtype.name for t in quantized if is_quantized(t.qtype))
     origin = f"{restore_mode.value}:" + "+".join(name for name, _ in mix.most_common()) if mix else "upcast:F16"
-    skip = {"general.file_type", KEY_ORIGIN, KEY_SOURCE, KEY_SOURCE_SHA, KEY_SEED}
+    skip = {"general.file_type", KEY_ORIGIN, KEY_SOURCE, KEY_SOURCE_SHA, KEY_SEED, KEY_FAMILY}
     skip |= {k for k in hdr.kvs if k.startswith("quantize.imatrix.")}
     kvs = copied_kvs(hdr, skip) + [
         kv_u32("general.file_type", int(LlamaFileType.ALL_F32)),
@@ -56,6 +57,7 @@ def prepare_base(
         kv_str(KEY_SOURCE, source_label or src.name),
         kv_str(KEY_SOURCE_SHA, file_sha256(src)),
         kv_u32(KEY_SEED, seed),
+        kv_str(KEY_FAMILY, family_name(ModelInfo(hdr))),
     ]
     raw = np.memmap(src, dtype=np.uint8, mode="r")
     done = [0]
