@@ -54,3 +54,42 @@ def test_engines_agree_and_dither_orders_types(smollm2):
     assert ma["Q4_K_M"].kld_mean == pytest.approx(mb.kld_mean, rel=0.01)
     assert abs(ma["Q4_K_M"].same_top_p - mb.same_top_p) <= 0.005
     assert ma["Q8_0"].kld_mean < ma["Q4_K_M"].kld_mean < ma["Q4_1"].kld_mean  # as on a true F16 model
+
+
+def test_seed_smollm2_gives_records_and_the_line(smollm2, tmp_path):
+    import json
+
+    from tests.conftest import mq
+
+    p = mq("seed", "smollm2", "--store", tmp_path / "s", "--ctx", "512", "--tokens", "512", "--json", timeout=900)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    recs = doc["records"]
+    assert len(doc["measured"]) + len(doc["same_file"]) == 16
+    assert len(recs) == len(doc["measured"]) and all(r["base_origin"] == "dither:Q4_1+Q8_0" for r in recs)
+    # the 576-wide model makes some presets the same file (e.g. Q5_K_S and Q5_1 differ only in ffn_down)
+    from mqpredict.search.line import Line, Point
+
+    line = Line.from_presets(Point(r["bpw"], r["kld_mean"], r["config"]) for r in recs)
+    hull = line.hull
+    assert len(hull) >= 3 and hull[-1].name == "preset=Q8_0"
+    assert all(a.bpw < b.bpw and a.kld > b.kld for a, b in zip(hull, hull[1:]))  # smaller files, more KLD
+
+
+def test_from_gguf_on_the_gemma_package_file(tmp_path):
+    """A real third-party quantization (Gemma 3 270M Q4_K_M, from its chunk packages): its config,
+    rebuilt on the restored base, gives the same type on every tensor; the bytes differ because the
+    base is a dithered restore, not Google's original weights — reported, not hidden."""
+    import json
+
+    from mqpredict.base.embedded import EMBEDDED
+    from tests.conftest import mq
+
+    src = EMBEDDED["gemma3-270m"].source()
+    p = mq("data", "from-gguf", src, "--check", "gemma3-270m", "--json", timeout=900)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)[0]
+    assert doc["architecture"] == "gemma3" and doc["tied_embeddings"]
+    assert doc["fractions"]["ffn_down"] == {"Q4_K": 0.5, "Q6_K": 0.5}
+    assert doc["check"]["types_match"] and not doc["check"]["bytes_match"]
+    assert "mqpredict.base.origin" in doc["check"]["header_differ"]
