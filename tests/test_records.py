@@ -410,3 +410,11 @@ def test_llama_failure_becomes_a_failed_record(tiny, corpus, tmp_path):
     assert by["preset=Q8_0"]["status"] == "ok"
     assert by["preset=Q2_K"]["status"] == "failed" and "boom" in by["preset=Q2_K"]["status_reason"]
     assert len(rep.failed) == 1
+
+
+def test_every_column_is_documented():
+    from mqpredict.records.schema import COLUMNS
+    from mqpredict.util.paths import DATASETS
+
+    doc = (DATASETS / "README.md").read_text()
+    assert all(f"| `{c.name}` |" in doc for c in COLUMNS)
