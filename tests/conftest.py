@@ -22,6 +22,8 @@ def _cache(tmp_path_factory):
     old = os.environ.get("MQPREDICT_CACHE")
     os.environ["MQPREDICT_CACHE"] = str(d)
     os.environ["MQPREDICT_NO_PROGRESS"] = "1"
+    # tests never write into the project's own MLflow store
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{d / 'mlflow.db'}"
     yield d
     if old is None:
         os.environ.pop("MQPREDICT_CACHE", None)

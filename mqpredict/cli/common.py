@@ -80,6 +80,29 @@ QuantizedBaseOpt = Annotated[
     ),
 ]
 
+TrackingUriOpt = Annotated[
+    str | None,
+    typer.Option("--tracking-uri", help="MLflow tracking URI (a team server); default $MLFLOW_TRACKING_URI, else "
+                 "the project's experiments/mlflow.db."),  # fmt: skip
+]
+ExperimentOpt = Annotated[
+    str | None, typer.Option("--experiment", help="MLflow experiment (default: one per base model).")
+]
+NoTrackOpt = Annotated[bool, typer.Option("--no-track", help="Do not log to MLflow.")]
+
+
+def make_tracker(no_track: bool, uri: str | None, experiment: str | None):
+    from mqpredict.tracking import make_tracker as mk
+
+    def warn(msg, *_, **__):
+        err.print(f"[yellow]warning:[/] {msg}", highlight=False)
+
+    t = mk(not no_track, uri, experiment)
+    if t.enabled:
+        t.warn = warn
+    return t
+
+
 DEFAULTS = {"corpus": DEFAULT_CORPUS, "ctx": DEFAULT_CTX, "tokens": DEFAULT_TOKENS}
 
 

@@ -9,8 +9,9 @@ import typer
 from rich.table import Table
 
 from mqpredict.cli.common import (
-    DEFAULTS, CorpusOpt, CtxOpt, EngineName, EngineOpt, JsonOpt, LlamaBinOpt, QuantizedBaseOpt, ThreadsOpt,
-    TokensOpt, ToolsKLDOpt, base_notes, emit_json, err, make_engine, out, progress_bar, spec_from,
+    DEFAULTS, CorpusOpt, CtxOpt, EngineName, EngineOpt, ExperimentOpt, JsonOpt, LlamaBinOpt, NoTrackOpt,
+    QuantizedBaseOpt, ThreadsOpt, TokensOpt, ToolsKLDOpt, TrackingUriOpt, base_notes, emit_json, err, make_engine,
+    make_tracker, out, progress_bar, spec_from,
 )  # fmt: skip
 from mqpredict.cli.model_cmds import BaseArg, _base
 from mqpredict.errors import InputError
@@ -177,6 +178,9 @@ def seed(
     threads: ThreadsOpt = 0,
     fmt: FormatOpt = None,
     allow_quantized_base: QuantizedBaseOpt = False,
+    tracking_uri: TrackingUriOpt = None,
+    experiment: ExperimentOpt = None,
+    no_track: NoTrackOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Measure the configs people already use on a base and keep them as records.
@@ -205,8 +209,10 @@ def seed(
     with progress_bar(not json) as progress:
         path = _base(base, progress)
         eng = make_engine(path, corpus, spec, engine, llama_bin, threads, allow_quantized_base, progress, tools_kld)
+        tracker = make_tracker(no_track, tracking_uri, experiment)
         with eng:
-            rep = seeding.seed(eng, st, cands, progress, None if json else lambda s: err.print(s, highlight=False))
+            rep = seeding.seed(eng, st, cands, progress, None if json else lambda s: err.print(s, highlight=False),
+                               tracker=tracker)  # fmt: skip
             model_id = None
             if rep.measured or rep.same_file or rep.failed:
                 from mqpredict.records.identity import identify

@@ -20,14 +20,18 @@ from mqpredict.cli.common import (
     LlamaBinOpt,
     OffsetOpt,
     QuantizedBaseOpt,
+    ExperimentOpt,
+    NoTrackOpt,
     ThreadsOpt,
     TokensOpt,
     ToolsKLDOpt,
+    TrackingUriOpt,
     base_notes,
     emit_json,
     err,
     fmt_mb,
     make_engine,
+    make_tracker,
     out,
     progress_bar,
     spec_from,
@@ -43,18 +47,34 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name)[:120]
 
 
-def run_measurements(engine, configs, files, keep: Path | None, progress) -> list[dict]:
+def run_measurements(engine, configs, files, keep: Path | None, progress, tracker=None, kind: str = "measure") -> list[dict]:
+    """Measure configs and ready GGUFs; each measurement becomes an MLflow run under one parent run."""
+    from mqpredict.records.convert import from_measurement
+    from mqpredict.records.identity import identify
+    from mqpredict.records.schema import Source
+    from mqpredict.tracking import Tracker
+
+    tracker = tracker or Tracker()
+    ident = identify(engine.model) if tracker.enabled else None
     rows = []
     total = len(configs) + len(files)
-    for i, c in enumerate(configs):
-        progress("configs", i, total)
-        err.print(f"[{i + 1}/{total}] {c.key}", highlight=False)
-        dest = keep / f"{_safe(c.key)}.gguf" if keep else None
-        rows.append(engine.measure(c, keep=dest).to_json())
-    for j, f in enumerate(files):
-        progress("configs", len(configs) + j, total)
-        err.print(f"[{len(configs) + j + 1}/{total}] {f}", highlight=False)
-        rows.append(engine.measure_file(f).to_json())
+    params = {"corpus": engine.corpus.id, "ctx": engine.spec.ctx, "n_chunks": engine.spec.n_chunks,
+              "engine": engine.name, "llama_version": engine.version()}  # fmt: skip
+    with tracker.parent(kind, ident.columns() if ident else {}, params):
+        for i, item in enumerate([*configs, *files]):
+            progress("configs", i, total)
+            is_file = i >= len(configs)
+            err.print(f"[{i + 1}/{total}] {item if is_file else item.key}", highlight=False)
+            if is_file:
+                m = engine.measure_file(item)
+            else:
+                m = engine.measure(item, keep=keep / f"{_safe(item.key)}.gguf" if keep else None)
+            row = m.to_json()
+            if ident is not None:
+                source = Source.community if is_file else (Source.preset if item.is_preset and not item.groups
+                                                           and not item.tensors else Source.hybrid)  # fmt: skip
+                row["mlflow_run_id"] = tracker.log_record(from_measurement(engine, ident, m, engine.spec, source), i)
+            rows.append(row)
     progress("configs", total, total)
     return rows
 
@@ -117,6 +137,9 @@ def measure(
     threads: ThreadsOpt = 0,
     keep: Annotated[Path | None, typer.Option("--keep", help="Keep the built GGUFs in this folder.")] = None,
     allow_quantized_base: QuantizedBaseOpt = False,
+    tracking_uri: TrackingUriOpt = None,
+    experiment: ExperimentOpt = None,
+    no_track: NoTrackOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Measure configs for real with llama.cpp: exact size + KLD statistics against the base, one row per config.
@@ -139,7 +162,7 @@ def measure(
         path = _base(base, progress)
         eng = make_engine(path, corpus, spec, engine, llama_bin, threads, allow_quantized_base, progress, tools_kld)
         with eng:
-            rows = run_measurements(eng, configs, files, keep, progress)
+            rows = run_measurements(eng, configs, files, keep, progress, make_tracker(no_track, tracking_uri, experiment))
     if json:
         emit_json(rows)
     else:
@@ -153,6 +176,9 @@ def measure(
 def demo(
     engine: EngineOpt = EngineName.inprocess,
     threads: ThreadsOpt = 0,
+    tracking_uri: TrackingUriOpt = None,
+    experiment: ExperimentOpt = None,
+    no_track: NoTrackOpt = False,
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write measurements.json.")] = Path("out/demo"),
     json: JsonOpt = False,
 ) -> None:
@@ -176,7 +202,8 @@ def demo(
         path = _base("smollm2", progress)
         eng = make_engine(path, DEFAULT_CORPUS, spec, engine, None, threads, False, progress)
         with eng:
-            rows = run_measurements(eng, configs, [], None, progress)
+            rows = run_measurements(eng, configs, [], None, progress, make_tracker(no_track, tracking_uri, experiment),
+                                    kind="demo")  # fmt: skip
     rows.sort(key=lambda r: r["size_bytes"])
     atomic_write_text(out_dir / "measurements.json", js.dumps(rows, indent=2) + "\n")
     if json:

@@ -22,6 +22,7 @@ from mqpredict.records.identity import identify
 from mqpredict.records.ingest import GGUFConfig, Recipe, adapt
 from mqpredict.records.schema import Record, Source, record_key
 from mqpredict.records.store import Store
+from mqpredict.tracking import Tracker
 
 #: the presets every seed measures (the ones people publish), high to low
 SEED_PRESETS: tuple[Preset, ...] = (
@@ -95,16 +96,28 @@ def seed(
     progress: Callable[[str, int, int], None] | None = None,
     say: Callable[[str], None] | None = None,
     keep_vectors: bool = True,
+    tracker: Tracker | None = None,
 ) -> SeedReport:
     """Measure every candidate not yet in ``store`` for this (model, corpus, slice, build).
 
     ``keep_vectors=False`` stores no per-token vectors (a dataset meant for git stays small)."""
     progress = progress or (lambda *a: None)
     say = say or (lambda s: None)
+    tracker = tracker or Tracker()
     ident = identify(engine.model)
     spec = engine.spec
     report = SeedReport()
     engine.base_logprobs(spec)  # a corpus problem shows before any work
+    params = {"corpus": engine.corpus.id, "ctx": spec.ctx, "n_chunks": spec.n_chunks, "chunk_offset": spec.chunk_offset,
+              "engine": engine.name, "llama_version": engine.version(), "candidates": len(candidates)}  # fmt: skip
+    with tracker.parent("seed", ident.columns(), params):
+        _seed(engine, store, candidates, progress, say, keep_vectors, tracker, ident, spec, report)
+        tracker.log_metrics({"measured": len(report.measured), "failed": len(report.failed),
+                             "same_file": len(report.same_file), "skipped": len(report.skipped)})  # fmt: skip
+    return report
+
+
+def _seed(engine, store, candidates, progress, say, keep_vectors, tracker, ident, spec, report) -> None:
     planned: dict[str, str] = {}  # record key → config that claims it in this run
     for i, cand in enumerate(candidates):
         progress("seed", i, len(candidates))
@@ -131,13 +144,13 @@ def seed(
             m = engine.measure(cfg)
         except LlamaError as e:
             rec = failed(engine, ident, cfg, types, spec, cand.source, e.message, cand.prov)
-            store.append([rec])
+            store.append([rec.replace(mlflow_run_id=tracker.log_record(rec, i))])
             report.failed.append(rec)
             continue
         pt = store.attach_vector(key, m.per_token_path) if m.per_token_path and keep_vectors else None
         rec = from_measurement(engine, ident, m, spec, cand.source, cand.prov, per_token_path=pt)
         assert rec.key == key, (rec.key, key)
+        rec = rec.replace(mlflow_run_id=tracker.log_record(rec, i))
         store.append([rec])
         report.measured.append(rec)
     progress("seed", len(candidates), len(candidates))
-    return report

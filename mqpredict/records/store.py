@@ -224,6 +224,20 @@ class Store:
             raise StoreError(f"{self.root} has been locked by another writer for {LOCK_TIMEOUT:.0f} s",
                              f"wait for it, or remove {self.root / '.lock'} if no mqpredict process is running") from None  # fmt: skip
 
+    def set_run_ids(self, run_ids: dict[str, str]) -> int:
+        """Record MLflow run ids (a volatile field: no conflict) for records already stored."""
+        with self.lock.acquire(timeout=LOCK_TIMEOUT):
+            recs = self.records()
+            n = 0
+            for i, r in enumerate(recs):
+                rid = run_ids.get(r.key)
+                if rid and r["mlflow_run_id"] != rid:
+                    recs[i] = r.replace(mlflow_run_id=rid)
+                    n += 1
+            if n:
+                self._write(recs)
+            return n
+
     def attach_vector(self, key: str, kld_npy: str | os.PathLike) -> str:
         """Copy a per-token vector (and its .scores.npz) into the store; returns its path relative to it."""
         src = Path(kld_npy)

@@ -1,0 +1,147 @@
+"""MLflow tracking with real MLflow: the sqlite store, and a real `mlflow server` on 127.0.0.1 that is
+killed mid-seed (records still land; `track sync` logs them later, never twice)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from mqpredict.records.store import Store
+from tests.conftest import MQ, mq
+
+SMALL = ["--ctx", "128", "--tokens", "256"]
+
+
+def _runs(uri: str, experiment: str | None = None):
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    kw = {"experiment_names": [experiment]} if experiment else {"search_all_experiments": True}
+    return mlflow.search_runs(**kw)
+
+
+def test_seed_logs_parent_and_nested_runs_to_sqlite(tiny, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'ml.db'}"
+    p = mq("seed", tiny, "--store", tmp_path / "s", *SMALL, "--tracking-uri", uri, "--experiment", "exp-a", "--json")
+    assert p.returncode == 0, p.stderr
+    json.loads(p.stdout)  # stdout stays one JSON document; MLflow's own logging goes to stderr
+    runs = _runs(uri, "exp-a")
+    nested = runs[runs["tags.mlflow.parentRunId"].notna()]
+    parents = runs[runs["tags.mlflow.parentRunId"].isna()]
+    assert len(parents) == 1 and len(nested) == 16
+    assert (parents["tags.mqpredict.kind"] == "seed").all() and parents["params.model_id"].notna().all()
+    assert nested["metrics.kld_mean"].notna().all() and nested["metrics.size_bytes"].notna().all()
+    assert nested["params.config"].str.startswith("preset=").all() and "params.types.ffn_down" in nested
+    recs = {r.key: r for r in Store(tmp_path / "s").records()}
+    by_key = dict(zip(nested["tags.mqpredict.record_key"], nested["run_id"]))
+    assert by_key == {k: r["mlflow_run_id"] for k, r in recs.items()}  # the record keeps the run, the run the record
+
+
+def test_default_store_is_the_projects_and_no_track_logs_nothing(tiny, tmp_path):
+    from mqpredict.tracking import default_uri
+    from mqpredict.util.paths import PROJECT_ROOT
+
+    assert default_uri() == f"sqlite:///{PROJECT_ROOT / 'experiments' / 'mlflow.db'}"
+    uri = f"sqlite:///{tmp_path / 'none.db'}"
+    p = mq("measure", tiny, "-c", "Q8_0", *SMALL, "--no-track", "--tracking-uri", uri, "--json")
+    assert p.returncode == 0 and not (tmp_path / "none.db").exists()
+    p = mq("measure", tiny, "-c", "Q8_0", *SMALL, "--tracking-uri", uri, "--experiment", "m", "--json")
+    assert json.loads(p.stdout)[0]["mlflow_run_id"] and len(_runs(uri, "m")) == 2  # parent + the measurement
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real `mlflow server` bound to 127.0.0.1, bounded in time, always stopped."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port, self.proc = root, _free_port(), None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 180) -> None:
+        cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+               f"sqlite:///{self.root / 'server.db'}", "--default-artifact-root", str(self.root / "art"),
+               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            try:
+                if urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200:
+                    return
+            except OSError:
+                time.sleep(0.5)
+        self.kill()
+        pytest.fail(f"mlflow server did not come up within {timeout} s")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = Server(tmp_path)
+    try:
+        yield s
+    finally:
+        s.kill()
+
+
+def test_server_killed_mid_seed_then_sync(tiny, tmp_path, server):
+    server.start()
+    store = tmp_path / "store"
+    env = dict(os.environ, MQPREDICT_NO_PROGRESS="1")
+    p = subprocess.Popen([*MQ, "seed", str(tiny), "--store", str(store), "--ctx", "128", "--tokens", "1024",
+                          "--tracking-uri", server.uri, "--experiment", "team"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    t0 = time.time()
+    while time.time() - t0 < 300:  # wait until some measurements are logged to the server
+        if (store / "records.csv").exists() and sum(bool(r["mlflow_run_id"]) for r in Store(store).records()) >= 2:
+            break
+        time.sleep(0.1)
+    server.kill()  # the tracking server dies mid-campaign
+    _, errs = p.communicate(timeout=600)
+    assert p.returncode == 0, errs
+    assert "warning" in errs.lower() and "track sync" in errs
+    recs = Store(store).records()
+    assert len(recs) == 16  # every measurement landed in the records store
+    missing = [r for r in recs if not r["mlflow_run_id"]]
+    assert 0 < len(missing) < 16
+
+    server.start()  # back up, same backend store
+    synced = mq("track", "sync", "--store", store, "--tracking-uri", server.uri, "--experiment", "team", "--json")
+    assert synced.returncode == 0, synced.stderr
+    doc = json.loads(synced.stdout)
+    assert doc["missing"] == len(missing) and doc["logged"] + doc["already_logged"] == len(missing)
+    again = json.loads(mq("track", "sync", "--store", store, "--tracking-uri", server.uri, "--experiment", "team",
+                          "--json").stdout)  # fmt: skip
+    assert again["missing"] == 0
+    runs = _runs(server.uri, "team")
+    keys = runs["tags.mqpredict.record_key"].dropna()
+    assert len(keys) == 16 and keys.is_unique  # every record once in MLflow, none twice
+    assert all(r["mlflow_run_id"] for r in Store(store).records())
+
+
+def test_sync_against_a_dead_server_fails_cleanly(tiny, tmp_path):
+    store = tmp_path / "s"
+    mq("seed", tiny, "--store", store, *SMALL, "--no-track", check=True)
+    p = mq("track", "sync", "--store", store, "--tracking-uri", f"http://127.0.0.1:{_free_port()}", timeout=300)
+    assert p.returncode != 0 and "not reachable" in p.stderr and "Traceback" not in p.stderr
+    assert not any(r["mlflow_run_id"] for r in Store(store).records())
