@@ -26,17 +26,20 @@ from mqpredict.llama.inprocess import InProcessEngine
 from mqpredict.measure.corpus import EvalSpec
 from mqpredict.quant.model import ModelInfo
 from mqpredict.records import seed as seeding
+from mqpredict.records.identity import identify
 from mqpredict.records.ingest import load_recipes
 from mqpredict.records.schema import Source
 from mqpredict.records.store import Store
 from mqpredict.search.space import CandidateSpace
+from mqpredict.surrogate.weight_error import error_table
 from mqpredict.util.paths import DATASETS, DEFAULT_CORPUS, cache_dir
 
 SPEC = EvalSpec(ctx=512, n_chunks=8)
+TABLES = DATASETS / "weight_errors"
 REAL = {  # name: (hybrids on the full model, truncations kept blocks, hybrids per truncation)
-    "smollm2": (200, (8, 15), 60),
-    "gemma3-270m": (200, (5, 9), 60),
-    "qwen2.5-0.5b": (200, (6, 12), 60),
+    "smollm2": (150, (8, 15), 40),
+    "gemma3-270m": (150, (5, 9), 40),
+    "qwen2.5-0.5b": (120, (6, 12), 40),
 }
 SYNTHETIC = [  # (shape, seeds, hybrids)
     (TinyShape(256, 768, 4), (0, 1), 60),
@@ -50,7 +53,17 @@ def say(msg: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
 
 
+def table(path: Path) -> None:
+    """The model's weight-error table, shipped in datasets/weight_errors/ (the surrogate's features)."""
+    with InProcessEngine(path, None, SPEC) as eng:
+        mid = identify(eng.model).model_id
+        out = TABLES / f"{mid}.json"
+        if not out.exists():
+            error_table(eng, mid).save(out)
+
+
 def run_model(path: Path, store: Store, hybrids: int, seed: int) -> None:
+    table(path)
     model = ModelInfo.load(path)
     space = CandidateSpace(model)
     recipes, _ = load_recipes(DATASETS / "recipes")
@@ -68,7 +81,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--store", default=str(DATASETS / "records"))
     ap.add_argument("--only", nargs="*", help="model names (smollm2, gemma3-270m, qwen2.5-0.5b, synthetic)")
+    ap.add_argument("--tables-only", action="store_true", help="only (re)compute missing weight-error tables")
     a = ap.parse_args()
+    if a.tables_only:
+        for p in sorted((cache_dir() / "synthetic").glob("*.gguf")) + sorted((cache_dir() / "bases").glob("*.gguf")):
+            table(p)
+        return
     store = Store(a.store)
     want = set(a.only or ["synthetic", *REAL])
     if "synthetic" in want:
@@ -78,16 +96,16 @@ def main() -> None:
                 if not p.exists():
                     write_test_model(p, s, shape)
                 run_model(p, store, n, s)
-    for name, (n, truncs, n_trunc) in REAL.items():
-        if name not in want:
-            continue
+    real = [name for name in REAL if name in want]
+    for name in real:  # every family first (what leave-one-family-out needs most), then the truncations
+        run_model(prepare_embedded(name), store, REAL[name][0], 0)
+    for name in real:
         base = prepare_embedded(name)
-        run_model(base, store, n, 0)
-        for k in truncs:
+        for k in REAL[name][1]:
             p = cache_dir() / "bases" / f"{name}-first{k}.gguf"
             if not p.exists():
                 truncate(base, p, k)
-            run_model(p, store, n_trunc, k)
+            run_model(p, store, REAL[name][2], k)
     say("done")
 
 

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from mqpredict import __version__
-from mqpredict.cli import base_cmd, bench_cmd, data_cmd, measure_cmd, model_cmds, track_cmd
+from mqpredict.cli import base_cmd, bench_cmd, data_cmd, measure_cmd, model_cmds, surrogate_cmd, track_cmd
 from mqpredict.cli.common import State, err
 from mqpredict.errors import MqError
 
@@ -47,6 +47,7 @@ def _root(
 model_cmds.register(app)
 measure_cmd.register(app)
 app.command()(data_cmd.seed)
+surrogate_cmd.register(app)
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(track_cmd.app, name="track")
 app.add_typer(base_cmd.app, name="base")

@@ -1,0 +1,227 @@
+"""The surrogate: LightGBM boosters that predict how much a config's KLD differs from the Q8_0 reference.
+
+scikit-learn conventions: parameters in ``__init__``, ``fit`` learns, fitted state ends in ``_``.
+
+* One booster per target (``kld``, ``p99``, ``miss``; :mod:`mqpredict.surrogate.data`), trained with each
+  model weighing the same. No monotone constraints: more bits do not always mean less KLD in
+  combination, and bits do not order quality across type families.
+* **Intervals** are split-conformal on leave-one-family-out residuals: for each family, boosters trained
+  without it predict it, and the half-width is the weighted ``coverage`` quantile of the absolute
+  residuals (each held-out model weighing the same). So the interval is honest on *new* models, and its
+  coverage is what the CV table reports.
+* **Zero-shot**: a ridge regression predicts the reference's ln KLD from the model (few models: kept
+  simple); its interval is calibrated the same way, on the total (reference + delta) residuals.
+* Predictions for models or configs outside the training range are flagged.
+
+Persistence: ``<dir>/{kld,p99,miss}.txt`` (LightGBM text format) + ``metadata.json``; never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+from sklearn.base import BaseEstimator
+
+from mqpredict import __version__
+from mqpredict.errors import InputError
+from mqpredict.surrogate import features as F
+from mqpredict.surrogate.data import TARGETS, TrainingSet, model_weights
+from mqpredict.util.atomic import atomic_write_text
+
+SURROGATE_VERSION = 1
+REF_FEATURES = ("lwerr", "log_params", "vocab_share", "tied", "dithered", "log2_embd")
+RANGE_FEATURES = ("log_params", "log2_embd", "n_layers", "vocab_share", "bpw", "dlwerr")
+
+
+def _weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
+    order = np.argsort(values)
+    v, w = values[order], weights[order]
+    c = np.cumsum(w) / w.sum()
+    return float(v[min(np.searchsorted(c, q), len(v) - 1)])
+
+
+@dataclass
+class Prediction:
+    mean: np.ndarray  # predicted delta (or absolute, zero-shot) in ln space
+    lo: np.ndarray
+    hi: np.ndarray
+
+
+class Surrogate(BaseEstimator):
+    def __init__(self, n_estimators: int = 400, learning_rate: float = 0.05, num_leaves: int = 15,
+                 min_child_samples: int = 10, subsample: float = 0.8, colsample_bytree: float = 0.8,
+                 coverage: float = 0.8, ridge_alpha: float = 1.0, seed: int = 0, n_jobs: int = 2) -> None:  # fmt: skip
+        self.n_estimators = n_estimators
+        self.learning_rate = learning_rate
+        self.num_leaves = num_leaves
+        self.min_child_samples = min_child_samples
+        self.subsample = subsample
+        self.colsample_bytree = colsample_bytree
+        self.coverage = coverage
+        self.ridge_alpha = ridge_alpha
+        self.seed = seed
+        self.n_jobs = n_jobs
+
+    # ------------------------------------------------------------------------------ fit
+    def _params(self) -> dict:
+        return {
+            "objective": "regression", "learning_rate": self.learning_rate, "num_leaves": self.num_leaves,
+            "min_data_in_leaf": self.min_child_samples, "bagging_fraction": self.subsample, "bagging_freq": 1,
+            "feature_fraction": self.colsample_bytree, "seed": self.seed, "deterministic": True,
+            "num_threads": self.n_jobs, "verbosity": -1, "force_row_wise": True,
+        }  # fmt: skip
+
+    def _fit_boosters(self, X: np.ndarray, Y: np.ndarray, w: np.ndarray) -> list[lgb.Booster]:
+        return [lgb.train(self._params(), lgb.Dataset(X, Y[:, j], weight=w, feature_name=list(F.FEATURES),
+                                                      free_raw_data=False), num_boost_round=self.n_estimators)
+                for j in range(len(TARGETS))]  # fmt: skip
+
+    def _fit_ref(self, Xr: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+        idx = [F.FEATURES.index(f) for f in REF_FEATURES]
+        A = Xr[:, idx]
+        mu, sd = A.mean(0), A.std(0) + 1e-9
+        Z = np.c_[np.ones(len(A)), (A - mu) / sd]
+        reg = self.ridge_alpha * np.eye(Z.shape[1])
+        reg[0, 0] = 0
+        coef = np.linalg.solve(Z.T @ Z + reg, Z.T @ y)
+        return coef, 0.0, mu, sd
+
+    @staticmethod
+    def _ref_predict(Xr: np.ndarray, coef, mu, sd) -> np.ndarray:
+        idx = [F.FEATURES.index(f) for f in REF_FEATURES]
+        return np.c_[np.ones(len(Xr)), (Xr[:, idx] - mu) / sd] @ coef
+
+    def fit(self, data: TrainingSet) -> Surrogate:
+        if len(data.X) == 0:
+            raise InputError("no training rows", "the records need Q8_0 references and weight-error tables")
+        w = model_weights(data.rows["model_id"])
+        self.boosters_ = self._fit_boosters(data.X, data.Y, w)
+        self.ref_coef_, _, self.ref_mu_, self.ref_sd_ = self._fit_ref(data.X_ref, data.refs["ln_kld_ref"].to_numpy())
+        self.ranges_ = {f: (float(data.X[:, F.FEATURES.index(f)].min()), float(data.X[:, F.FEATURES.index(f)].max()))
+                        for f in RANGE_FEATURES}  # fmt: skip
+        self.train_models_ = sorted(set(zip(data.rows["model_id"], data.rows["family"], data.rows["model_name"])))
+        self.train_families_ = sorted(data.rows["family"].unique())
+        self.calibrate(data)
+        return self
+
+    def calibrate(self, data: TrainingSet) -> None:
+        """Leave-one-family-out residuals → conformal half-widths (``halfwidth_``, ``halfwidth_zero_``)."""
+        fams = data.families
+        if len(fams) < 2:
+            res = data.Y - self._predict_raw(data.X)
+            self.halfwidth_ = [float(np.quantile(np.abs(res[:, j]), self.coverage)) for j in range(len(TARGETS))]
+            self.halfwidth_zero_ = float("nan")
+            self.calibrated_ = False
+            return
+        res, wts, zres, zw = [], [], [], []
+        for fam in fams:
+            tr, te = (data.rows["family"] != fam).to_numpy(), (data.rows["family"] == fam).to_numpy()
+            rtr, rte = (data.refs["family"] != fam).to_numpy(), (data.refs["family"] == fam).to_numpy()
+            if not te.any() or not tr.any():
+                continue
+            bs = self._fit_boosters(data.X[tr], data.Y[tr], model_weights(data.rows["model_id"][tr]))
+            pred = np.column_stack([b.predict(data.X[te]) for b in bs])
+            res.append(np.abs(data.Y[te] - pred))
+            wts.append(model_weights(data.rows["model_id"][te]))
+            if rtr.sum() >= 2 and rte.any():
+                coef, _, mu, sd = self._fit_ref(data.X_ref[rtr], data.refs["ln_kld_ref"].to_numpy()[rtr])
+                ref_hat = dict(zip(data.refs["model_id"][rte], self._ref_predict(data.X_ref[rte], coef, mu, sd)))
+                rows = data.rows[te]
+                ref_true = np.log(rows["ref_kld"].to_numpy())
+                ref_pred = rows["model_id"].map(ref_hat).to_numpy(dtype=float)
+                zres.append(np.abs((ref_true + data.Y[te][:, 0]) - (ref_pred + pred[:, 0])))
+                zw.append(model_weights(rows["model_id"]))
+        R, W = np.vstack(res), np.concatenate(wts)
+        self.halfwidth_ = [_weighted_quantile(R[:, j], W, self.coverage) for j in range(len(TARGETS))]
+        self.halfwidth_zero_ = _weighted_quantile(np.concatenate(zres), np.concatenate(zw), self.coverage) if zres else float("nan")
+        self.calibrated_ = True
+
+    # -------------------------------------------------------------------------- predict
+    def _predict_raw(self, X: np.ndarray) -> np.ndarray:
+        return np.column_stack([b.predict(X) for b in self.boosters_])
+
+    def predict(self, X: np.ndarray) -> dict[str, Prediction]:
+        """Deltas to the reference, in ln space, with the calibrated ``coverage`` interval."""
+        raw = self._predict_raw(np.atleast_2d(X))
+        return {t: Prediction(raw[:, j], raw[:, j] - self.halfwidth_[j], raw[:, j] + self.halfwidth_[j])
+                for j, t in enumerate(TARGETS)}  # fmt: skip
+
+    def predict_reference(self, X_ref: np.ndarray) -> np.ndarray:
+        """Zero-shot: the reference's ln KLD, from the model alone."""
+        return self._ref_predict(np.atleast_2d(X_ref), self.ref_coef_, self.ref_mu_, self.ref_sd_)
+
+    def out_of_range(self, X: np.ndarray) -> list[list[str]]:
+        """Per row, the range features outside what the surrogate was trained on (±10 % of the span)."""
+        out = []
+        for x in np.atleast_2d(X):
+            bad = []
+            for f, (lo, hi) in self.ranges_.items():
+                v, pad = x[F.FEATURES.index(f)], 0.1 * (hi - lo)
+                if v < lo - pad or v > hi + pad:
+                    bad.append(f"{f}={v:.3g} outside [{lo:.3g}, {hi:.3g}]")
+            out.append(bad)
+        return out
+
+    # -------------------------------------------------------------------------- persist
+    def save(self, folder: str | os.PathLike, extra: dict | None = None) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for t, b in zip(TARGETS, self.boosters_):
+            atomic_write_text(folder / f"{t}.txt", b.model_to_string())
+        meta = {
+            "schema_version": SURROGATE_VERSION,
+            "params": self.get_params(),
+            "features": list(F.FEATURES),
+            "feature_docs": F.FEATURE_DOCS,
+            "targets": list(TARGETS),
+            "halfwidth": self.halfwidth_,
+            "halfwidth_zero": None if math.isnan(self.halfwidth_zero_) else self.halfwidth_zero_,
+            "calibrated": self.calibrated_,
+            "coverage": self.coverage,
+            "reference_model": {"features": list(REF_FEATURES), "coef": self.ref_coef_.tolist(),
+                                "mu": self.ref_mu_.tolist(), "sd": self.ref_sd_.tolist()},  # fmt: skip
+            "ranges": self.ranges_,
+            "train_models": [{"model_id": m, "family": f, "model_name": n} for m, f, n in self.train_models_],
+            "train_families": self.train_families_,
+            "versions": {"mqpredict": __version__, "lightgbm": lgb.__version__, "numpy": np.__version__,
+                         "python": platform.python_version()},  # fmt: skip
+            **(extra or {}),
+        }
+        atomic_write_text(folder / "metadata.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> tuple[Surrogate, dict]:
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / "metadata.json").read_text())
+        except (OSError, ValueError) as e:
+            raise InputError(f"{folder} is not a surrogate folder ({e})", "train one with `mqpredict train --out DIR`") from None
+        if meta.get("schema_version") != SURROGATE_VERSION or meta.get("features") != list(F.FEATURES):
+            raise InputError(
+                f"{folder} was trained with another feature set (surrogate schema {meta.get('schema_version')}, "
+                f"this mqpredict uses {SURROGATE_VERSION})",
+                "retrain it with `mqpredict train --out " + str(folder) + "`",
+            )
+        if meta["versions"]["lightgbm"].split(".")[0] != lgb.__version__.split(".")[0]:
+            raise InputError(f"{folder} was written by LightGBM {meta['versions']['lightgbm']}, this is {lgb.__version__}",
+                             "retrain it with `mqpredict train`")  # fmt: skip
+        s = cls(**meta["params"])
+        s.boosters_ = [lgb.Booster(model_file=str(folder / f"{t}.txt")) for t in TARGETS]
+        s.halfwidth_ = meta["halfwidth"]
+        hz = meta.get("halfwidth_zero")
+        s.halfwidth_zero_ = float("nan") if hz is None else hz
+        s.calibrated_ = meta["calibrated"]
+        rm = meta["reference_model"]
+        s.ref_coef_, s.ref_mu_, s.ref_sd_ = (np.array(rm[k]) for k in ("coef", "mu", "sd"))
+        s.ranges_ = {k: tuple(v) for k, v in meta["ranges"].items()}
+        s.train_models_ = [(m["model_id"], m["family"], m["model_name"]) for m in meta["train_models"]]
+        s.train_families_ = meta["train_families"]
+        return s, meta
