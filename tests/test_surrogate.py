@@ -1,0 +1,168 @@
+"""Surrogate: weight errors, features, training, honest intervals, persistence, family exclusion, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mqpredict.base.testmodel import TinyShape, write_test_model
+from mqpredict.llama.inprocess import InProcessEngine
+from mqpredict.measure.corpus import EvalSpec
+from mqpredict.quant.model import ModelInfo
+from mqpredict.records.identity import identify
+from mqpredict.records.schema import Source
+from mqpredict.records.store import Store
+from mqpredict.surrogate import features as F
+from mqpredict.surrogate.data import build, load_tables
+from mqpredict.surrogate.model import Surrogate
+from mqpredict.surrogate.weight_error import ErrorTable, error_table
+from tests.conftest import mq
+
+SPEC = EvalSpec(ctx=128, n_chunks=2)
+SHAPES = {"a0": (TinyShape(256, 768, 4), 0), "a1": (TinyShape(256, 768, 4), 1), "b0": (TinyShape(576, 1536, 2, tied=True), 0)}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, corpus):
+    """Three tiny models in two families (256-wide ×2 seeds, 576-wide tied), really measured:
+    presets, probes and 25 hybrids each, with their weight-error tables."""
+    from mqpredict.records import seed as seeding
+    from mqpredict.search.space import CandidateSpace
+
+    root = tmp_path_factory.mktemp("ds")
+    store, tables = Store(root / "records"), root / "tables"
+    paths = {}
+    for name, (shape, s) in SHAPES.items():
+        p = write_test_model(root / f"{name}.gguf", s, shape)
+        paths[name] = p
+        space = CandidateSpace(ModelInfo.load(p))
+        cands = seeding.preset_candidates()
+        cands += seeding.config_candidates(list(space.probes()), Source.probe)
+        cands += seeding.config_candidates(space.sample(25, np.random.default_rng(s)), Source.hybrid)
+        with InProcessEngine(p, corpus, SPEC, threads=2) as eng:
+            error_table(eng, identify(eng.model).model_id).save(tables / f"{identify(eng.model).model_id}.json")
+            seeding.seed(eng, store, cands, keep_vectors=False)
+    return {"store": store.root, "tables": tables, "paths": paths}
+
+
+def test_weight_errors_order_types(tiny):
+    with InProcessEngine(tiny, None, SPEC, threads=2) as eng:
+        t = error_table(eng, "tiny")
+    e = t.errors["ffn_down"]
+    assert e["F16"] < 1e-6 < e["Q8_0"] < e["Q6_K"] < e["Q5_K"] < e["Q4_K"] < e["Q3_K"] < e["Q2_K"]
+    assert sum(t.shares.values()) < 1 and t.shares["ffn_down"] == pytest.approx(786432 / 3410176)
+    assert ErrorTable.from_json(json.loads(json.dumps(t.to_json()))) == t
+
+
+def test_every_feature_is_documented_and_tied_models_line_up(dataset):
+    assert set(F.FEATURE_DOCS) == set(F.FEATURES) and all(F.FEATURE_DOCS.values())
+    data = build(Store(dataset["store"]).load(), load_tables(dataset["tables"]))
+    assert data.X.shape[1] == len(F.FEATURES) and np.isfinite(data.X).all()
+    tied = data.rows["family"] == "synthetic-tiny-576"
+    out, emb = F.FEATURES.index("lerr_out"), F.FEATURES.index("lerr_emb")
+    assert np.allclose(data.X[tied.to_numpy(), out], data.X[tied.to_numpy(), emb])  # one tensor, both jobs
+    assert (data.X[(~tied).to_numpy(), F.FEATURES.index("share_out")] > 0).all()
+
+
+def test_fit_predict_and_round_trip(dataset, tmp_path):
+    data = build(Store(dataset["store"]).load(), load_tables(dataset["tables"]))
+    s = Surrogate(n_estimators=80).fit(data)
+    p = s.predict(data.X)["kld"]
+    assert np.corrcoef(p.mean, data.Y[:, 0])[0, 1] > 0.9  # learns the training data
+    assert (p.lo <= p.mean).all() and (p.mean <= p.hi).all() and s.calibrated_
+    s.save(tmp_path / "m")
+    files = sorted(f.name for f in (tmp_path / "m").iterdir())
+    assert files == ["kld.txt", "metadata.json", "miss.txt", "p99.txt"]  # LightGBM text + JSON, no pickle
+    s2, meta = Surrogate.load(tmp_path / "m")
+    assert np.allclose(s2.predict(data.X)["kld"].mean, p.mean) and meta["train_families"] == data.families
+    again = Surrogate(n_estimators=80).fit(data)
+    assert np.array_equal(again.predict(data.X)["kld"].mean, p.mean)  # seeded: deterministic
+
+
+def test_incompatible_surrogate_is_refused(dataset, tmp_path):
+    from mqpredict.errors import InputError
+
+    s = Surrogate(n_estimators=20).fit(build(Store(dataset["store"]).load(), load_tables(dataset["tables"])))
+    s.save(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "metadata.json").read_text())
+    meta["features"] = meta["features"][:-1]
+    (tmp_path / "m" / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="retrain"):
+        Surrogate.load(tmp_path / "m")
+    with pytest.raises(InputError, match="not a surrogate folder"):
+        Surrogate.load(tmp_path)
+
+
+def test_out_of_range_is_flagged(dataset):
+    data = build(Store(dataset["store"]).load(), load_tables(dataset["tables"]))
+    s = Surrogate(n_estimators=20).fit(data)
+    x = data.X[:1].copy()
+    x[0, F.FEATURES.index("log_params")] = 11.0  # a 100B model
+    assert any("log_params" in f for f in s.out_of_range(x)[0]) and s.out_of_range(data.X[:1]) == [[]]
+
+
+def test_cross_validation_against_baselines(dataset):
+    from mqpredict.surrogate.cv import METRICS, evaluate, summary
+
+    data = build(Store(dataset["store"]).load(), load_tables(dataset["tables"]))
+    table = evaluate(data, lambda: Surrogate(n_estimators=60))
+    assert set(table["method"]) == {"surrogate", "bpw", "probes", "weight_error"}
+    assert set(table["model_name"]) == {r["model_name"] for _, r in data.rows.iterrows()}
+    s = summary(table)
+    assert set(METRICS) <= set(s.columns)
+    surr = table[(table["method"] == "surrogate") & (table["mode"] == "reference")]
+    assert (surr["spearman"] > 0.5).all() and surr["coverage"].between(0, 1).all()
+    probes = table[table["method"] == "probes"]
+    assert (probes["n"] > 0).all()  # the probe baseline applies to the probe-covered configs
+
+
+def test_surrogate_never_used_on_its_own_family(dataset, tmp_path):
+    from mqpredict.surrogate.service import surrogate_for, train
+
+    s, meta = train(dataset["store"], dataset["tables"], n_estimators=20)
+    s.save(tmp_path / "m", meta)
+    ident = identify(ModelInfo.load(dataset["paths"]["a0"]))
+    assert ident.family in s.train_families_
+    s2, meta2 = surrogate_for(ident, tmp_path / "m", dataset["store"], dataset["tables"])
+    assert ident.family not in s2.train_families_ and meta2["excluded_families"] == [ident.family]
+    other = identify(write_test_model_at(tmp_path, TinyShape(384, 1024, 2)))
+    assert surrogate_for(other, tmp_path / "m", dataset["store"], dataset["tables"])[0].train_families_ == s.train_families_
+
+
+def write_test_model_at(tmp_path: Path, shape: TinyShape) -> ModelInfo:
+    return ModelInfo.load(write_test_model(tmp_path / "other.gguf", 5, shape))
+
+
+def test_train_and_predict_cli(dataset, tmp_path, corpus):
+    m = tmp_path / "surr"
+    p = mq("train", "--store", dataset["store"], "--tables", dataset["tables"], "--out", m, "--cv", "--no-track", "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["cv"] and (m / "cv.csv").exists()
+    new = write_test_model(tmp_path / "new.gguf", 7, TinyShape(384, 1024, 2))  # a family it never saw
+    rows = json.loads(mq("predict", new, "-c", "Q8_0", "-c", "Q4_K_M", "-c", "Q2_K", "--surrogate", m, "--json").stdout)
+    assert [r["config"] for r in rows] == ["preset=Q8_0", "preset=Q4_K_M", "preset=Q2_K"]
+    need = {"config", "size_bytes", "bpw", "kld_pred", "kld_lo", "kld_hi", "mode"}
+    assert all(need <= set(r) and r["mode"] == "zero-shot" and r["kld_lo"] <= r["kld_pred"] <= r["kld_hi"] for r in rows)
+    assert rows[0]["kld_pred"] < rows[1]["kld_pred"] < rows[2]["kld_pred"]
+    sized = json.loads(mq("size", new, "-c", "Q4_K_M", "--json").stdout)
+    assert rows[1]["size_bytes"] == sized["size_bytes"]
+    ref = json.loads(mq("predict", new, "-c", "Q4_K_M", "--corpus", corpus, "--ctx", "128", "--tokens", "256",
+                        "--surrogate", m, "--json").stdout)  # fmt: skip
+    assert [r["mode"] for r in ref] == ["reference", "reference"] and ref[-1]["reference"]
+    best = json.loads(mq("predict", new, "--target-bpw", "5.0", "--top", "3", "--candidates", "300", "--surrogate", m,
+                         "--json").stdout)  # fmt: skip
+    assert 1 <= len(best) <= 3 and all(r["bpw"] <= 5.0 and r["command"].startswith("llama-quantize") for r in best)
+    assert [r["kld_pred"] for r in best] == sorted(r["kld_pred"] for r in best)
+
+
+def test_nothing_is_pickled():
+    root = Path(__file__).parents[1]
+    files = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=root).stdout.split()
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".joblib"))]
+    code = "\n".join((root / f).read_text() for f in files if f.startswith("mqpredict/") and f.endswith(".py"))
+    assert "import pickle" not in code and "joblib" not in code and "allow_pickle=True" not in code
