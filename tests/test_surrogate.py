@@ -166,3 +166,33 @@ def test_nothing_is_pickled():
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".joblib"))]
     code = "\n".join((root / f).read_text() for f in files if f.startswith("mqpredict/") and f.endswith(".py"))
     assert "import pickle" not in code and "joblib" not in code and "allow_pickle=True" not in code
+
+
+@pytest.mark.parametrize("name", ["a0", "b0"])
+def test_vectorized_space_matches_the_reference_path(dataset, name):
+    """Exact sizes, effective-type dedup and features of a million-candidate screen equal the per-config path."""
+    from mqpredict.quant.derive import type_fractions
+    from mqpredict.quant.resolve import resolve, types_key
+    from mqpredict.quant.size import size_of
+    from mqpredict.search.space import CandidateSpace
+    from mqpredict.search.vectorized import Featurizer, Space
+
+    m = ModelInfo.load(dataset["paths"][name])
+    table = load_tables(dataset["tables"])[identify(m).model_id]
+    cs = CandidateSpace(m)
+    sp = Space.build(m, {g: cs.allowed(g) for g in m.groups})
+    A = sp.enumerate(20000)
+    size, bpw = sp.sizes(A)
+    keep = sp.unique(A)
+    fz = Featurizer(sp, table)
+    rng = np.random.default_rng(1)
+    keys = set()
+    for i in rng.choice(len(A), 25, replace=False):
+        types = resolve(m, sp.config(A[i]))
+        rep = size_of(m, types)
+        assert rep.size_bytes == size[i] and rep.bpw == pytest.approx(bpw[i])
+        ref = F.row(type_fractions(m, types), table, m.descriptors(), rep.bpw, fz.ref_fr)
+        assert np.allclose(fz.matrix(A[i : i + 1], bpw[i : i + 1])[0], [ref[k] for k in F.FEATURES], atol=1e-9)
+    for i in keep[:200]:
+        keys.add(types_key(m, resolve(m, sp.config(A[i]))))
+    assert len(keys) == min(200, len(keep))  # the kept candidates are distinct files

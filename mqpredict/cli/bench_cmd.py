@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -49,3 +50,53 @@ def measure(
         f"{res.setup_base_logprobs_s:.1f} s (both engines), pure-quantization cache {res.setup_pure_cache_s:.1f} s",
         highlight=False,
     )
+
+
+@app.command()
+def surrogate(
+    base: Annotated[list[str] | None, typer.Argument(help="Models to screen (default: smollm2 and a 256-wide tiny model).")] = None,
+    limit: Annotated[int, typer.Option(help="Candidates enumerated per model.")] = 1_000_000,
+    model_dir: Annotated[Path, typer.Option("--surrogate", help="The surrogate to screen with.")] = Path("models/default"),
+    threads: ThreadsOpt = 0,
+    json: JsonOpt = False,
+) -> None:
+    """Configs scored per second (enumeration, exact sizes, dedup, features, mean prediction; target 10^6 in
+    under 10 s), weight-error feature seconds per billion parameters, and the stored CV table."""
+    from mqpredict.base.testmodel import write_test_model
+    from mqpredict.bench.surrogate import screen
+    from mqpredict.surrogate.model import Surrogate
+    from mqpredict.util.paths import cache_dir
+
+    s, meta = Surrogate.load(model_dir)
+    targets = base or ["smollm2", "tiny-256"]
+    results = []
+    with progress_bar(not json) as progress:
+        for b in targets:
+            if b == "tiny-256":
+                path = cache_dir() / "bench" / "tiny-256.gguf"
+                if not path.exists():
+                    write_test_model(path, 0)
+            else:
+                path = _base(b, progress)
+            results.append(screen(path, s, limit, threads, progress).to_json())
+    if json:
+        emit_json({"screening": results, "cv_summary": meta.get("cv_summary")})
+        return
+    t = Table(title="surrogate screening (one process, 2 cores)", show_edge=False)
+    for c in ("model", "candidates", "distinct files", "enumerate+size+dedup s", "features s", "predict s", "total s",
+              "candidates/s", "weight errors s/1e9 params"):  # fmt: skip
+        t.add_column(c, justify="left" if c == "model" else "right")
+    for r in results:
+        t.add_row(r["model"], f"{r['n_candidates']:,}", f"{r['n_unique']:,}", f"{r['seconds_enumerate_size_dedup']:.2f}",
+                  f"{r['seconds_features']:.2f}", f"{r['seconds_predict']:.2f}", f"{r['seconds_total']:.2f}",
+                  f"{r['per_second']:,.0f}", f"{r['table_seconds_per_billion_params']:.0f}")  # fmt: skip
+    out.print(t)
+    if meta.get("cv_summary"):
+        c = Table(title=f"{model_dir}: leave-one-family-out (stored)", show_edge=False)
+        cols = ["kind", "mode", "method", "spearman", "spearman_band", "spearman_margin", "precision_at_k", "regret",
+                "mae_log10", "coverage"]  # fmt: skip
+        for col in cols:
+            c.add_column(col, justify="left" if col in cols[:3] else "right")
+        for r in meta["cv_summary"]:
+            c.add_row(*[str(r[k]) if k in cols[:3] else ("" if r[k] is None else f"{r[k]:.3f}") for k in cols])
+        out.print(c)
