@@ -36,6 +36,10 @@ from mqpredict.quant.size import SizeReport, output_kv_bytes, size_of
 from mqpredict.util.hashing import file_sha256
 from mqpredict.util.paths import cache_dir
 
+
+#: how a measurement of a ready GGUF is labelled: ``gguf:<file name>`` (its record gets the header's config)
+FILE_PREFIX = "gguf:"
+
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 
@@ -288,7 +292,8 @@ class Engine(ABC):
         cand = self.check_candidate(Path(path))
         ev = self._timed_evaluate(Path(path), spec)
         types = {t.name: t.qtype for t in cand.tensors}
-        return _measurement(self, f"gguf:{cand.path.name}", types, cand.header.file_size, cand.bpw, ev, spec, 0.0)
+        return _measurement(self, f"{FILE_PREFIX}{cand.path.name}", types, cand.header.file_size, cand.bpw, ev, spec, 0.0)
+
 
 
 def read_back_types(model: ModelInfo, path: Path) -> EffectiveTypes:

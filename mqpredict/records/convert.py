@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mqpredict.llama.engine import Engine, Measurement
+from mqpredict.llama.engine import FILE_PREFIX, Engine, Measurement
 from mqpredict.measure.corpus import EvalSpec
 from mqpredict.measure.stats import FIELDS as STAT_FIELDS
 from mqpredict.quant.config import Config
@@ -70,7 +70,11 @@ def from_measurement(engine: Engine, ident: ModelIdentity, m: Measurement, spec:
                      prov: Provenance = Provenance(), status: Status = Status.ok, reason: str | None = None,
                      per_token_path: str | None = None) -> Record:  # fmt: skip
     types = {k: QuantType[v] for k, v in m.types.items()}
-    values = _common(engine, ident, m.config, types, spec, source, prov)
+    config = m.config
+    if config.startswith(FILE_PREFIX):  # a ready GGUF: its config is what its header holds, the file is provenance
+        config = config_from_types(engine.model, types).key
+        prov = Provenance(prov.file or m.config.removeprefix(FILE_PREFIX), prov.url, prov.author)
+    values = _common(engine, ident, config, types, spec, source, prov)
     values["size_bytes"], values["bpw"] = m.size_bytes, m.bpw  # as written (a ready GGUF may differ from a rebuild)
     stats = m.stats.to_json()
     return make(**values, **{f: stats[f] for f in STAT_FIELDS}, per_token_path=per_token_path,
