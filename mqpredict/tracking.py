@@ -63,8 +63,12 @@ class Tracker:
     def parent(self, kind: str, model: dict, params: dict | None = None) -> Iterator[str | None]:
         yield None
 
-    def log_record(self, record: Record, step: int | None = None) -> str | None:
+    def log_record(self, record: Record, step: int | None = None, metrics: dict | None = None,
+                   tags: dict | None = None) -> str | None:  # fmt: skip
         return None
+
+    def set_tags(self, run_id: str | None, tags: dict) -> None:
+        pass
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         pass
@@ -175,18 +179,22 @@ class MlflowTracker(Tracker):
             if run_id:
                 self._guard(lambda: self.client.set_terminated(run_id, status), f"closing the {kind} run")
 
-    def log_record(self, record: Record, step: int | None = None) -> str | None:
-        """A nested run for one measurement (or a top-level one when no parent is open)."""
+    def log_record(self, record: Record, step: int | None = None, metrics: dict | None = None,
+                   tags: dict | None = None) -> str | None:  # fmt: skip
+        """A nested run for one measurement (or a top-level one when no parent is open); ``metrics`` and
+        ``tags`` add what the caller knows beyond the record (a campaign: predicted KLD, win yes/no)."""
         from mlflow.entities import Metric, Param
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         v = record.values
         name = self.experiment or experiment_name(record)
         parent = self._parent
+        extra_metrics, extra_tags = metrics, tags
 
         def log():
             tags = {RECORD_TAG: record.key, "mqpredict.kind": "measurement", "source": v["source"],
                     "status": v["status"]}  # fmt: skip
+            tags.update({k: _s(x) for k, x in (extra_tags or {}).items()})
             if parent:
                 tags[MLFLOW_PARENT_RUN_ID] = parent
             run = self.client.create_run(self.experiment_id(name), run_name=_short(v["config"]), tags=tags)
@@ -196,11 +204,17 @@ class MlflowTracker(Tracker):
                       **{f"types.{g}": ",".join(f"{t}:{share:.3g}" for t, share in mix.items())
                          for g, mix in (v.get("fractions") or {}).items()}}  # fmt: skip
             metrics = [Metric(k, float(v[k]), now, step or 0) for k in STAT_METRICS if v.get(k) is not None]
+            metrics += [Metric(k, float(x), now, step or 0) for k, x in (extra_metrics or {}).items() if x is not None]
             self.client.log_batch(rid, metrics=metrics, params=[Param(k, _s(x)) for k, x in params.items()])
             self.client.set_terminated(rid, "FINISHED" if v["status"] != "failed" else "FAILED")
             return rid
 
         return self._guard(log, f"logging {_short(v['config'])}")
+
+    def set_tags(self, run_id: str | None, tags: dict) -> None:
+        """Tags learnt after a run was logged (a campaign's survivors)."""
+        if run_id:
+            self._guard(lambda: [self.client.set_tag(run_id, k, _s(x)) for k, x in tags.items()], "tagging a run")
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         from mlflow.entities import Metric

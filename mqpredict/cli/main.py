@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from mqpredict import __version__
-from mqpredict.cli import base_cmd, bench_cmd, data_cmd, measure_cmd, model_cmds, surrogate_cmd, track_cmd
+from mqpredict.cli import base_cmd, bench_cmd, campaign_cmd, data_cmd, measure_cmd, model_cmds, surrogate_cmd, track_cmd
 from mqpredict.cli.common import State, err
 from mqpredict.errors import MqError
 
@@ -48,8 +48,10 @@ model_cmds.register(app)
 measure_cmd.register(app)
 app.command()(data_cmd.seed)
 surrogate_cmd.register(app)
+campaign_cmd.register(app)
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(track_cmd.app, name="track")
+app.command()(track_cmd.compare)
 app.add_typer(base_cmd.app, name="base")
 app.add_typer(bench_cmd.app, name="bench")
 

@@ -97,10 +97,12 @@ def seed(
     say: Callable[[str], None] | None = None,
     keep_vectors: bool = True,
     tracker: Tracker | None = None,
+    own_run: bool = True,
 ) -> SeedReport:
     """Measure every candidate not yet in ``store`` for this (model, corpus, slice, build).
 
-    ``keep_vectors=False`` stores no per-token vectors (a dataset meant for git stays small)."""
+    ``keep_vectors=False`` stores no per-token vectors (a dataset meant for git stays small);
+    ``own_run=False`` logs into the caller's open MLflow run (a campaign) instead of a seed run."""
     progress = progress or (lambda *a: None)
     say = say or (lambda s: None)
     tracker = tracker or Tracker()
@@ -110,6 +112,9 @@ def seed(
     engine.base_logprobs(spec)  # a corpus problem shows before any work
     params = {"corpus": engine.corpus.id, "ctx": spec.ctx, "n_chunks": spec.n_chunks, "chunk_offset": spec.chunk_offset,
               "engine": engine.name, "llama_version": engine.version(), "candidates": len(candidates)}  # fmt: skip
+    if not own_run:
+        _seed(engine, store, candidates, progress, say, keep_vectors, tracker, ident, spec, report)
+        return report
     with tracker.parent("seed", ident.columns(), params):
         _seed(engine, store, candidates, progress, say, keep_vectors, tracker, ident, spec, report)
         tracker.log_metrics({"measured": len(report.measured), "failed": len(report.failed),

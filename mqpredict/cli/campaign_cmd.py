@@ -1,0 +1,281 @@
+"""``mqpredict campaign run|resume``, ``propose`` and ``report``: the main job and its outputs."""
+
+from __future__ import annotations
+
+import json as js
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mqpredict.cli.common import (
+    DEFAULTS, CtxOpt, EngineName, EngineOpt, ExperimentOpt, JsonOpt, LlamaBinOpt, NoTrackOpt, ThreadsOpt,
+    TrackingUriOpt, emit_json, err, make_engine, make_tracker, out, progress_bar,
+)  # fmt: skip
+from mqpredict.cli.model_cmds import BaseArg, _base
+from mqpredict.errors import InputError
+
+app = typer.Typer(help="The main job: propose likely nonlinear wins, confirm them for real, report the survivors.",
+                  no_args_is_help=True)  # fmt: skip
+
+CAMPAIGN_TOKENS = 2048  # 8 windows of 512: the search slice (the next 8 are held out)
+StoreOpt = Annotated[Path | None, typer.Option("--store", help="Records store (default: $MQPREDICT_STORE or ./records).")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Campaign folder: state, survivors table, plot, recipes.")]
+TargetSizeOpt = Annotated[str | None, typer.Option("--target-size", help="Pick the best survivor up to this file size (3.2GB).")]
+TargetBpwOpt = Annotated[float | None, typer.Option("--target-bpw", help="… or up to this bpw.")]
+VramOpt = Annotated[str | None, typer.Option("--vram", help="… or that runs in this VRAM (24GB) at --vram-ctx: weights + "
+                                             "F16 KV cache + a stated compute allowance.")]  # fmt: skip
+VramCtxOpt = Annotated[int, typer.Option("--vram-ctx", help="Context length for --vram and the VRAM column.")]
+SpacingOpt = Annotated[float, typer.Option("--spacing", help="Survivors closer than this many bpw collapse to one.")]
+MinGainOpt = Annotated[float, typer.Option("--min-gain", help="ln KLD a bigger survivor must gain over a smaller one.")]
+
+
+def _store(store: Path | None):
+    from mqpredict.records.store import Store, default_store
+
+    return Store(store or default_store())
+
+
+def _budget(target_size, target_bpw, vram, vram_ctx):
+    from mqpredict.report.budget import Budget, parse_size
+
+    return Budget(parse_size(target_size) if target_size else None, target_bpw,
+                  parse_size(vram, "--vram") if vram else None, vram_ctx)  # fmt: skip
+
+
+def _run(campaign, rules, budget, vram_ctx, json: bool) -> None:
+    from mqpredict.report.campaign_report import write_report
+
+    holder = {}
+    res = campaign.run(on_finish=lambda c: holder.setdefault("report", write_report(c, rules, budget, vram_ctx)))
+    rep = holder["report"]
+    doc = {"campaign_id": res.state.id, "out": str(campaign.out), "store": str(campaign.store.root),
+           "confirmations": res.spent, "budget": campaign.settings.budget, "wins": rep.wins,
+           "forward_tokens": res.forward_tokens, "stopped": res.stopped, "survivors": rep.rows,
+           "chosen": rep.chosen, "table": str(rep.table_md), "plot": str(rep.plot)}  # fmt: skip
+    if json:
+        emit_json(doc)
+        return
+    _print_survivors(rep.rows, f"survivors · {campaign.engine.model.name}")
+    out.print(f"{res.spent}/{campaign.settings.budget} confirmations · {rep.wins} re-confirmed nonlinear win(s) · "
+              f"{res.forward_tokens:,} forward-pass tokens · {res.stopped}", highlight=False)  # fmt: skip
+    out.print(f"table: {rep.table_md}\nplot:  {rep.plot}", highlight=False)
+
+
+def _print_survivors(rows: list[dict], title: str) -> None:
+    import math
+
+    t = Table(title=title, show_edge=False)
+    for c in ("name", "size MB", "bpw", "KLD mean", "p99", "vs line", "held-out", "win", "config"):
+        t.add_column(c, justify="left" if c in ("name", "config", "win") else "right", no_wrap=c == "name")
+    pct = lambda x: "" if x is None else f"{100 * math.expm1(x):+.1f}%"  # noqa: E731
+    for r in rows:
+        t.add_row(("* " if r["chosen"] else "") + r["name"], f"{r['size_mb']:.2f}", f"{r['bpw']:.3f}", f"{r['kld_mean']:.4f}",
+                  f"{r['kld_p99']:.3f}", pct(r["margin_ln"]), pct(r["heldout_margin_ln"]), "yes" if r["nonlinear_win"] else "",
+                  r["effective_config"][:60])  # fmt: skip
+    out.print(t)
+
+
+@app.command("run")
+def run(
+    base: BaseArg = "smollm2",
+    corpus: Annotated[Path, typer.Option("--corpus", help="UTF-8 evaluation text (default: the bundled corpus).")] = DEFAULTS["corpus"],
+    budget: Annotated[int, typer.Option("--budget", help="Confirmations to spend: proposed configs measured (full or "
+                                        "stopped early) and held-out re-confirmations; seeds are free.")] = 20,  # fmt: skip
+    batch: Annotated[int, typer.Option("--batch", help="Configs proposed per round (spread over the size range).")] = 4,
+    out_dir: OutOpt = Path("out/campaign"),
+    store: StoreOpt = None,
+    ctx: CtxOpt = DEFAULTS["ctx"],
+    tokens: Annotated[int, typer.Option("--tokens", help="Scored tokens of the search slice; the same number right "
+                                        "after it is held out for re-confirmation.")] = CAMPAIGN_TOKENS,  # fmt: skip
+    probes: Annotated[str, typer.Option("--probes", help="Isolation probes first: auto (when the model is outside the "
+                                        "surrogate's range and they fit the budget), yes, no.")] = "auto",  # fmt: skip
+    z: Annotated[float, typer.Option("--z", help="Paired standard errors for 'significantly' below/above.")] = 2.0,
+    stage: Annotated[float, typer.Option("--stage", help="First stage of a confirmation, as a share of the search slice.")] = 0.25,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the search and the surrogate.")] = 0,
+    engine: EngineOpt = EngineName.inprocess,
+    llama_bin: LlamaBinOpt = None,
+    threads: ThreadsOpt = 0,
+    target_size: TargetSizeOpt = None,
+    target_bpw: TargetBpwOpt = None,
+    vram: VramOpt = None,
+    vram_ctx: VramCtxOpt = 8192,
+    spacing: SpacingOpt = 0.1,
+    min_gain: MinGainOpt = 0.02,
+    tracking_uri: TrackingUriOpt = None,
+    experiment: ExperimentOpt = None,
+    no_track: NoTrackOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Run a campaign on one base: seed the presets → fit the surrogate → propose → confirm for real → refit.
+
+    Ends with the survivors table (survivors.md/.csv), the Pareto plot (pareto.png) and per-survivor
+    recipes + build manifests in --out. Stop it any time (Ctrl-C, kill -9): `campaign resume DIR`
+    continues with nothing lost and nothing measured twice. Default: SmolLM2-135M + the bundled corpus.
+    """
+    from mqpredict.measure.corpus import EvalSpec
+    from mqpredict.report.survivors import Rules
+    from mqpredict.search.campaign import Campaign, Probes, Settings
+
+    if budget < 1 or batch < 1:
+        raise InputError("--budget and --batch must be at least 1")
+    try:
+        pm = Probes(probes)
+    except ValueError:
+        raise InputError(f"--probes {probes!r} is not one of: auto, yes, no") from None
+    settings = Settings(budget=budget, batch=batch, stage_fraction=stage, z=z, probes=pm, seed=seed)
+    spec = EvalSpec.from_tokens(tokens, ctx)
+    rules, bud = Rules(spacing, min_gain, z), _budget(target_size, target_bpw, vram, vram_ctx)
+    with progress_bar(not json) as progress:
+        path = _base(base, progress)
+        eng = make_engine(path, corpus, spec, engine, llama_bin, threads, False, progress)
+        with eng:
+            c = Campaign.start(eng, _store(store), out_dir, settings, tracker=make_tracker(no_track, tracking_uri, experiment),
+                               say=lambda s: err.print(s, highlight=False), progress=progress)  # fmt: skip
+            _run(c, rules, bud, vram_ctx, json)
+
+
+@app.command("resume")
+def resume(
+    out_dir: Annotated[Path, typer.Argument(help="The campaign folder (its --out).")] = Path("out/campaign"),
+    store: StoreOpt = None,
+    budget: Annotated[int | None, typer.Option("--budget", help="Raise (or keep) the budget.")] = None,
+    threads: ThreadsOpt = 0,
+    llama_bin: LlamaBinOpt = None,
+    tracking_uri: TrackingUriOpt = None,
+    experiment: ExperimentOpt = None,
+    no_track: NoTrackOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Continue a campaign after Ctrl-C or kill -9 (or with a larger --budget): what is in the store stays."""
+    import dataclasses
+
+    from mqpredict.measure.corpus import EvalSpec
+    from mqpredict.report.survivors import Rules
+    from mqpredict.report.budget import Budget
+    from mqpredict.search.campaign import Campaign, State
+
+    st = State.load(out_dir)
+    if budget is not None:
+        st = dataclasses.replace(st, settings=dataclasses.replace(st.settings, budget=budget))
+        st.save(out_dir)
+    spec = EvalSpec(st.ctx, st.n_chunks, st.chunk_offset)
+    with progress_bar(not json) as progress:
+        eng = make_engine(Path(st.base), Path(st.corpus_path), spec, EngineName(st.engine), llama_bin, threads, False, progress)
+        with eng:
+            c = Campaign(eng, _store(store), out_dir, st, make_tracker(no_track, tracking_uri, experiment),
+                         lambda s: err.print(s, highlight=False), progress)  # fmt: skip
+            if c.ident.model_id != st.model_id:
+                raise InputError(f"{st.base} is not the base this campaign started on", "restore the file, or start anew")
+            _run(c, Rules(z=st.settings.z), Budget(), 8192, json)
+
+
+def report(
+    out_dir: Annotated[Path, typer.Argument(help="The campaign folder.")] = Path("out/campaign"),
+    store: StoreOpt = None,
+    target_size: TargetSizeOpt = None,
+    target_bpw: TargetBpwOpt = None,
+    vram: VramOpt = None,
+    vram_ctx: VramCtxOpt = 8192,
+    spacing: SpacingOpt = 0.1,
+    min_gain: MinGainOpt = 0.02,
+    z: Annotated[float | None, typer.Option("--z", help="Paired errors for a real gain (default: the campaign's).")] = None,
+    threads: ThreadsOpt = 0,
+    json: JsonOpt = False,
+) -> None:
+    """(Re)write a campaign's survivors table, Pareto plot, recipes and manifests from the records store;
+    --target-size / --target-bpw / --vram pick the best survivor that fits."""
+    from mqpredict.measure.corpus import EvalSpec
+    from mqpredict.report.campaign_report import write_report
+    from mqpredict.report.survivors import Rules
+    from mqpredict.search.campaign import Campaign, State
+
+    st = State.load(out_dir)
+    spec = EvalSpec(st.ctx, st.n_chunks, st.chunk_offset)
+    with progress_bar(not json) as progress:
+        eng = make_engine(Path(st.base), Path(st.corpus_path), spec, EngineName(st.engine), None, threads, False, progress)
+        with eng:
+            c = Campaign(eng, _store(store), out_dir, st, None, lambda s: err.print(s, highlight=False), progress)
+            rep = write_report(c, Rules(spacing, min_gain, z if z is not None else st.settings.z),
+                               _budget(target_size, target_bpw, vram, vram_ctx), vram_ctx)  # fmt: skip
+    if json:
+        emit_json({"out": str(out_dir), "survivors": rep.rows, "chosen": rep.chosen, "wins": rep.wins,
+                   "table": str(rep.table_md), "plot": str(rep.plot)})  # fmt: skip
+        return
+    _print_survivors(rep.rows, f"survivors · {Path(st.base).name}")
+    if rep.chosen:
+        out.print(f"best within the budget: {rep.chosen['name']} ({rep.chosen['config']})", highlight=False)
+    out.print(f"table: {rep.table_md}\nplot:  {rep.plot}", highlight=False)
+
+
+def propose(
+    base: BaseArg,
+    n: Annotated[int, typer.Option("--n", help="How many configs to propose.")] = 8,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Where to write recipes and commands.")] = Path("out/proposals"),
+    corpus: Annotated[Path, typer.Option("--corpus", help="The corpus your measurements use.")] = DEFAULTS["corpus"],
+    store: StoreOpt = None,
+    ctx: CtxOpt = DEFAULTS["ctx"],
+    tokens: Annotated[int, typer.Option("--tokens", help="Scored tokens of your measurements.")] = CAMPAIGN_TOKENS,
+    threads: ThreadsOpt = 0,
+    json: JsonOpt = False,
+) -> None:
+    """Export the next batch as llama-quantize recipes + commands, for measuring on your own GPU machines;
+    bring the results back with `mqpredict data import` and propose again.
+
+    Needs this model's presets measured in --store (seed them with `mqpredict seed`, or import yours);
+    nothing is measured here.
+    """
+    from mqpredict.measure.corpus import EvalSpec
+    from mqpredict.search.campaign import Campaign, Settings, State
+    from mqpredict.quant.resolve import quantize_command, tensor_type_lines
+    from mqpredict.search.acquisition import frontier
+    from mqpredict.search.proposer import Proposer
+    from mqpredict.surrogate.weight_error import error_table
+    from mqpredict.util.atomic import atomic_write_text
+
+    spec = EvalSpec.from_tokens(tokens, ctx)
+    with progress_bar(not json) as progress:
+        path = _base(base, progress)
+        eng = make_engine(path, corpus, spec, EngineName.inprocess, None, threads, False, progress)
+        with eng:
+            from mqpredict.records.identity import identify
+
+            ident = identify(eng.model)
+            st = State("propose", str(path), eng.corpus.id, str(corpus), eng.name, spec.ctx, spec.n_chunks, 0,
+                       ident.model_id, ident.family, Settings(), "")  # fmt: skip
+            out_dir.mkdir(parents=True, exist_ok=True)
+            c = Campaign(eng, _store(store), out_dir, st, None, lambda s: err.print(s, highlight=False), progress)
+            c.all_sources = True
+            ok = c._records(spec)
+            if ok.empty or not (ok["config"] == "preset=Q8_0").any():
+                raise InputError(f"{store or 'the store'} holds no measured Q8_0 of {path.name} on this corpus and slice",
+                                 f"seed it first: mqpredict seed {path} --corpus {corpus} --tokens {tokens}")  # fmt: skip
+            import math
+
+            table = error_table(eng, ident.model_id, progress=progress)
+            s = c._fit(table)
+            ln_ref = math.log(float(ok[ok["config"] == "preset=Q8_0"]["kld_mean"].iloc[0]))
+            props = Proposer(eng.model, table).ask(n, s, ln_ref, float(s.halfwidth_[0]), frontier(c._points(ok)),
+                                                   set(ok["types_key"]), s.coverage)  # fmt: skip
+            rows = []
+            for i, p in enumerate(props, 1):
+                name = f"proposal-{i:02d}"
+                tt = out_dir / f"{name}.tensor-types.txt"
+                atomic_write_text(tt, "\n".join(tensor_type_lines(eng.model, p.config)) + "\n")
+                cmd = " ".join(quantize_command(eng.model, p.config, f"{name}.gguf", tt.name))
+                rows.append({"name": name, **p.to_json(), "recipe": str(tt), "command": cmd})
+            atomic_write_text(out_dir / "proposals.json", js.dumps(rows, indent=2) + "\n")
+    if json:
+        emit_json(rows)
+        return
+    for r in rows:
+        out.print(f"{r['name']} · {r['bpw']:.3f} bpw · predicted {r['kld_pred']:.4f} [{r['kld_lo']:.4f}, {r['kld_hi']:.4f}]"
+                  f"\n  {r['config']}\n  {r['command']}", highlight=False, soft_wrap=True)  # fmt: skip
+    out.print(f"wrote {out_dir / 'proposals.json'} and the recipes; measure them, then `mqpredict data import`", highlight=False)
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="campaign")
+    root.command()(propose)
+    root.command()(report)

@@ -1,0 +1,563 @@
+"""The campaign: seed → fit → propose → confirm for real → record → refit, until the budget is spent.
+
+One campaign works on one base model, one corpus and one **search slice** of it (``ctx`` × ``n_chunks``
+windows); a second slice of the same size right after it is **held out** and used only to re-confirm
+survivors. Its folder (``--out``) holds ``campaign.json`` (what it is: base, corpus, slices, settings, an
+id) and ``predictions.jsonl``; everything measured lives in the records store, appended as soon as it is
+measured. So ``resume`` is simply running again: seeds already there are skipped, the spent budget is
+counted from the store (records tagged with the campaign id), and a config already measured is never
+proposed again. The surrogate is refitted before every batch on the shipped dataset *without the model's
+family* plus this campaign's own records of the model.
+
+Wins: a config is a **candidate win** when its paired margin to the line on the search slice is below
+zero by more than ``z`` paired errors; it becomes a **nonlinear win** when the same holds on the held-out
+slice, against the line of the same presets measured there (winning the best of many candidates picks
+up noise; the held-out slice does not). Held-out re-measurements count against the budget: budget is
+every run the campaign spends beyond seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mqpredict.errors import InputError, LlamaError
+from mqpredict.llama.engine import Engine, load_scores
+from mqpredict.measure.corpus import EvalSpec
+from mqpredict.quant.config import Config
+from mqpredict.quant.resolve import types_key
+from mqpredict.quant.types import QuantType
+from mqpredict.records.convert import Provenance, failed, from_measurement
+from mqpredict.records.identity import ModelIdentity, identify
+from mqpredict.records.schema import Record, Source, Status
+from mqpredict.records.seed import SEED_PRESETS, preset_candidates, seed
+from mqpredict.records.store import Store
+from mqpredict.search.acquisition import frontier
+from mqpredict.search.confirm import Outcome, Reference, confirm
+from mqpredict.search.line import Line, Point
+from mqpredict.search.paired import Paired, margin_to_line
+from mqpredict.search.proposer import Proposal, Proposer
+from mqpredict.search.space import DEFAULT_TYPES, CandidateSpace
+from mqpredict.tracking import Tracker
+from mqpredict.util.atomic import atomic_write_text
+
+STATE = "campaign.json"
+PREDICTIONS = "predictions.jsonl"
+CAMPAIGN_PREFIX = "campaign:"  # provenance_file of the records a campaign measures: campaign:<id>
+
+
+class Probes(StrEnum):
+    auto = "auto"  # when the model is outside the surrogate's training range and the probes fit the budget
+    yes = "yes"
+    no = "no"
+
+
+@dataclass(frozen=True)
+class Settings:
+    budget: int = 20
+    batch: int = 4
+    stage_fraction: float = 0.25  # first stage of a confirmation: this share of the search slice
+    z: float = 2.0  # paired standard errors for "significantly" below/above
+    ei_threshold: float = 0.002  # stop when no candidate is expected to improve ln KLD by more
+    probes: Probes = Probes.auto
+    types: tuple[str, ...] = tuple(t.name for t in DEFAULT_TYPES)
+    seed: int = 0
+    max_heldout: int = 0  # re-confirmations kept in reserve (0: a quarter of the budget, at least 1)
+
+    def reserve(self) -> int:
+        return self.max_heldout or max(1, self.budget // 4)
+
+
+@dataclass(frozen=True)
+class State:
+    """``campaign.json``: enough to resume, and to know what the campaign was."""
+
+    id: str
+    base: str  # path of the base GGUF
+    corpus: str  # corpus id
+    corpus_path: str
+    engine: str  # engine name (inprocess / tools)
+    ctx: int
+    n_chunks: int
+    chunk_offset: int
+    model_id: str
+    family: str
+    settings: Settings
+    created: str
+
+    @property
+    def search(self) -> EvalSpec:
+        return EvalSpec(self.ctx, self.n_chunks, self.chunk_offset)
+
+    @property
+    def heldout(self) -> EvalSpec:
+        return EvalSpec(self.ctx, self.n_chunks, self.chunk_offset + self.n_chunks)
+
+    @property
+    def tag(self) -> str:
+        return CAMPAIGN_PREFIX + self.id
+
+    def save(self, out: Path) -> None:
+        d = asdict(self)
+        d["settings"]["probes"] = self.settings.probes.value
+        atomic_write_text(out / STATE, json.dumps(d, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, out: Path) -> State:
+        p = out / STATE
+        if not p.exists():
+            raise InputError(f"{out} holds no {STATE}", "give the --out folder of a campaign started with 'campaign run'")
+        try:
+            d = json.loads(p.read_text())
+            st = d.pop("settings")
+            st["probes"] = Probes(st["probes"])
+            st["types"] = tuple(st["types"])
+            return cls(settings=Settings(**st), **d)
+        except (ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{p} is not a campaign state file ({e})", "start a new campaign with 'campaign run'") from e
+
+
+@dataclass
+class Step:
+    """What one confirmation gave (for progress, MLflow and the report)."""
+
+    config: str
+    bpw: float
+    kld_pred: float | None
+    kld: float | None
+    status: str
+    margin: float | None
+    margin_se: float | None
+    reason: str | None = None
+    heldout: bool = False
+
+
+@dataclass
+class Result:
+    state: State
+    steps: list[Step] = field(default_factory=list)
+    spent: int = 0
+    forward_tokens: int = 0
+    wins: list[str] = field(default_factory=list)  # types keys of re-confirmed nonlinear wins
+    stopped: str = ""
+
+
+def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:
+    """Area dominated by ``points`` (bpw, ln KLD; both minimised) up to the reference point ``ref``."""
+    pts = sorted((b, k) for b, k in points if b <= ref[0] and k <= ref[1])
+    area, best = 0.0, ref[1]
+    for i, (b, k) in enumerate(pts):
+        best = min(best, k)
+        nxt = pts[i + 1][0] if i + 1 < len(pts) else ref[0]
+        area += (nxt - b) * (ref[1] - best)
+    return area
+
+
+class Campaign:
+    """One campaign on one engine (base + corpus) and one store; ``run()`` runs or resumes it."""
+
+    def __init__(self, engine: Engine, store: Store, out: Path, state: State, tracker: Tracker | None = None,
+                 say: Callable[[str], None] | None = None, progress=None,
+                 surrogate_folder: Path | None = None, train_store: Path | None = None,
+                 train_tables: Path | None = None) -> None:  # fmt: skip
+        from mqpredict.surrogate import service
+
+        self.engine, self.store, self.out, self.state = engine, store, out, state
+        self.tracker = tracker or Tracker()
+        self.say = say or (lambda s: None)
+        self.progress = progress or (lambda *a: None)
+        self.surrogate_folder = surrogate_folder or service.DEFAULT_SURROGATE
+        self.train_store = train_store or service.DEFAULT_STORE
+        self.train_tables = train_tables or service.DEFAULT_TABLES
+        self.ident: ModelIdentity = identify(engine.model)
+        self.settings = state.settings
+        self.types = tuple(QuantType[t] for t in self.settings.types)
+        #: learn from every record of the model in the store (``propose``: the user's own measurements), not
+        #: only presets and this campaign's
+        self.all_sources = False
+        self._vectors: dict[str, np.ndarray] = {}
+        self._predictions = self._load_predictions()
+
+    # ------------------------------------------------------------------------ construction
+    @classmethod
+    def start(cls, engine: Engine, store: Store, out: Path, settings: Settings, **kw) -> Campaign:
+        """A new campaign in ``out`` (or the one already there, if it is on the same base and corpus)."""
+        out.mkdir(parents=True, exist_ok=True)
+        ident = identify(engine.model)
+        spec = engine.spec
+        if (out / STATE).exists():
+            old = State.load(out)
+            if (old.model_id, old.corpus, old.ctx, old.n_chunks) != (ident.model_id, engine.corpus.id, spec.ctx, spec.n_chunks):
+                raise InputError(f"{out} holds a campaign on another base, corpus or slice ({old.base})",
+                                 "choose another --out, or 'campaign resume' that one")  # fmt: skip
+            return cls(engine, store, out, old, **kw)
+        state = State(uuid.uuid4().hex[:12], str(engine.model.path), engine.corpus.id, str(engine.corpus.path),
+                      engine.name, spec.ctx, spec.n_chunks,
+                      spec.chunk_offset, ident.model_id, ident.family, settings, time.strftime("%Y-%m-%dT%H:%M:%S"))  # fmt: skip
+        state.save(out)
+        return cls(engine, store, out, state, **kw)
+
+    # ------------------------------------------------------------------------ records view
+    def _records(self, spec: EvalSpec, status: str | None = "ok") -> pd.DataFrame:
+        """This model's records on ``spec``'s slice with this build: presets and this campaign's own."""
+        df = self.store.load()
+        if df.empty:
+            return df
+        e = self.engine
+        m = ((df["model_id"] == self.ident.model_id) & (df["corpus"] == e.corpus.id) & (df["ctx"] == spec.ctx)
+             & (df["n_chunks"] == spec.n_chunks) & (df["chunk_offset"] == spec.chunk_offset)
+             & (df["build"] == e.build_id()))  # fmt: skip
+        if not self.all_sources:
+            m &= (df["source"] == Source.preset.value) | (df["provenance_file"] == self.state.tag)
+        if status:
+            m &= df["status"] == status
+        return df[m]
+
+    def _spent(self) -> pd.DataFrame:
+        df = self.store.load()
+        if df.empty:
+            return df
+        return df[(df["provenance_file"] == self.state.tag) & (df["model_id"] == self.ident.model_id)]
+
+    def _vector(self, row: pd.Series) -> np.ndarray:
+        """The per-token KLD of a record (from the store; re-measured once if the store has none)."""
+        key = row["key"]
+        if key in self._vectors:
+            return self._vectors[key]
+        p = row.get("per_token_path")
+        if isinstance(p, str) and p and (self.store.root / p).exists():
+            v = np.load(self.store.root / p, allow_pickle=False)
+        else:
+            spec = EvalSpec(int(row["ctx"]), int(row["n_chunks"]), int(row["chunk_offset"]))
+            m = self.engine.measure(Config.parse(row["config"]), spec=spec)
+            if m.per_token_path is None:
+                raise InputError(f"no per-token KLD for {row['config']}", "use the in-process engine or --tools-kld logits")
+            self.store.attach_vector(key, m.per_token_path)
+            v = load_scores(m.per_token_path).kld
+        self._vectors[key] = v.astype(np.float64)
+        return self._vectors[key]
+
+    @staticmethod
+    def _points(df: pd.DataFrame) -> list[Point]:
+        return [Point(float(r.bpw), float(r.kld_mean), r.key) for r in df.itertuples()]
+
+    def _line(self, spec: EvalSpec) -> tuple[Line, pd.DataFrame]:
+        df = self._records(spec)
+        presets = df[df["source"] == Source.preset.value]
+        return Line.from_presets(self._points(presets)), presets
+
+    # ------------------------------------------------------------------------ predictions log
+    def _load_predictions(self) -> dict[str, dict]:
+        p = self.out / PREDICTIONS
+        out = {}
+        if p.exists():
+            for line in p.read_text().splitlines():
+                try:
+                    d = json.loads(line)
+                    out[d["types_key"]] = d
+                except (ValueError, KeyError):
+                    continue  # a line cut by a kill: the prediction is only lost, never wrong
+        return out
+
+    def _note_prediction(self, p: Proposal) -> None:
+        d = p.to_json()
+        self._predictions[p.types_key] = d
+        with open(self.out / PREDICTIONS, "a") as f:
+            f.write(json.dumps(d) + "\n")
+            f.flush()
+
+    # ------------------------------------------------------------------------ the surrogate
+    def _fit(self, table):
+        """The surrogate refitted on the shipped dataset without this family + this campaign's records."""
+        from mqpredict.surrogate.data import build, load_tables
+        from mqpredict.surrogate.model import Surrogate
+
+        params = {}
+        if (self.surrogate_folder / "metadata.json").exists():
+            params = json.loads((self.surrogate_folder / "metadata.json").read_text()).get("params", {})
+        shipped = Store(self.train_store, create=False).load() if (self.train_store / "STORE.json").exists() else pd.DataFrame()
+        if not shipped.empty:
+            shipped = shipped[shipped["family"] != self.ident.family]
+        own = self._records(self.state.search)
+        recs = pd.concat([shipped, own], ignore_index=True) if not shipped.empty else own
+        tables = load_tables(self.train_tables) if self.train_tables.exists() else {}
+        tables[self.ident.model_id] = table
+        s = Surrogate(**params).fit(build(recs, tables))
+        if self.ident.family in set(shipped.get("family", pd.Series(dtype=str))):
+            raise InputError(f"the surrogate would learn from {self.ident.family}'s shipped records")  # never
+        return s
+
+    def _halfwidth(self, s) -> float:
+        """The calibrated half-width, widened if this campaign's own errors so far are larger."""
+        hw = float(s.halfwidth_[0])
+        res = []
+        for k, d in self._predictions.items():
+            got = self._measured_kld.get(k)
+            if got:
+                res.append(abs(math.log(got) - math.log(d["kld_pred"])))
+        if len(res) >= 3:
+            hw = max(hw, float(np.quantile(res, s.coverage)))
+        return hw
+
+    # ------------------------------------------------------------------------ the loop
+    def run(self, on_finish: Callable[[Campaign], object] | None = None) -> Result:
+        """Seed, loop, re-confirm, then ``on_finish(self)`` (the report) inside the campaign's MLflow run."""
+        from mqpredict.surrogate.weight_error import error_table
+
+        st, e = self.state, self.engine
+        res = Result(st)
+        e.base_logprobs(st.search)  # corpus problems show before any work
+        try:
+            e.base_logprobs(st.heldout)
+        except InputError as err:
+            raise InputError(f"the corpus has no room for a held-out slice after the search slice: {err.message}",
+                             "give fewer --tokens, a smaller --ctx or a longer corpus") from None  # fmt: skip
+        params = {"campaign_id": st.id, "corpus": e.corpus.id, "ctx": st.ctx, "n_chunks": st.n_chunks,
+                  "engine": e.name, "llama_version": e.version(),
+                  **{f"setting.{k}": v for k, v in asdict(self.settings).items() if k != "types"},
+                  "setting.types": ",".join(self.settings.types)}  # fmt: skip
+        with self.tracker.parent("campaign", self.ident.columns(), params):
+            self.say(f"campaign {st.id}: seeding the presets on {st.search.n_tokens} tokens")
+            seed(e, self.store, preset_candidates(SEED_PRESETS), self.progress, self.say, tracker=self.tracker, own_run=False)
+            table = error_table(e, self.ident.model_id, progress=self.progress)
+            proposer = Proposer(e.model, table, self.types, seed=self.settings.seed)
+            self._loop(proposer, table, res)
+            self._heldout(res)
+            self._finish(res)
+            if on_finish:
+                on_finish(self)
+        return res
+
+    @property
+    def _measured_kld(self) -> dict[str, float]:
+        df = self._records(self.state.search)
+        return dict(zip(df["types_key"], df["kld_mean"]))
+
+    def _reference(self) -> tuple[Line, Reference, float, pd.DataFrame]:
+        st = self.state
+        line, presets = self._line(st.search)
+        ok = self._records(st.search)
+        if not line.hull:
+            raise InputError("no preset could be measured on this model", "see the failed records: mqpredict data list")
+        ref = ok[ok["config"] == "preset=Q8_0"]
+        if ref.empty:
+            raise InputError("the Q8_0 reference could not be measured on this model", "see mqpredict data list")
+        vectors = {r["key"]: self._vector(r) for _, r in ok.iterrows()}
+        incumbents = [(float(r.bpw), r.key) for r in ok.itertuples()]
+        per_window = st.search.scored_per_chunk
+        return line, Reference(line, vectors, incumbents, per_window), math.log(float(ref["kld_mean"].iloc[0])), ok
+
+    def _candidate_wins(self, line: Line, ok: pd.DataFrame) -> list[tuple[str, Paired]]:
+        """Measured configs of this campaign significantly below the line on the search slice, best first."""
+        out = []
+        for _, r in ok[ok["provenance_file"] == self.state.tag].iterrows():
+            m = margin_to_line(self._vector(r), float(r["bpw"]), line, self._vectors_by_key(ok), self.state.search.scored_per_chunk)
+            if m is not None and m.below(self.settings.z):
+                out.append((r["key"], m))
+        return sorted(out, key=lambda km: km[1].diff)
+
+    def _vectors_by_key(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
+        return {r["key"]: self._vector(r) for _, r in df.iterrows()}
+
+    def _use_probes(self, s, proposer: Proposer, ln_ref: float) -> list[Config]:
+        mode = self.settings.probes
+        if mode == Probes.no:
+            return []
+        probes = list(CandidateSpace(self.engine.model, self.types).probes())
+        if mode == Probes.auto:
+            from mqpredict.surrogate import features as F
+            from mqpredict.surrogate.service import score_configs
+
+            ref_x = score_configs(self.engine.model, proposer.table, [Config.parse("default=Q8_0")])[0].features
+            outside = s.out_of_range(F.matrix([ref_x]))[0]
+            if not outside or len(probes) > self.settings.budget // 3:
+                return []
+            self.say(f"the model is outside the surrogate's training range ({'; '.join(outside)}): "
+                     f"{len(probes)} isolation probes first")  # fmt: skip
+        return probes
+
+    def _loop(self, proposer: Proposer, table, res: Result) -> None:
+        st, cfg = self.state, self.settings
+        step = len(self._spent())
+        first = True
+        while True:
+            spent = self._spent()
+            res.spent = len(spent)
+            line, ref, ln_ref, ok = self._reference()
+            reserve = min(len(self._candidate_wins(line, ok)), cfg.reserve())
+            room = cfg.budget - res.spent - reserve
+            if room <= 0:
+                res.stopped = "budget spent" if reserve == 0 else f"budget spent (kept {reserve} for held-out re-confirmation)"
+                return
+            self.say(f"fitting the surrogate ({len(ok)} records of this model + the shipped dataset without "
+                     f"{self.ident.family})")  # fmt: skip
+            s = self._fit(table)
+            hw = self._halfwidth(s)
+            measured = set(self._records(st.search, status=None)["types_key"]) if len(ok) else set()
+            measured |= set(spent["types_key"]) if len(spent) else set()
+            batch: list[tuple[Config, Proposal | None, Source]] = []
+            if first and step == 0:
+                probes = [c for c in self._use_probes(s, proposer, ln_ref)
+                          if types_key(self.engine.model, self.engine.resolve(c)) not in measured][:room]  # fmt: skip
+                batch = [(c, None, Source.probe) for c in probes]
+            first = False
+            if not batch:
+                front = frontier(self._points(ok))
+                props = proposer.ask(min(cfg.batch, room), s, ln_ref, hw, front, measured, s.coverage)
+                if not props or max(p.ei for p in props) < cfg.ei_threshold:
+                    res.stopped = "no candidate is expected to improve the frontier by more than the threshold"
+                    return
+                batch = [(p.config, p, Source.proposed) for p in props]
+            for c, p, source in batch:
+                if p is not None:
+                    self._note_prediction(p)
+                step += 1
+                self._confirm_one(c, p, source, ref, res, step)
+                self.progress("campaign", min(step, cfg.budget), cfg.budget)
+            self._log_progress(step)
+
+    def _log_progress(self, step: int) -> None:
+        """Best margin so far and hypervolume, by step, on the campaign's parent run."""
+        line, presets = self._line(self.state.search)
+        ok = self._records(self.state.search)
+        margins = [line.margin(p) for p in self._points(ok[ok["source"] != Source.preset.value])]
+        margins = [m for m in margins if m is not None]
+        ref_pt = (float(presets["bpw"].max()), math.log(float(presets["kld_mean"].max())))
+        self.tracker.log_metrics({"best_margin_ln": min(margins) if margins else None,
+                                  "hypervolume": hypervolume([(p.bpw, p.ln_kld) for p in self._points(ok)], ref_pt)},
+                                 step)  # fmt: skip
+
+    def _confirm_one(self, c: Config, p: Proposal | None, source: Source, ref: Reference, res: Result, step: int) -> None:
+        st, e = self.state, self.engine
+        prov = Provenance(st.tag, None, "mqpredict campaign")
+        staged = source == Source.proposed
+        try:
+            o = confirm(e, c, st.search, ref, self.settings.stage_fraction if staged else 1.0, self.settings.z)
+        except LlamaError as err:
+            rec = failed(e, self.ident, c, e.resolve(c), st.search, source, err.message, prov)
+            self.store.append([rec.replace(mlflow_run_id=self.tracker.log_record(rec, step))])
+            res.steps.append(Step(c.key, rec["bpw"], p.kld_pred if p else None, None, "failed", None, None, err.message))
+            self.say(f"[{step}] {c.key}: llama.cpp failed ({err.message}); recorded as failed, going on")
+            return
+        res.forward_tokens += o.forward_tokens
+        self._store_outcome(o, c, p, source, prov, res, step)
+
+    def _store_outcome(self, o: Outcome, c: Config, p: Proposal | None, source: Source, prov: Provenance,
+                       res: Result, step: int, heldout: bool = False) -> None:  # fmt: skip
+        st, e, m = self.state, self.engine, o.measurement
+        spec = EvalSpec(st.ctx, m.n_chunks, m.chunk_offset)
+        status = Status.ok if o.complete else Status.partial
+        pt = None
+        rec0 = from_measurement(e, self.ident, m, spec, source, prov, status=status, reason=o.reason)
+        if m.per_token_path:
+            pt = self.store.attach_vector(rec0.key, m.per_token_path)
+        rec = rec0.replace(per_token_path=pt)
+        metrics = {"kld_pred": p.kld_pred if p else None,
+                   "pred_error_ln": math.log(m.stats.kld_mean) - math.log(p.kld_pred) if p else None,
+                   "margin_ln": o.margin.diff if o.margin else None, "margin_se": o.margin.se if o.margin else None,
+                   "forward_tokens": o.forward_tokens}  # fmt: skip
+        win = bool(o.complete and o.margin is not None and o.margin.below(self.settings.z))
+        tags = {"nonlinear_win": "candidate" if win and not heldout else ("yes" if win else "no"),
+                "campaign_id": st.id, "slice": "held-out" if heldout else "search"}  # fmt: skip
+        rec = rec.replace(mlflow_run_id=self.tracker.log_record(rec, step, metrics, tags))
+        self.store.append([rec])
+        res.steps.append(Step(c.key, m.bpw, p.kld_pred if p else None, m.stats.kld_mean, status.value,
+                              o.margin.diff if o.margin else None, o.margin.se if o.margin else None, o.reason, heldout))  # fmt: skip
+        pred = f"predicted {p.kld_pred:.4f} [{p.kld_lo:.4f}, {p.kld_hi:.4f}] · " if p else ""
+        mg = f" · {o.margin.diff:+.3f} ± {o.margin.se:.3f} vs line" if o.margin else ""
+        what = "held-out " if heldout else ("" if o.complete else "stopped early · ")
+        self.say(f"[{step}] {what}{c.key} · {m.bpw:.3f} bpw · {pred}measured {m.stats.kld_mean:.4f}{mg}")
+
+    # ------------------------------------------------------------------------ held-out re-confirmation
+    def _heldout(self, res: Result) -> None:
+        st, cfg, e = self.state, self.settings, self.engine
+        line, ref, _, ok = self._reference()
+        cands = self._candidate_wins(line, ok)
+        if not cands:
+            return
+        # the presets of the line, on the held-out slice (seeds: they do not count against the budget)
+        hull_keys = {p.name for p in line.hull}
+        hull_cfgs = [Config.parse(r["config"]) for _, r in ok.iterrows() if r["key"] in hull_keys]
+        from mqpredict.records.seed import Candidate
+
+        self.say(f"re-confirming on the held-out slice (windows {st.heldout.chunk_offset}…"
+                 f"{st.heldout.chunk_offset + st.heldout.n_chunks - 1}): the line's presets first")  # fmt: skip
+        held_engine_spec = e.spec
+        e.spec = st.heldout
+        try:
+            seed(e, self.store, [Candidate(c, Source.preset) for c in hull_cfgs], self.progress, self.say,
+                 tracker=self.tracker, own_run=False)  # fmt: skip
+        finally:
+            e.spec = held_engine_spec
+        hline, hpresets = self._line(st.heldout)
+        hvec = self._vectors_by_key(hpresets)
+        href = Reference(hline, hvec, [], st.heldout.scored_per_chunk)
+        done = self._records(st.heldout, status=None)
+        done_types = set(done["types_key"]) if len(done) else set()
+        by_key = ok.set_index("key")
+        step = len(self._spent())
+        for key, _m in cands:
+            r = by_key.loc[key]
+            if r["types_key"] in done_types:
+                continue
+            if len(self._spent()) >= cfg.budget:
+                self.say(f"no budget left to re-confirm {r['config']} on held-out tokens")
+                continue
+            step += 1
+            c = Config.parse(r["config"])
+            try:
+                o = confirm(e, c, st.heldout, href, 1.0, cfg.z)
+            except LlamaError as err:
+                rec = failed(e, self.ident, c, e.resolve(c), st.heldout, Source.proposed, err.message,
+                             Provenance(st.tag, None, "mqpredict campaign"))  # fmt: skip
+                self.store.append([rec])
+                continue
+            res.forward_tokens += o.forward_tokens
+            self._store_outcome(o, c, None, Source.proposed, Provenance(st.tag, None, "mqpredict campaign"), res, step, True)
+
+    # ------------------------------------------------------------------------ results
+    def wins(self) -> dict[str, tuple[Paired, Paired]]:
+        """Types key → (search margin, held-out margin) of every re-confirmed nonlinear win."""
+        st = self.state
+        line, _ref, _, ok = self._reference()
+        hline, hpresets = self._line(st.heldout)
+        held = self._records(st.heldout)
+        hvec = self._vectors_by_key(hpresets)
+        out = {}
+        for key, m in self._candidate_wins(line, ok):
+            tk = ok.set_index("key").loc[key, "types_key"]
+            h = held[(held["types_key"] == tk) & (held["provenance_file"] == st.tag)]
+            if h.empty:
+                continue
+            hr = h.iloc[0]
+            hm = margin_to_line(self._vector(hr), float(hr["bpw"]), hline, hvec, st.heldout.scored_per_chunk)
+            if hm is not None and hm.below(self.settings.z):
+                out[tk] = (m, hm)
+        return out
+
+    def _finish(self, res: Result) -> None:
+        st = self.state
+        _line, _ref, _, ok = self._reference()
+        res.spent = len(self._spent())
+        w = self.wins()
+        res.wins = list(w)
+        pts = [(float(r.bpw), math.log(float(r.kld_mean))) for r in ok.itertuples()]
+        presets = ok[ok["source"] == Source.preset.value]
+        ref_pt = (float(presets["bpw"].max()), math.log(float(presets["kld_mean"].max())))
+        hv_presets = hypervolume([(float(r.bpw), math.log(float(r.kld_mean))) for r in presets.itertuples()], ref_pt)
+        self.tracker.log_metrics({"confirmations": res.spent, "wins": len(w), "forward_tokens": res.forward_tokens,
+                                  "hypervolume": hypervolume(pts, ref_pt), "hypervolume_presets": hv_presets,
+                                  "forward_tokens_per_win": res.forward_tokens / len(w) if w else None})  # fmt: skip
+        for r in ok[ok["types_key"].isin(w)].itertuples():
+            self.tracker.set_tags(r.mlflow_run_id if isinstance(r.mlflow_run_id, str) else None, {"nonlinear_win": "yes"})
+        self.say(f"campaign {st.id}: {res.spent}/{self.settings.budget} confirmations, {len(w)} re-confirmed "
+                 f"nonlinear win(s), {res.forward_tokens} forward-pass tokens; {res.stopped}")  # fmt: skip

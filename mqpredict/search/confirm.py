@@ -1,0 +1,102 @@
+"""Cheap confirmations: measure a proposed config in stages and stop when it cannot win.
+
+Stage 1 scores the first ``stage_fraction`` of the search slice's windows. The paired margin to the
+line (and to the best measured config at most its size, the incumbent) on exactly those tokens decides:
+if it is already above either by more than ``z`` paired errors, the run stops and is recorded as a
+**partial** measurement (its own token slice, status ``partial``: never mistaken for a full one).
+Otherwise the remaining windows are scored and joined to the first ones — one window per batch makes
+each window's numbers independent of which others are scored with it, so the joined vector equals a
+full run's — and the record is a full ``ok`` measurement. Forward-pass tokens are counted either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from mqpredict.llama.engine import Engine, Measurement, load_scores, save_scores
+from mqpredict.measure.corpus import EvalSpec
+from mqpredict.measure.kld import TokenScores
+from mqpredict.measure.stats import KLDStats
+from mqpredict.quant.config import Config
+from mqpredict.search.line import Line
+from mqpredict.search.paired import Paired, against, margin_to_line
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What a stage is judged against: the line, the hull presets' vectors, the incumbents' vectors."""
+
+    line: Line
+    vectors: dict[str, np.ndarray]  # per-token KLD on the full search slice, by point name
+    incumbents: list[tuple[float, str]]  # (bpw, name) of measured configs that may dominate
+    per_window: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    measurement: Measurement
+    complete: bool  # False: stopped after stage 1 (a partial measurement)
+    reason: str | None
+    margin: Paired | None  # to the line, on the tokens scored
+    forward_tokens: int  # tokens run through the model (windows × ctx)
+
+
+def stage_specs(spec: EvalSpec, fraction: float) -> tuple[EvalSpec, EvalSpec | None]:
+    """The first stage's slice and the rest of the search slice (None when one stage is all there is)."""
+    n1 = max(1, round(spec.n_chunks * fraction))
+    if n1 >= spec.n_chunks:
+        return spec, None
+    first = EvalSpec(spec.ctx, n1, spec.chunk_offset, spec.n_batch)
+    rest = EvalSpec(spec.ctx, spec.n_chunks - n1, spec.chunk_offset + n1, spec.n_batch)
+    return first, rest
+
+
+def judge(x: np.ndarray, bpw: float, ref: Reference, z: float) -> tuple[Paired | None, str | None]:
+    """The paired margin to the line on the tokens of ``x``, and why it cannot win (None: it still can)."""
+    m = margin_to_line(x, bpw, ref.line, ref.vectors, ref.per_window)
+    if m is not None and m.above(z):
+        return m, f"above the line by {m.diff:+.3f} ± {m.se:.3f} (ln KLD) after {m.n_tokens} tokens"
+    for b, name in ref.incumbents:
+        if b <= bpw and name in ref.vectors:
+            d = against(x, ref.vectors[name], ref.per_window)
+            if d.above(z):
+                return m, f"dominated by {name} ({d.diff:+.3f} ± {d.se:.3f} ln KLD, smaller or equal size)"
+    return m, None
+
+
+def confirm(engine: Engine, config: Config, spec: EvalSpec, ref: Reference, fraction: float = 0.25,
+            z: float = 2.0) -> Outcome:  # fmt: skip
+    """Measure ``config`` on ``spec`` in two stages (see the module docstring)."""
+    first, rest = stage_specs(spec, fraction)
+    m1 = engine.measure(config, spec=first)
+    tokens = first.n_chunks * spec.ctx
+    if rest is None or m1.per_token_path is None:
+        if rest is not None:  # no per-token vector to judge on (tools engine, statistics mode): run it all
+            m1 = engine.measure(config, spec=spec)
+            tokens += spec.n_chunks * spec.ctx
+        x = load_scores(m1.per_token_path).kld if m1.per_token_path else None
+        margin = judge(x, m1.bpw, ref, z)[0] if x is not None else None
+        return Outcome(m1, True, None, margin, tokens)
+    s1 = load_scores(m1.per_token_path)
+    margin, reason = judge(s1.kld, m1.bpw, ref, z)
+    if reason is not None:
+        return Outcome(m1, False, f"stopped early: {reason}", margin, tokens)
+    m2 = engine.measure(config, spec=rest)
+    tokens += rest.n_chunks * spec.ctx
+    full = join(engine, m1, m2, spec)
+    x = load_scores(full.per_token_path).kld
+    return Outcome(full, True, None, judge(x, full.bpw, ref, z)[0], tokens)
+
+
+def join(engine: Engine, m1: Measurement, m2: Measurement, spec: EvalSpec) -> Measurement:
+    """Two consecutive slices of one config → the measurement of their union."""
+    scores = TokenScores.concat([load_scores(m1.per_token_path), load_scores(m2.per_token_path)])
+    path = engine.per_token_path(m1.types_key, spec)
+    save_scores(path, scores)
+    return dataclasses.replace(m2, stats=KLDStats.from_scores(scores), chunk_offset=spec.chunk_offset,
+                               n_chunks=spec.n_chunks, per_token_path=str(path),
+                               seconds_build=m1.seconds_build + m2.seconds_build,
+                               seconds_eval=m1.seconds_eval + m2.seconds_eval)  # fmt: skip
