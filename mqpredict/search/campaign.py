@@ -38,7 +38,7 @@ from mqpredict.quant.resolve import types_key
 from mqpredict.quant.types import QuantType
 from mqpredict.records.convert import Provenance, failed, from_measurement
 from mqpredict.records.identity import ModelIdentity, identify
-from mqpredict.records.schema import Record, Source, Status
+from mqpredict.records.schema import Source, Status
 from mqpredict.records.seed import SEED_PRESETS, preset_candidates, seed
 from mqpredict.records.store import Store
 from mqpredict.search.acquisition import frontier

@@ -1,0 +1,214 @@
+"""The campaign on a real tiny model: paired margins, staged confirmations, the loop, resume after
+kill -9, the report and its manifests, compare from MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+
+import pandas as pd
+import pytest
+
+from conftest import CORPUS, MQ, mq
+from mqpredict.llama.engine import load_scores
+from mqpredict.measure.corpus import EvalSpec
+from mqpredict.quant.config import Config
+from mqpredict.records.store import Store
+from mqpredict.report.budget import Budget, kv_cache_bytes, run_memory
+from mqpredict.report.survivors import Entry, Rules, pareto, select
+from mqpredict.search.campaign import hypervolume
+from mqpredict.search.confirm import Reference, confirm, stage_specs
+from mqpredict.search.line import Line, Point
+from mqpredict.search.paired import Paired, against, margin_to_line
+
+
+def _json(p: subprocess.CompletedProcess):
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+# ----------------------------------------------------------------------------------- pure logic
+def test_paired_margin_is_the_line_margin_with_a_smaller_error(engines):
+    eng = engines["inprocess", "tiny"]
+    m = {c: eng.measure(Config.parse(c)) for c in ("Q8_0", "Q6_K", "Q4_K_M", "default=Q5_0,ffn_down=Q6_K")}
+    v = {c: load_scores(x.per_token_path).kld.astype(float) for c, x in m.items()}
+    pts = [Point(m[c].bpw, m[c].stats.kld_mean, c) for c in ("Q8_0", "Q6_K", "Q4_K_M")]
+    line = Line.from_presets(pts)
+    h = m["default=Q5_0,ffn_down=Q6_K"]
+    p = margin_to_line(v["default=Q5_0,ffn_down=Q6_K"], h.bpw, line, v)
+    assert p.diff == pytest.approx(line.margin(Point(h.bpw, h.stats.kld_mean)), abs=1e-5)
+    # the unpaired error of the same difference (each run's own relative error, added in quadrature)
+    unpaired = math.hypot(h.stats.kld_mean_err / h.stats.kld_mean, m["Q6_K"].stats.kld_mean_err / m["Q6_K"].stats.kld_mean)
+    assert 0 < p.se < unpaired
+    same = against(v["Q8_0"], v["Q8_0"])
+    assert same.diff == 0 and same.se == 0
+
+
+def test_paired_decisions():
+    assert Paired(-0.3, 0.1, 100).below(2) and not Paired(-0.1, 0.1, 100).below(2)
+    assert Paired(0.3, 0.1, 100).above(2) and not Paired(0.3, 0.1, 100).below(2)
+
+
+def test_hypervolume_of_a_staircase():
+    assert hypervolume([(1, 1)], (3, 3)) == pytest.approx(4)
+    assert hypervolume([(1, 2), (2, 1)], (3, 3)) == pytest.approx(1 * 1 + 1 * 2)
+    assert hypervolume([(4, 1)], (3, 3)) == 0  # beyond the reference point
+
+
+def test_survivor_rules():
+    e = lambda n, b, k, win=False: Entry(n, n, n, "proposed", int(b * 1000), b, k, win)  # noqa: E731
+    pts = [e("a", 3.0, 0.5), e("b", 3.05, 0.499), e("c", 4.0, 0.2), e("d", 4.5, 0.3), e("w", 4.02, 0.199, True)]
+    assert [x.key for x in pareto(pts)] == ["a", "b", "c", "w"]
+    cmp = lambda x, y: Paired(math.log(x.kld_mean / y.kld_mean), 0.001, 1000)  # noqa: E731
+    got = [x.key for x in select(pts, Rules(spacing_bpw=0.1, min_gain=0.02, z=2), cmp)]
+    assert got == ["a", "w"]  # b: a near-duplicate without a real gain; w (a win) replaces c, its near-duplicate
+
+
+def test_vram_budget_counts_the_kv_cache():
+    desc = {"n_layers": 32, "n_embd": 4096, "n_head": 32, "n_head_kv": 8, "n_vocab": 128256}
+    assert kv_cache_bytes(desc, 8192) == 2 * 32 * 8192 * 8 * 128 * 2  # Llama-3-8B: 1 GiB at 8k
+    b = Budget(vram_bytes=8 * 10**9, ctx=8192)
+    assert b.fits(5 * 10**9, 5.0, desc) and not b.fits(7 * 10**9, 7.0, desc)
+    assert run_memory(0, desc, 0) > 0
+
+
+# ----------------------------------------------------------------------------------- confirmations
+def test_staged_confirmation_joins_to_the_full_measurement(engines):
+    eng = engines["inprocess", "tiny"]
+    spec = EvalSpec(ctx=128, n_chunks=8)
+    first, rest = stage_specs(spec, 0.25)
+    assert (first.n_chunks, rest.chunk_offset, rest.n_chunks) == (2, 2, 6)
+    cfg = Config.parse("default=Q4_0,ffn_down=Q6_K")
+    full = eng.measure(cfg, spec=spec)
+    ref = Reference(Line(()), {}, [], spec.scored_per_chunk)  # no line: nothing can stop it
+    o = confirm(eng, cfg, spec, ref, 0.25)
+    assert o.complete and o.forward_tokens == 8 * 128
+    assert o.measurement.stats.kld_mean == pytest.approx(full.stats.kld_mean, rel=1e-6)
+    assert o.measurement.stats.ppl == pytest.approx(full.stats.ppl, rel=1e-6)
+    assert o.measurement.n_chunks == 8
+
+
+def test_a_hopeless_config_is_stopped_after_the_first_stage(engines):
+    eng = engines["inprocess", "tiny"]
+    spec = EvalSpec(ctx=128, n_chunks=8)
+    m8 = eng.measure(Config.parse("Q8_0"), spec=spec)
+    m6 = eng.measure(Config.parse("Q6_K"), spec=spec)
+    vec = {"Q8_0": load_scores(m8.per_token_path).kld, "Q6_K": load_scores(m6.per_token_path).kld}
+    line = Line.from_presets([Point(m8.bpw, m8.stats.kld_mean, "Q8_0"), Point(m6.bpw, m6.stats.kld_mean, "Q6_K")])
+    # Q8_0 everywhere but ffn_down at Q2_K: inside the line's range and far above it
+    o = confirm(eng, Config.parse("default=Q8_0,ffn_down=Q2_K"), spec, Reference(line, vec, [], spec.scored_per_chunk))
+    assert not o.complete and "above the line" in o.reason
+    assert o.measurement.n_chunks == 2 and o.forward_tokens == 2 * 128
+
+
+# ----------------------------------------------------------------------------------- the loop
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory, tiny):
+    d = tmp_path_factory.mktemp("campaign")
+    doc = _json(mq("campaign", "run", tiny, "--corpus", CORPUS, "--ctx", 128, "--tokens", 512, "--budget", 6, "--batch", 3,
+                   "--out", d / "out", "--store", d / "store", "--json", "--vram-ctx", 4096, timeout=900))  # fmt: skip
+    return d, doc
+
+
+def test_campaign_spends_its_budget_and_records_everything_once(campaign):
+    d, doc = campaign
+    assert 1 <= doc["confirmations"] <= 6 and doc["budget"] == 6
+    recs = Store(d / "store").load()
+    mine = recs[recs["provenance_file"].fillna("").str.startswith("campaign:")]
+    assert len(mine) == doc["confirmations"]
+    search = mine[mine["chunk_offset"] == 0]
+    assert search["types_key"].is_unique  # nothing measured twice
+    partial = mine[mine["status"] == "partial"]
+    assert (partial["n_chunks"] < 8).all() and partial["status_reason"].str.contains("stopped early").all()
+    assert set(recs[recs["source"] == "preset"]["config"]) >= {"preset=Q8_0", "preset=Q4_K_M", "preset=Q2_K"}
+    preds = [json.loads(x) for x in (d / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert {p["types_key"] for p in preds} >= set(search[search["source"] == "proposed"]["types_key"])
+
+
+def test_campaign_report_files_and_manifests(campaign, tiny, tmp_path):
+    d, doc = campaign
+    out = d / "out"
+    assert (out / "pareto.png").stat().st_size > 10_000
+    table = pd.read_csv(out / "survivors.csv")
+    assert len(table) == len(doc["survivors"]) >= 2
+    assert "preset=Q8_0" in set(table["config"])  # the largest preset is never dominated
+    md = (out / "survivors.md").read_text()
+    assert all(n in md for n in table["name"])
+    name = table.iloc[0]["name"]
+    man = json.loads((out / "recipes" / f"{name}.manifest.json").read_text())
+    assert man["statistics"]["kld_mean"] == pytest.approx(table.iloc[0]["kld_mean"])
+    assert "llama-quantize" in man["rebuild"]["llama_quantize"] and man["tensor_types"]
+    built = tmp_path / "rebuilt.gguf"
+    mq("build", tiny, "--config", man["config"], "-o", built, check=True)
+    assert built.stat().st_size == man["size_bytes"]  # the manifest's rebuild gives the measured file
+
+
+def test_report_picks_the_best_survivor_within_a_budget(campaign):
+    d, doc = campaign
+    rows = doc["survivors"]
+    limit = sorted(r["size_bytes"] for r in rows)[len(rows) // 2]
+    rep = _json(mq("report", d / "out", "--store", d / "store", "--target-size", str(limit), "--json"))
+    fit = [r for r in rep["survivors"] if r["size_bytes"] <= limit]
+    assert rep["chosen"]["name"] == min(fit, key=lambda r: r["kld_mean"])["name"]
+    assert sum(r["chosen"] for r in rep["survivors"]) == 1
+
+
+def test_resume_after_kill_9_loses_nothing_and_measures_nothing_twice(tiny, tmp_path):
+    out, store = tmp_path / "out", tmp_path / "store"
+    args = ["campaign", "run", str(tiny), "--corpus", str(CORPUS), "--ctx", "128", "--tokens", "512", "--budget", "5",
+            "--batch", "2", "--out", str(out), "--store", str(store), "--no-track"]  # fmt: skip
+    p = subprocess.Popen([*MQ, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:  # wait for the first confirmation to land, then kill -9
+            if (store / "records.csv").exists() and "campaign:" in (store / "records.csv").read_text():
+                break
+            assert p.poll() is None, p.stderr.read()
+            time.sleep(0.2)
+        p.send_signal(signal.SIGKILL)
+        p.wait(30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    before = Store(store).load()
+    n_before = before["provenance_file"].fillna("").str.startswith("campaign:").sum()
+    assert n_before >= 1
+    doc = _json(mq("campaign", "resume", out, "--store", store, "--no-track", "--json", timeout=900))
+    after = Store(store).load()
+    mine = after[after["provenance_file"].fillna("").str.startswith("campaign:")]
+    assert len(mine) == doc["confirmations"] <= 5 and len(mine) >= n_before
+    assert mine[mine["chunk_offset"] == 0]["types_key"].is_unique
+    assert set(before["key"]) <= set(after["key"])  # nothing lost
+    assert after[after["source"] == "preset"]["key"].is_unique
+    assert (out / "survivors.md").exists()
+
+
+def test_compare_two_campaigns_from_mlflow(tiny, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'ml.db'}"
+    for name in ("a", "b"):
+        mq("campaign", "run", tiny, "--corpus", CORPUS, "--ctx", 128, "--tokens", 512, "--budget", 3, "--batch", 3,
+           "--out", tmp_path / name, "--store", tmp_path / f"store-{name}", "--tracking-uri", uri,
+           "--experiment", f"exp-{name}", "--seed", 0 if name == "a" else 1, check=True, timeout=900)  # fmt: skip
+    rows = _json(mq("compare", "exp-a", "exp-b", "--tracking-uri", uri, "--plot", tmp_path / "cmp.png", "--json"))
+    assert [r["name"] for r in rows] == ["exp-a", "exp-b"]
+    for r, name in zip(rows, ("a", "b")):
+        recs = Store(tmp_path / f"store-{name}").load()
+        mine = recs[recs["provenance_file"].fillna("").str.startswith("campaign:") & (recs["chunk_offset"] == 0)]
+        assert r["campaigns"] == 1 and r["confirmations"] == len(mine)
+        q8 = recs[(recs["config"] == "preset=Q8_0") & (recs["chunk_offset"] == 0)]["kld_mean"].iloc[0]
+        top = max(r["best_by_band"].values(), key=lambda x: x["bpw"])
+        assert top["kld_mean"] <= q8 + 1e-12
+    assert (tmp_path / "cmp.png").stat().st_size > 5_000
+    import mlflow
+
+    runs = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("exp-a").experiment_id])
+    parent = [r for r in runs if r.data.tags.get("mqpredict.kind") == "campaign"][0]
+    assert "hypervolume" in parent.data.metrics and "confirmations" in parent.data.metrics
+    arts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(parent.info.run_id)}
+    assert {"survivors.md", "survivors.csv", "pareto.png"} <= arts
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert any("kld_pred" in r.data.metrics for r in nested)
