@@ -1,12 +1,12 @@
 """Which measured configs survive: rules in the manner of MagicQuant, thresholds configurable.
 
 1. **Dominance**: only the Pareto front over (size, KLD) of every fully measured config.
-2. **Wins stay**: a re-confirmed nonlinear win on the front is always kept.
+2. **Wins stay**: a re-confirmed nonlinear win on the front is kept (of near-duplicates, see 4).
 3. **Size premium only for a real gain**: walking the front from small to large, a bigger config is kept
    only if its KLD is lower than the last survivor's by more than ``min_gain`` (in ln KLD) *and* by more
    than ``z`` paired errors on the same tokens.
-4. **Near-duplicates collapse**: configs closer than ``spacing_bpw`` to the last survivor replace it only
-   with a real gain (rule 3); otherwise the smaller one stays.
+4. **Near-duplicates collapse**: a config closer than ``spacing_bpw`` to the last survivor replaces it
+   with a real gain (rule 3), or when it is a win and the survivor is not; otherwise the smaller stays.
 """
 
 from __future__ import annotations
@@ -55,11 +55,9 @@ def select(entries: list[Entry], rules: Rules, compare: Callable[[Entry, Entry],
         prev = out[-1]
         d = compare(e, prev)
         real = -d.diff > rules.min_gain and d.below(rules.z)
-        if e.bpw - prev.bpw < rules.spacing_bpw:  # a near-duplicate of the last survivor
-            if (real or e.win) and not prev.win:
+        if e.bpw - prev.bpw < rules.spacing_bpw:  # a near-duplicate of the last survivor: one of them stays
+            if real or (e.win and not prev.win):
                 out[-1] = e
-            elif e.win:
-                out.append(e)
         elif real or e.win:
             out.append(e)
     return out

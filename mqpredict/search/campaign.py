@@ -162,6 +162,16 @@ def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float]) -> 
     return area
 
 
+def spread(cands: list[tuple[str, Paired]], bpw: dict[str, float], spacing: float = 0.1) -> list[tuple[str, Paired]]:
+    """Candidates best first, but one per ``spacing``-bpw neighbourhood before any second one: the held-out
+    budget re-confirms wins across the size range, not five near-copies of the best."""
+    first: list[tuple[str, Paired]] = []
+    for k, m in cands:
+        if all(abs(bpw[k] - bpw[j]) >= spacing for j, _ in first):
+            first.append((k, m))
+    return first + [c for c in cands if c not in first]
+
+
 class Campaign:
     """One campaign on one engine (base + corpus) and one store; ``run()`` runs or resumes it."""
 
@@ -475,7 +485,8 @@ class Campaign:
         pred = f"predicted {p.kld_pred:.4f} [{p.kld_lo:.4f}, {p.kld_hi:.4f}] · " if p else ""
         mg = f" · {o.margin.diff:+.3f} ± {o.margin.se:.3f} vs line" if o.margin else ""
         what = "held-out " if heldout else ("" if o.complete else "stopped early · ")
-        self.say(f"[{step}] {what}{c.key} · {m.bpw:.3f} bpw · {pred}measured {m.stats.kld_mean:.4f}{mg}")
+        why = f" ({o.reason.removeprefix('stopped early: ')})" if o.reason else ""
+        self.say(f"[{step}] {what}{c.key} · {m.bpw:.3f} bpw · {pred}measured {m.stats.kld_mean:.4f}{mg}{why}")
 
     # ------------------------------------------------------------------------ held-out re-confirmation
     def _heldout(self, res: Result) -> None:
@@ -505,7 +516,7 @@ class Campaign:
         done_types = set(done["types_key"]) if len(done) else set()
         by_key = ok.set_index("key")
         step = len(self._spent())
-        for key, _m in cands:
+        for key, _m in spread(cands, {k: float(by_key.loc[k, "bpw"]) for k, _ in cands}):
             r = by_key.loc[key]
             if r["types_key"] in done_types:
                 continue

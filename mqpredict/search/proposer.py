@@ -50,12 +50,15 @@ class Proposer:
     population: int = 200_000
     generations: int = 6
     seed: int = 0
+    #: allowed types per group (default: ``types`` for every group, F16 too for embeddings/lm_head); a
+    #: group with one type is fixed
+    allowed: dict[str, tuple[QuantType, ...]] | None = None
     _space: Space = field(init=False, repr=False)
     _feat: Featurizer = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         cs = CandidateSpace(self.model, self.types)
-        self._space = Space.build(self.model, {g: cs.allowed(g) for g in cs.groups})
+        self._space = Space.build(self.model, self.allowed or {g: cs.allowed(g) for g in cs.groups})
         self._feat = Featurizer(self._space, self.table)
 
     @property
@@ -98,21 +101,31 @@ class Proposer:
         sigma = sigma_from_halfwidth(halfwidth, coverage)
         A = self._pool(s, ln_ref, sigma, front)
         sizes, bpw, mu, ei = self._score(A, s, ln_ref, sigma, front)
-        top = np.argsort(-ei, kind="stable")[: max(50, 40 * n)]
-        keep, keys = [], {}
-        for i in top:
-            if ei[i] <= 0:
-                break
-            c = self._space.config(A[i])
-            k = types_key(self.model, resolve(self.model, c))
-            if k in measured or k in keys.values():
-                continue
-            keys[int(i)] = k
-            keep.append(int(i))
-        if not keep or not front.hull:
+        if not front.hull:
             return []
-        idx = np.array(keep)
         lo, hi = front.hull[0].bpw, front.hull[-1].bpw
+        edges = np.linspace(lo, hi, n + 1)
+        keys: dict[int, str] = {}
+        taken: set[str] = set()
+        per_band = max(10, 40 // max(1, n))
+        for a, b in [(lo, hi), *zip(edges, edges[1:])]:  # the global best, then the best of every band
+            inside = np.flatnonzero((bpw >= a) & (bpw <= b) & (ei > 0))
+            got = 0
+            for i in inside[np.argsort(-ei[inside], kind="stable")]:
+                if got >= (4 * n if a == lo and b == hi else per_band):
+                    break
+                if int(i) in keys:
+                    continue
+                k = types_key(self.model, resolve(self.model, self._space.config(A[i])))
+                if k in measured or k in taken:
+                    continue
+                keys[int(i)] = k
+                taken.add(k)
+                got += 1
+        if not keys:
+            return []
+        keep = sorted(keys)
+        idx = np.array(keep)
         chosen = [keep[j] for j in diverse_batch(bpw[idx], ei[idx], n, lo, hi)]
         return [Proposal(self._space.config(A[i]), keys[i], int(sizes[i]), float(bpw[i]), float(np.exp(mu[i])),
                          float(np.exp(mu[i] - halfwidth)), float(np.exp(mu[i] + halfwidth)), float(ei[i]))
