@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -212,3 +213,32 @@ def test_compare_two_campaigns_from_mlflow(tiny, tmp_path):
     assert {"survivors.md", "survivors.csv", "pareto.png"} <= arts
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert any("kld_pred" in r.data.metrics for r in nested)
+
+
+def test_report_speed_measures_every_survivor_with_llama_bench(campaign):
+    d, _doc = campaign
+    rep = _json(mq("report", d / "out", "--store", d / "store", "--speed", "--objective", "speed", "--json", timeout=900))
+    rows = rep["survivors"]
+    assert all(r["speed_pp_ts"] > 0 and r["speed_tg_ts"] > 0 and r["speed_repeats"] == 5 for r in rows)
+    assert rep["chosen"]["name"] == max(rows, key=lambda r: r["speed_tg_ts"])["name"]
+    assert "tg tok/s" in (d / "out" / "survivors.md").read_text()
+    p = mq("report", d / "out", "--store", d / "store", "--objective", "balanced")
+    assert p.returncode != 0 and "--speed" in p.stderr
+
+
+def test_clone_confirms_a_survivor_on_a_variant(campaign, tiny576, tmp_path):
+    from mqpredict.base.testmodel import write_test_model
+
+    d, doc = campaign
+    variant = write_test_model(tmp_path / "variant.gguf", seed=4)  # same shapes, other weights: a "fine-tune"
+    name = next(r["name"] for r in doc["survivors"] if r["source"] != "preset") if any(
+        r["source"] != "preset" for r in doc["survivors"]) else doc["survivors"][0]["name"]  # fmt: skip
+    rows = _json(mq("clone", variant, "--from", d / "out", "--store", d / "store", "--survivor", name, "--out",
+                    tmp_path / "built", "--json", timeout=900))  # fmt: skip
+    (r,) = rows
+    src = next(x for x in doc["survivors"] if x["name"] == name)
+    assert r["size_bytes"] == src["size_bytes"]  # same layout, same config: the same size
+    assert r["kld_mean"] > 0 and r["kld_mean"] != pytest.approx(src["kld_mean"], rel=1e-6)  # measured on the variant
+    assert Path(r["gguf"]).stat().st_size == r["size_bytes"]
+    p = mq("clone", tiny576, "--from", d / "out", "--store", d / "store")
+    assert p.returncode != 0 and "shape" in p.stderr and "Traceback" not in p.stderr

@@ -67,13 +67,16 @@ def _print_survivors(rows: list[dict], title: str) -> None:
     import math
 
     t = Table(title=title, show_edge=False)
-    for c in ("name", "size MB", "bpw", "KLD mean", "p99", "vs line", "held-out", "win", "config"):
+    speed = any("speed_tg_ts" in r for r in rows)
+    cols = ("name", "size MB", "bpw", "KLD mean", "p99", "vs line", "held-out", "win") + (("pp t/s", "tg t/s") if speed else ())
+    for c in cols + ("config",):
         t.add_column(c, justify="left" if c in ("name", "config", "win") else "right", no_wrap=c == "name")
     pct = lambda x: "" if x is None else f"{100 * math.expm1(x):+.1f}%"  # noqa: E731
     for r in rows:
+        sp = (f"{r['speed_pp_ts']:.1f}", f"{r['speed_tg_ts']:.1f}") if speed else ()
         t.add_row(("* " if r["chosen"] else "") + r["name"], f"{r['size_mb']:.2f}", f"{r['bpw']:.3f}", f"{r['kld_mean']:.4f}",
                   f"{r['kld_p99']:.3f}", pct(r["margin_ln"]), pct(r["heldout_margin_ln"]), "yes" if r["nonlinear_win"] else "",
-                  r["effective_config"][:60])  # fmt: skip
+                  *sp, r["effective_config"][:60])  # fmt: skip
     out.print(t)
 
 
@@ -181,11 +184,15 @@ def report(
     spacing: SpacingOpt = 0.1,
     min_gain: MinGainOpt = 0.02,
     z: Annotated[float | None, typer.Option("--z", help="Paired errors for a real gain (default: the campaign's).")] = None,
+    speed: Annotated[bool, typer.Option("--speed", help="Build each survivor and measure prompt (pp) and generation "
+                                        "(tg) tokens/s with llama-bench on this machine (5 repeats, median ± spread).")] = False,  # fmt: skip
+    objective: Annotated[str, typer.Option("--objective", help="How the budget's best survivor is chosen: kld, speed "
+                                           "(fastest tg) or balanced (ln KLD − ln tg tok/s); the last two need --speed.")] = "kld",  # fmt: skip
     threads: ThreadsOpt = 0,
     json: JsonOpt = False,
 ) -> None:
     """(Re)write a campaign's survivors table, Pareto plot, recipes and manifests from the records store;
-    --target-size / --target-bpw / --vram pick the best survivor that fits."""
+    --target-size / --target-bpw / --vram pick the best survivor that fits; --speed adds tokens/s."""
     from mqpredict.measure.corpus import EvalSpec
     from mqpredict.report.campaign_report import write_report
     from mqpredict.report.survivors import Rules
@@ -198,7 +205,8 @@ def report(
         with eng:
             c = Campaign(eng, _store(store), out_dir, st, None, lambda s: err.print(s, highlight=False), progress)
             rep = write_report(c, Rules(spacing, min_gain, z if z is not None else st.settings.z),
-                               _budget(target_size, target_bpw, vram, vram_ctx), vram_ctx)  # fmt: skip
+                               _budget(target_size, target_bpw, vram, vram_ctx), vram_ctx, speed, objective, threads,
+                               progress)  # fmt: skip
     if json:
         emit_json({"out": str(out_dir), "survivors": rep.rows, "chosen": rep.chosen, "wins": rep.wins,
                    "table": str(rep.table_md), "plot": str(rep.plot)})  # fmt: skip
@@ -275,7 +283,79 @@ def propose(
     out.print(f"wrote {out_dir / 'proposals.json'} and the recipes; measure them, then `mqpredict data import`", highlight=False)
 
 
+def clone(
+    variant: Annotated[Path, typer.Argument(help="A fine-tune of the campaign's base (same architecture and shapes).")],
+    from_dir: Annotated[Path, typer.Option("--from", help="The campaign folder whose survivors to apply.")],
+    survivor: Annotated[list[str] | None, typer.Option("--survivor", help="Survivor name(s) from survivors.csv "
+                                                       "(default: the re-confirmed wins, else the chosen one).")] = None,  # fmt: skip
+    corpus: Annotated[Path | None, typer.Option("--corpus", help="Evaluation text (default: the campaign's).")] = None,
+    keep: Annotated[Path | None, typer.Option("--out", "-o", help="Folder to keep the built GGUFs in.")] = None,
+    store: StoreOpt = None,
+    threads: ThreadsOpt = 0,
+    json: JsonOpt = False,
+) -> None:
+    """Apply a campaign's survivor to a variant of its base: check the tensor layout matches, build it,
+    and confirm it with real KLD runs against the variant's own weights — with the two presets of the
+    campaign's line around it, so the margin to the line is measured on the variant."""
+    import pandas as pd
+
+    from mqpredict.measure.corpus import EvalSpec
+    from mqpredict.quant.config import Config
+    from mqpredict.quant.model import ModelInfo
+    from mqpredict.search.campaign import State
+    from mqpredict.search.clone import check_layout, clone as do_clone
+    from mqpredict.search.line import Line, Point
+    from mqpredict.search.paired import line_weights
+
+    st = State.load(from_dir)
+    table_path = from_dir / "survivors.csv"
+    if not table_path.exists():
+        raise InputError(f"{from_dir} has no survivors.csv", f"write it with: mqpredict report {from_dir}")
+    table = pd.read_csv(table_path)
+    if survivor:
+        missing = [n for n in survivor if n not in set(table["name"])]
+        if missing:
+            raise InputError(f"no survivor named {missing[0]} in {table_path}", f"one of: {', '.join(table['name'])}")
+        picked = table[table["name"].isin(survivor)]
+    else:
+        picked = table[table["nonlinear_win"]]
+        if picked.empty:
+            picked = table[table["chosen"]] if table["chosen"].any() else table[table["source"] != "preset"].head(1)
+    if picked.empty:
+        raise InputError(f"{table_path} holds no win, no chosen survivor and no hybrid", "give --survivor NAME")
+    check_layout(ModelInfo.load(st.base), ModelInfo.load(variant))
+    recs = _store(store).load()
+    pres = recs[(recs["model_id"] == st.model_id) & (recs["source"] == "preset") & (recs["status"] == "ok")
+                & (recs["ctx"] == st.ctx) & (recs["n_chunks"] == st.n_chunks) & (recs["chunk_offset"] == st.chunk_offset)]  # fmt: skip
+    line = Line.from_presets([Point(float(r.bpw), float(r.kld_mean), r.config) for r in pres.itertuples()])
+    spec = EvalSpec(st.ctx, st.n_chunks, st.chunk_offset)
+    results = []
+    with progress_bar(not json) as progress:
+        eng = make_engine(variant, corpus or Path(st.corpus_path), spec, EngineName.inprocess, None, threads, False, progress)
+        with eng:
+            for r in picked.itertuples():
+                ws = line_weights(line, float(r.bpw)) or []
+                around = [Config.parse(name) for w, name in ws if w > 0]
+                err.print(f"{r.name}: building and measuring on {variant.name} with {', '.join(c.key for c in around) or 'no preset'}",
+                          highlight=False)  # fmt: skip
+                out_file = keep / f"{variant.stem}-{r.name}.gguf" if keep else None
+                if keep:
+                    keep.mkdir(parents=True, exist_ok=True)
+                results.append({"name": r.name, **do_clone(eng, Config.parse(r.config), float(r.kld_mean), around, out_file).to_json(),
+                                "gguf": str(out_file) if out_file else None})  # fmt: skip
+    if json:
+        emit_json(results)
+        return
+    import math
+
+    for x in results:
+        mg = "" if x["margin_ln"] is None else f" · {100 * math.expm1(x['margin_ln']):+.1f}% ± {100 * x['margin_se']:.1f}% vs the line on the variant"
+        out.print(f"{x['name']}: KLD {x['kld_mean']:.4f} on {variant.name} (campaign base: {x['campaign_kld_mean']:.4f}){mg}"
+                  + (f" · kept {x['gguf']}" if x["gguf"] else ""), highlight=False)  # fmt: skip
+
+
 def register(root: typer.Typer) -> None:
     root.add_typer(app, name="campaign")
     root.command()(propose)
     root.command()(report)
+    root.command()(clone)

@@ -30,8 +30,17 @@ def _name(r: dict, i: int) -> str:
     return f"mq{i:02d}-{r['bpw']:.2f}bpw"
 
 
-def write_report(c: Campaign, rules: Rules = Rules(), budget: Budget = Budget(), vram_ctx: int = 8192) -> Report:
+def write_report(c: Campaign, rules: Rules = Rules(), budget: Budget = Budget(), vram_ctx: int = 8192,
+                 speed: bool = False, objective: str = "kld", threads: int = 0, progress=None) -> Report:  # fmt: skip
+    """Survivors table, plot, recipes and manifests in the campaign folder; ``speed`` builds every survivor
+    and measures its tokens/s with llama-bench (``objective`` may then weigh it)."""
+    from mqpredict.errors import InputError
     from mqpredict.llama.quantize import dry_run_types
+
+    if objective not in W.OBJECTIVES:
+        raise InputError(f"--objective {objective!r} is not one of: {', '.join(W.OBJECTIVES)}")
+    if objective != "kld" and not speed:
+        raise InputError(f"--objective {objective} needs the survivors' speed", "add --speed")
 
     st, out = c.state, c.out
     line, _ref, _, ok = c._reference()
@@ -63,7 +72,9 @@ def write_report(c: Campaign, rules: Rules = Rules(), budget: Budget = Budget(),
             hr = h.iloc[0]
             hm = margin_to_line(c._vector(hr), float(hr["bpw"]), hline, hvec, st.heldout.scored_per_chunk)
         rows.append(W.Row(e, r, m, hm, W.vram_column(e.size_bytes, desc, vram_ctx)))
-    pick = W.chosen_index(rows, budget, desc) if budget.given else None
+    if speed:
+        rows = _with_speed(c, rows, threads, progress)
+    pick = W.chosen_index(rows, budget, desc, objective) if budget.given or objective != "kld" else None
     if pick is not None:
         rows[pick] = W.Row(**{**rows[pick].__dict__, "chosen": True})
     table = W.table_rows(rows)
@@ -74,8 +85,12 @@ def write_report(c: Campaign, rules: Rules = Rules(), budget: Budget = Budget(),
              f"presets); {len(wins)} re-confirmed nonlinear win(s).",
              f"Rules: Pareto front; a bigger survivor must gain > {rules.min_gain:.3f} ln KLD and > {rules.z:g} paired "
              f"errors; near-duplicates closer than {rules.spacing_bpw} bpw collapse; wins are kept."]  # fmt: skip
-    if budget.given:
-        notes.append("Best survivor within the budget: " + (f"**{rows[pick].entry.name}**" if pick is not None else "none fits"))
+    if speed:
+        sp = next(r.speed for r in rows if r.speed is not None)
+        notes.append(f"Speed: llama-bench on this machine, {sp.threads} threads, pp{sp.n_prompt} / tg{sp.n_gen}, median "
+                     f"± half the spread of {sp.repeats} repeats.")  # fmt: skip
+    if pick is not None or budget.given:
+        notes.append(f"Best survivor within the budget ({objective}): " + (f"**{rows[pick].entry.name}**" if pick is not None else "none fits"))
     W.write_markdown(out / "survivors.md", f"Survivors · {c.engine.model.name}", rows, notes, vram_ctx)
     points = [{"bpw": r["bpw"], "kld_mean": r["kld_mean"], "source": r["source"], "config": r["config"]} for r in recs.values()]
     W.plot(out / "pareto.png", f"{c.engine.model.name} · {st.n_chunks}×{st.ctx} tokens of {st.corpus}", points, line, rows)
@@ -88,3 +103,24 @@ def write_report(c: Campaign, rules: Rules = Rules(), budget: Budget = Budget(),
         c.tracker.log_artifact(t)
     chosen = table[pick] if pick is not None else None
     return Report(out / "survivors.md", out / "survivors.csv", out / "pareto.png", table, chosen, len(wins))
+
+
+def _with_speed(c: Campaign, rows: list[W.Row], threads: int, progress) -> list[W.Row]:
+    """Build each survivor (a temporary file) and measure its tokens/s."""
+    import dataclasses
+    import tempfile
+
+    from mqpredict.llama.speed import measure_speed
+
+    out = []
+    with tempfile.TemporaryDirectory(prefix="mqpredict-speed-") as tmp:
+        for i, r in enumerate(rows):
+            if progress:
+                progress("speed", i, len(rows))
+            path = Path(tmp) / f"{r.entry.name}.gguf"
+            c.engine.build(Config.parse(r.record["config"]), path)
+            out.append(dataclasses.replace(r, speed=measure_speed(path, threads, llama_bin=getattr(c.engine, "llama_bin", None))))
+            path.unlink()
+    if progress:
+        progress("speed", len(rows), len(rows))
+    return out

@@ -31,6 +31,7 @@ class Row:
     heldout: Paired | None  # held-out slice, to its line
     fits_gb: int | None  # smallest common VRAM (GB) at the report's ctx
     chosen: bool = False  # the best survivor within the user's budget
+    speed: object | None = None  # mqpredict.llama.speed.Speed when measured (report --speed)
 
 
 def _f(x, fmt=".4f") -> str:
@@ -48,11 +49,12 @@ def table_rows(rows: list[Row]) -> list[dict]:
         out.append({
             "name": r.entry.name, "config": v["config"], "effective_config": v["effective_config"],
             "source": v["source"], "size_bytes": v["size_bytes"], "size_mb": round(v["size_bytes"] / 1e6, 2),
-            "bpw": round(v["bpw"], 4), **{k: v.get(k) for k in STATS},
+            "bpw": v["bpw"], **{k: v.get(k) for k in STATS},
             "margin_ln": None if r.margin is None else r.margin.diff, "margin_se": None if r.margin is None else r.margin.se,
             "heldout_margin_ln": None if r.heldout is None else r.heldout.diff,
             "heldout_margin_se": None if r.heldout is None else r.heldout.se,
             "nonlinear_win": r.entry.win, "fits_vram_gb": r.fits_gb, "chosen": r.chosen, "record_key": v["key"],
+            **({f"speed_{k}": x for k, x in r.speed.to_json().items()} if r.speed is not None else {}),
         })  # fmt: skip
     return out
 
@@ -66,15 +68,19 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def write_markdown(path: Path, title: str, rows: list[Row], notes: list[str], ctx: int) -> None:
+    speed = any(r.speed is not None for r in rows)
+    sp_head, sp_rule = (" pp tok/s | tg tok/s |", "---:|---:|") if speed else ("", "")
     lines = [f"# {title}", "", *notes, "",
-             f"| name | size MB | bpw | KLD mean ± err | p99 | same top | vs line (search) | vs line (held-out) | win | VRAM @ {ctx} ctx | per-group types |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|:-:|---:|---|"]  # fmt: skip
+             f"| name | size MB | bpw | KLD mean ± err | p99 | same top | vs line (search) | vs line (held-out) | win |{sp_head} VRAM @ {ctx} ctx | per-group types |",
+             f"|---|---:|---:|---:|---:|---:|---:|---:|:-:|{sp_rule}---:|---|"]  # fmt: skip
     for r in rows:
         v = r.record
+        sp = (f" {r.speed.pp_ts:.1f} ± {r.speed.pp_spread / 2:.1f} | {r.speed.tg_ts:.1f} ± {r.speed.tg_spread / 2:.1f} |"
+              if r.speed is not None else (" | |" if speed else ""))  # fmt: skip
         lines.append(
             f"| {'**' + r.entry.name + '**' if r.chosen else r.entry.name} | {v['size_bytes'] / 1e6:.2f} | {v['bpw']:.3f} | "
             f"{_f(v['kld_mean'])} ± {_f(v['kld_mean_err'])} | {_f(v['kld_p99'])} | {_f(v['same_top_p'], '.3f')} | "
-            f"{_margin(r.margin)} | {_margin(r.heldout)} | {'yes' if r.entry.win else ''} | "
+            f"{_margin(r.margin)} | {_margin(r.heldout)} | {'yes' if r.entry.win else ''} |{sp} "
             f"{'' if r.fits_gb is None else str(r.fits_gb) + ' GB'} | `{v['effective_config']}` |"
         )  # fmt: skip
     lines += ["", "Margins are paired (same tokens as the presets of the line): ln KLD below the line, as a % of KLD, "
@@ -159,10 +165,20 @@ def plot(path: Path, title: str, points: list[dict], line: Line, survivors: list
     tmp.replace(path)
 
 
-def chosen_index(rows: list[Row], budget: Budget, desc: dict) -> int | None:
-    """The best (lowest KLD) survivor within the budget."""
+OBJECTIVES = ("kld", "speed", "balanced")
+
+
+def chosen_index(rows: list[Row], budget: Budget, desc: dict, objective: str = "kld") -> int | None:
+    """The best survivor within the budget: lowest KLD (``kld``), fastest generation (``speed``), or lowest
+    ``ln KLD − ln tg tok/s`` (``balanced``: 10% faster is worth 10% more KLD). Speed needs ``--speed``."""
     fit = [i for i, r in enumerate(rows) if budget.fits(r.record["size_bytes"], r.record["bpw"], desc)]
-    return min(fit, key=lambda i: rows[i].record["kld_mean"]) if fit else None
+    if not fit:
+        return None
+    if objective == "speed":
+        return max(fit, key=lambda i: rows[i].speed.tg_ts)
+    if objective == "balanced":
+        return min(fit, key=lambda i: math.log(rows[i].record["kld_mean"]) - math.log(rows[i].speed.tg_ts))
+    return min(fit, key=lambda i: rows[i].record["kld_mean"])
 
 
 def vram_column(size_bytes: int, desc: dict, ctx: int) -> int | None:
