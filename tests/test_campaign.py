@@ -242,3 +242,31 @@ def test_clone_confirms_a_survivor_on_a_variant(campaign, tiny576, tmp_path):
     assert Path(r["gguf"]).stat().st_size == r["size_bytes"]
     p = mq("clone", tiny576, "--from", d / "out", "--store", d / "store")
     assert p.returncode != 0 and "shape" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_failed_llama_run_is_recorded_and_the_campaign_goes_on(tiny, tmp_path):
+    """The tools engine with a llama-quantize that fails on every hybrid (--pure builds): each proposal
+    becomes a `failed` record with llama.cpp's reason, counts against the budget, and the campaign ends
+    with its report."""
+    import stat
+
+    from mqpredict.llama.tools import find_tool
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    os.symlink(find_tool("llama-perplexity"), bin_dir / "llama-perplexity")
+    q = bin_dir / "llama-quantize"
+    q.write_text("#!/usr/bin/env bash\n"
+                 'if [[ " $* " == *" --pure "* ]]; then echo "llama_model_quantize: failed to quantize: out of disk" >&2; exit 1; fi\n'
+                 f'exec "{find_tool("llama-quantize")}" "$@"\n')  # fmt: skip
+    q.chmod(q.stat().st_mode | stat.S_IEXEC)
+    store = tmp_path / "store"
+    doc = _json(mq("campaign", "run", tiny, "--corpus", CORPUS, "--ctx", 128, "--tokens", 512, "--budget", 2, "--batch", 2,
+                   "--engine", "tools", "--llama-bin", bin_dir, "--out", tmp_path / "out", "--store", store, "--no-track",
+                   "--json", timeout=900))  # fmt: skip
+    recs = Store(store).load()
+    mine = recs[recs["provenance_file"].fillna("").str.startswith("campaign:")]
+    assert len(mine) == doc["confirmations"] == 2
+    assert (mine["status"] == "failed").all() and mine["status_reason"].str.contains("out of disk").all()
+    assert (recs[recs["source"] == "preset"]["status"] == "ok").all()
+    assert (tmp_path / "out" / "survivors.md").exists()

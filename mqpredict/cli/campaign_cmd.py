@@ -132,7 +132,8 @@ def run(
     rules, bud = Rules(spacing, min_gain, z), _budget(target_size, target_bpw, vram, vram_ctx)
     with progress_bar(not json) as progress:
         path = _base(base, progress)
-        eng = make_engine(path, corpus, spec, engine, llama_bin, threads, False, progress)
+        # paired decisions need per-token KLD: the tools engine scores llama-perplexity's saved log-probs
+        eng = make_engine(path, corpus, spec, engine, llama_bin, threads, False, progress, tools_kld="logits")
         with eng:
             c = Campaign.start(eng, _store(store), out_dir, settings, tracker=make_tracker(no_track, tracking_uri, experiment),
                                say=lambda s: err.print(s, highlight=False), progress=progress)  # fmt: skip
@@ -165,7 +166,8 @@ def resume(
         st.save(out_dir)
     spec = EvalSpec(st.ctx, st.n_chunks, st.chunk_offset)
     with progress_bar(not json) as progress:
-        eng = make_engine(Path(st.base), Path(st.corpus_path), spec, EngineName(st.engine), llama_bin, threads, False, progress)
+        eng = make_engine(Path(st.base), Path(st.corpus_path), spec, EngineName(st.engine), llama_bin, threads, False,
+                          progress, tools_kld="logits")  # fmt: skip
         with eng:
             c = Campaign(eng, _store(store), out_dir, st, make_tracker(no_track, tracking_uri, experiment),
                          lambda s: err.print(s, highlight=False), progress)  # fmt: skip
@@ -201,7 +203,8 @@ def report(
     st = State.load(out_dir)
     spec = EvalSpec(st.ctx, st.n_chunks, st.chunk_offset)
     with progress_bar(not json) as progress:
-        eng = make_engine(Path(st.base), Path(st.corpus_path), spec, EngineName(st.engine), None, threads, False, progress)
+        eng = make_engine(Path(st.base), Path(st.corpus_path), spec, EngineName(st.engine), None, threads, False,
+                          progress, tools_kld="logits")  # fmt: skip
         with eng:
             c = Campaign(eng, _store(store), out_dir, st, None, lambda s: err.print(s, highlight=False), progress)
             rep = write_report(c, Rules(spacing, min_gain, z if z is not None else st.settings.z),

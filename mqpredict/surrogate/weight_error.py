@@ -127,13 +127,21 @@ def compute(model: ModelInfo, model_id: str, pure: dict[QuantType, GGUFHeader], 
 
 
 def error_table(engine, model_id: str, types=ERROR_TYPES, cache: Path | None = None, progress=None) -> ErrorTable:
-    """The (cached) table of the engine's base model: one pure quantization and one pass per type."""
+    """The (cached) table of the engine's base model: one pure quantization and one pass per type.
+
+    The pure quantizations come from the in-process engine's cache; with another engine (the tools
+    engine on a user's GPU build) an in-process engine on the same base computes them (CPU only)."""
     path = (cache or engine.cache / "weight_errors") / f"{model_id}.json"
     if path.exists():
         try:
             return ErrorTable.load(path)
         except (ValueError, KeyError, OSError):
             path.unlink(missing_ok=True)
+    if not hasattr(engine, "pure_header"):
+        from mqpredict.llama.inprocess import InProcessEngine
+
+        with InProcessEngine(engine.model.path, None, engine.spec) as cpu:
+            return error_table(cpu, model_id, types, path.parent, progress)
     pure = {qt: engine.pure_header(qt) for qt in types}
     table = compute(engine.model, model_id, pure, progress)
     table.save(path)
