@@ -100,3 +100,39 @@ def surrogate(
         for r in meta["cv_summary"]:
             c.add_row(*[str(r[k]) if k in cols[:3] else ("" if r[k] is None else f"{r[k]:.3f}") for k in cols])
         out.print(c)
+
+
+@app.command()
+def search(
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per method (0 … N-1).")] = 5,
+    budgets: Annotated[str, typer.Option("--budgets", help="Comma-separated budgets, in confirmations (and the same "
+                                         "numbers of full runs' forward-pass tokens).")] = "10,20,50,100",
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: mqpredict, random, greedy, evolutionary, "
+                                         "probes, weight-error (default: all).")] = "all",
+    truth: Annotated[Path | None, typer.Option("--truth", help="Ground-truth folder (default: "
+                                               "datasets/ground_truth/tiny256-s0).")] = None,
+    json: JsonOpt = False,
+) -> None:
+    """Search methods simulated on an exhaustively measured space (no llama.cpp runs): the fraction of the
+    true Pareto hypervolume found within 10/20/50/100 confirmations (and as many full runs' tokens, so early
+    stopping is credited) and the runs until the first true nonlinear win; mean ± std over seeds."""
+    from mqpredict.bench.search import DEFAULT_TRUTH, METHODS, Truth, markdown, run
+    from mqpredict.cli.common import err
+    from mqpredict.errors import InputError
+
+    try:
+        bs = [int(b) for b in budgets.split(",") if b.strip()]
+    except ValueError:
+        raise InputError(f"--budgets {budgets!r} is not a comma-separated list of whole numbers") from None
+    if not bs or min(bs) < 1:
+        raise InputError("--budgets needs at least one positive budget")
+    ms = list(METHODS) if methods.strip() == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+    if seeds < 1:
+        raise InputError("--seeds must be at least 1")
+    t = Truth.load(truth or DEFAULT_TRUTH)
+    res = run(t, ms, list(range(seeds)), bs, say=lambda s: err.print(s, highlight=False))
+    if json:
+        emit_json(res)
+        return
+    out.print(markdown(res), highlight=False, markup=False)
+    out.print(f"\nwall time: {res['seconds']:.0f} s", highlight=False)

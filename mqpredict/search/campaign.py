@@ -294,6 +294,9 @@ class Campaign:
         params = {}
         if (self.surrogate_folder / "metadata.json").exists():
             params = json.loads((self.surrogate_folder / "metadata.json").read_text()).get("params", {})
+        # one LightGBM thread: next to llama.cpp's own threads in this process, two OpenMP threads spin and
+        # a 2-second fit took a minute on 2 cores; the fit is small, one thread is enough
+        params = {**params, "n_jobs": 1}
         shipped = Store(self.train_store, create=False).load() if (self.train_store / "STORE.json").exists() else pd.DataFrame()
         if not shipped.empty:
             shipped = shipped[shipped["family"] != self.ident.family]

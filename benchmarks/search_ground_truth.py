@@ -1,0 +1,244 @@
+"""Measure the exhaustive ground truth that ``mqpredict bench search`` simulates searches on.
+
+One tiny model (``write_test_model(seed=0)``: 4 layers, n_embd 256, family ``synthetic-tiny-256``),
+the bundled corpus, 8 windows of 128 tokens (504 scored), one window per batch, in process:
+
+* the 16 seed presets (they draw the line), and
+* every config of the **reduced space**: embeddings fixed at Q8_0, each of the other six groups
+  (lm_head, attn_q, attn_kv, attn_output, ffn_up_gate, ffn_down) at Q8_0, Q6_K, Q4_K or Q3_K —
+  4^6 = 4096 configs, checked to be 4096 distinct files (deduplicated by types_key otherwise).
+
+Writes ``datasets/ground_truth/tiny256-s0/`` (or ``--out``): ``truth.csv`` (one row per measured
+config), ``vectors.npz`` (per-token KLD, float16, one row per truth.csv row, same order), the model's
+weight-error table, ``meta.json`` and a README with provenance and the measured wall time.
+
+Resumable: every measurement is appended to a work folder (``--work``, default in the cache) as soon
+as it is made; running again skips what is there. Progress goes to stderr. llama.cpp runs with one
+thread: on a shared 2-core machine two spinning threads are ~40x slower per tiny evaluation.
+
+    nice -n 10 .venv/bin/python benchmarks/search_ground_truth.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from mqpredict import __version__
+from mqpredict.base.testmodel import write_test_model
+from mqpredict.llama.engine import load_scores
+from mqpredict.llama.inprocess import InProcessEngine
+from mqpredict.measure.corpus import EvalSpec
+from mqpredict.measure.stats import FIELDS as STAT_FIELDS
+from mqpredict.quant.config import Config
+from mqpredict.quant.derive import type_fractions
+from mqpredict.quant.resolve import types_key
+from mqpredict.quant.types import T
+from mqpredict.records.identity import identify
+from mqpredict.records.ingest import adapt
+from mqpredict.records.seed import SEED_PRESETS
+from mqpredict.surrogate.weight_error import ERROR_TYPES, compute
+from mqpredict.util.paths import DATASETS, DEFAULT_CORPUS, PROJECT_ROOT, cache_dir
+
+NAME = "tiny256-s0"
+MODEL_SEED = 0
+SPEC = EvalSpec(ctx=128, n_chunks=8)
+FIXED = {"embeddings": T.Q8_0}
+SPACE_TYPES = (T.Q8_0, T.Q6_K, T.Q4_K, T.Q3_K)  # index 0 … 3 in truth.csv's group columns
+THREADS = 1
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def space_configs(groups: list[str]) -> list[tuple[Config, dict[str, int]]]:
+    """Every config of the reduced space, in lexicographic order of the free groups' type indices."""
+    free = [g for g in groups if g not in FIXED]
+    out = []
+    for idx in itertools.product(range(len(SPACE_TYPES)), repeat=len(free)):
+        assign = {**FIXED, **{g: SPACE_TYPES[i] for g, i in zip(free, idx)}}
+        out.append((Config(default=T.Q8_0, groups=tuple(assign.items())), dict(zip(free, idx))))
+    return out
+
+
+def git_describe() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True).stdout.strip()  # fmt: skip
+        return head + ("+uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.7g}"
+    return str(v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=DATASETS / "ground_truth" / NAME)
+    ap.add_argument("--work", type=Path, default=cache_dir() / "ground_truth" / NAME)
+    ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    ap.add_argument("--limit", type=int, default=0, help="measure only the first N space configs (a trial run)")
+    args = ap.parse_args(argv)
+    work: Path = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "vec").mkdir(exist_ok=True)
+    base = write_test_model(work / "tiny-256-s0.gguf", MODEL_SEED)  # byte-identical for the same seed
+    t_start = time.time()
+    with InProcessEngine(base, args.corpus, SPEC, threads=THREADS, cache=work / "engine") as eng:
+        model = eng.model
+        ident = identify(model)
+        say(f"{model.path.name}: model_id {ident.model_id}, family {ident.family}; {SPEC.n_chunks}×{SPEC.ctx} "
+            f"windows ({SPEC.n_tokens} scored tokens), {THREADS} thread")  # fmt: skip
+        eng.base_logprobs(SPEC)
+
+        # ------------------------------------------------------------------ what to measure
+        plan: list[dict] = []
+        for p in SEED_PRESETS:
+            cfg, _notes = adapt(Config.from_preset(p), model)
+            plan.append({"source": "preset", "config": cfg, "label": p.value, "idx": None})
+        space = space_configs(list(model.groups))
+        if args.limit:
+            space = space[: args.limit]
+        seen_space: dict[str, int] = {}
+        n_dup = 0
+        for i, (cfg, idx) in enumerate(space):
+            plan.append({"source": "space", "config": cfg, "label": cfg.key, "idx": idx, "space_index": i})
+        for row in plan:
+            row["types"] = eng.resolve(row["config"])
+            row["types_key"] = types_key(model, row["types"])
+            if row["source"] == "space":
+                if row["types_key"] in seen_space:
+                    row["dup_of_space"] = seen_space[row["types_key"]]
+                    n_dup += 1
+                else:
+                    seen_space[row["types_key"]] = row["space_index"]
+        say(f"space: {len(space)} configs, {len(seen_space)} distinct files ({n_dup} duplicates dropped)")
+        plan = [r for r in plan if "dup_of_space" not in r]
+
+        # ------------------------------------------------------------------ weight errors
+        t_table = 0.0
+        table_path = work / "error_table.json"
+        if not table_path.exists():
+            t0 = time.perf_counter()
+            table = compute(model, ident.model_id, {qt: eng.pure_header(qt) for qt in ERROR_TYPES})
+            table.save(table_path)
+            t_table = time.perf_counter() - t0
+            say(f"weight-error table: {t_table:.1f} s")
+
+        # ------------------------------------------------------------------ measure (resumable)
+        done_path = work / "measured.jsonl"
+        done: dict[str, dict] = {}
+        if done_path.exists():
+            for line in done_path.read_text().splitlines():
+                try:
+                    d = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a kill
+                if (work / "vec" / f"{d['types_key']}.npy").exists():
+                    done[d["types_key"]] = d
+        todo = list(dict.fromkeys(r["types_key"] for r in plan if r["types_key"] not in done))
+        by_key = {r["types_key"]: r for r in reversed(plan)}  # the first row naming each file
+        say(f"{len(done)} files already measured, {len(todo)} to go")
+        t0 = time.perf_counter()
+        with open(done_path, "a") as log:
+            for j, k in enumerate(todo):
+                r = by_key[k]
+                m = eng.measure(r["config"])
+                assert m.types_key == k, (m.types_key, k)
+                kld = load_scores(m.per_token_path).kld.astype(np.float32)
+                np.save(work / "vec" / f"{k}.npy", kld)
+                Path(m.per_token_path).unlink(missing_ok=True)
+                d = {"types_key": k, "size_bytes": m.size_bytes, "bpw": m.bpw, "seconds": m.seconds_build + m.seconds_eval,
+                     **m.stats.to_json()}  # fmt: skip
+                log.write(json.dumps(d) + "\n")
+                log.flush()
+                done[k] = d
+                if (j + 1) % 100 == 0 or j + 1 == len(todo):
+                    el = time.perf_counter() - t0
+                    say(f"  {j + 1}/{len(todo)} measured · {el:.0f} s · {el / (j + 1):.3f} s each · "
+                        f"eta {(len(todo) - j - 1) * el / (j + 1):.0f} s")  # fmt: skip
+        wall_measure = time.perf_counter() - t0
+        wall_path = work / "wall.json"  # measuring wall time, summed over resumed runs
+        walls = json.loads(wall_path.read_text()) if wall_path.exists() else []
+        if todo:
+            walls.append({"measured": len(todo), "wall_seconds_measuring": wall_measure,
+                          "wall_seconds": time.time() - t_start, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})  # fmt: skip
+            wall_path.write_text(json.dumps(walls, indent=1) + "\n")
+        llama_version, build = eng.version(), eng.build_id()
+        corpus_id = eng.corpus.id
+
+    # ---------------------------------------------------------------------- assemble
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    free = [g for g in model.groups if g not in FIXED]
+    cols = ["row", "source", "config", "space_index", *[f"t_{g}" for g in free], "types_key", "size_bytes", "bpw",
+            *STAT_FIELDS, "fractions"]  # fmt: skip
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    vecs = []
+    for i, r in enumerate(plan):
+        d = done[r["types_key"]]
+        vecs.append(np.load(work / "vec" / f"{r['types_key']}.npy"))
+        config = f"preset={r['label']}" if r["source"] == "preset" else r["config"].key
+        vals = [i, r["source"], config, r.get("space_index", "")]
+        vals += [r["idx"][g] if r["idx"] else "" for g in free]
+        vals += [r["types_key"], d["size_bytes"], repr(float(d["bpw"]))]
+        vals += [_fmt(d[f]) for f in STAT_FIELDS]
+        if r["source"] == "preset":  # space rows: every group wholly at its t_ type (derived header-only)
+            fr = json.dumps(type_fractions(model, r["types"]), sort_keys=True, separators=(",", ":"))
+            vals.append(fr)
+        else:
+            assign = {**{g: t.name for g, t in FIXED.items()}, **{g: SPACE_TYPES[i].name for g, i in r["idx"].items()}}
+            assert type_fractions(model, r["types"]) == {g: {t: 1.0} for g, t in assign.items()}
+            vals.append("")
+        w.writerow(vals)
+    (out / "truth.csv").write_text(buf.getvalue())
+    V = np.stack(vecs)
+    np.savez_compressed(out / "vectors.npz", kld=V.astype(np.float16))
+    (out / "error_table.json").write_text((work / "error_table.json").read_text())
+    seconds = [done[r["types_key"]]["seconds"] for r in plan]
+    meta = {
+        "name": NAME, "model_seed": MODEL_SEED, "model_id": ident.model_id, "model_name": ident.model_name,
+        "family": ident.family, "identity": ident.columns(), "groups": list(model.groups), "free_groups": free,
+        "fixed": {g: t.name for g, t in FIXED.items()}, "space_types": [t.name for t in SPACE_TYPES],
+        "n_space_configs": len(space), "n_space_files": len(seen_space), "n_presets": len(SEED_PRESETS),
+        "corpus": corpus_id, "ctx": SPEC.ctx, "n_chunks": SPEC.n_chunks, "chunk_offset": SPEC.chunk_offset,
+        "n_batch": SPEC.n_batch, "scored_per_chunk": SPEC.scored_per_chunk, "n_tokens": SPEC.n_tokens,
+        "engine": "inprocess", "threads": THREADS, "llama_version": llama_version, "build": build,
+        "mqpredict_version": __version__, "git": git_describe(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds_per_config_median": float(np.median(seconds)), "seconds_measuring_sum": float(np.sum(seconds)),
+        "wall_seconds_measuring": sum(w["wall_seconds_measuring"] for w in walls),
+        "wall_seconds_total": sum(w["wall_seconds"] for w in walls) + t_table, "measuring_runs": walls,
+        "vectors": "vectors.npz: kld float16 (rows of truth.csv) × n_tokens",
+    }  # fmt: skip
+    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    err = np.abs(V.astype(np.float16).astype(np.float64).mean(1) / np.array([done[r["types_key"]]["kld_mean"] for r in plan]) - 1)
+    say(f"wrote {out}: {len(plan)} rows; float16 vectors change mean KLD by at most {100 * err.max():.3f}%")
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    say(f"folder size {size / 1e6:.2f} MB (README excluded until written)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""`bench search` on the shipped ground truth: the simulation's books and metrics are right (no llama.cpp)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mqpredict.bench.search import DEFAULT_TRUTH, Oracle, Run, Truth, run, run_random, score, simulate
+from conftest import mq
+from mqpredict.quant.config import Config
+from mqpredict.quant.derive import type_fractions
+from mqpredict.quant.resolve import resolve, types_key
+from mqpredict.quant.size import size_of
+from mqpredict.search.campaign import hypervolume
+
+
+@pytest.fixture(scope="module")
+def truth() -> Truth:
+    return Truth.load(DEFAULT_TRUTH)
+
+
+def test_ground_truth_is_the_whole_space_of_distinct_files(truth):
+    m = truth.meta
+    assert len(truth.space_rows) == len(m["space_types"]) ** len(m["free_groups"]) == 4096
+    assert len(set(truth.keys[truth.space_rows])) == 4096  # distinct files
+    assert len(truth.preset_rows) == 16
+    assert truth.V.shape == (len(truth.df), m["n_tokens"])
+    # the float16 vectors keep each row's mean KLD (what paired margins are computed from)
+    np.testing.assert_allclose(truth.V.mean(axis=1), truth.df["kld_mean"], rtol=1e-3)
+
+
+def test_sizes_and_files_equal_the_header_only_computation(truth):
+    rng = np.random.default_rng(0)
+    for r in rng.choice(truth.space_rows, 8, replace=False):
+        c = Config.parse(truth.df["config"].iloc[r])
+        types = resolve(truth.model, c)
+        assert size_of(truth.model, types).size_bytes == truth.size[r]
+        assert size_of(truth.model, types).bpw == pytest.approx(truth.bpw[r], rel=1e-12)
+        assert types_key(truth.model, types) == truth.keys[r]
+        assert truth.fractions(int(r)) == type_fractions(truth.model, types)  # derived from the t_ columns
+
+
+def test_hypervolume_fraction_and_budgets(truth):
+    res = run(truth, ["random", "weight-error"], [0], [10])
+    for m in ("random", "weight-error"):
+        r = res["runs"][m][0]
+        assert 0 < r["hv_conf"]["10"] <= 1 and 0 < r["hv_tokens"]["10"] <= 1
+        assert r["n_runs"] <= 10  # counts never exceed the budget
+        assert r["n_stopped_early"] == 0
+        assert res["summary"][m]["hv_conf"]["10"]["mean"] == r["hv_conf"]["10"]
+    assert res["truth"]["hv_true"] == pytest.approx(
+        hypervolume([(truth.bpw[r], truth.ln_kld[r]) for r in truth.space_rows], truth.ref_point))
+
+
+def test_random_with_the_whole_space_finds_the_whole_front(truth):
+    n = len(truth.space_rows)
+    o = Oracle(truth, n, n * truth.full_tokens)
+    run_random(truth, 1, o)
+    # the all-Q8_0 config is the Q8_0 preset's file: known before the search, never charged
+    assert len(o.events) == n - 1
+    assert score(truth, Run("random", 1, o.events), [n])["hv_conf"][n] == pytest.approx(1.0)
+    # and a prefix never beats the whole
+    assert score(truth, Run("random", 1, o.events), [20])["hv_conf"][20] < 1.0
+
+
+def test_true_wins_are_below_the_line(truth):
+    assert truth.wins  # the space holds configs that beat the presets' line
+    for r in list(truth.wins)[:20]:
+        assert truth.line.margin(truth.point(r)) < 0
+
+
+def test_token_budgets_equal_confirmations_without_early_stopping(truth):
+    sc = simulate(truth, "greedy", 0, [10, 20])
+    assert sc["hv_conf"] == sc["hv_tokens"]
+    assert sc["n_runs"] <= 20
+    assert sc["first_win_runs"] is None or 1 <= sc["first_win_runs"] <= 20
+    assert not math.isnan(sc["hv_conf"][20])
+
+
+def test_cli_json(truth):
+    import json
+
+    p = mq("bench", "search", "--seeds", "1", "--budgets", "10", "--methods", "random,weight-error", "--json", check=True)
+    res = json.loads(p.stdout)
+    assert set(res["summary"]) == {"random", "weight-error"}
+    assert res["truth"]["n_space"] == 4096 and res["truth"]["n_true_wins"] == len(truth.wins)
+    assert res["runs"]["random"][0]["n_runs"] == 10
+    bad = mq("bench", "search", "--methods", "nosuch", "--seeds", "1")
+    assert bad.returncode != 0 and "nosuch" in bad.stderr
