@@ -73,7 +73,7 @@ class Tracker:
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         pass
 
-    def log_artifact(self, path: str | os.PathLike) -> None:
+    def log_artifact(self, path: str | os.PathLike, folder: str | None = None) -> None:
         pass
 
 
@@ -226,10 +226,11 @@ class MlflowTracker(Tracker):
                                                                 for k, x in metrics.items() if x is not None]),
                     "logging metrics")  # fmt: skip
 
-    def log_artifact(self, path: str | os.PathLike) -> None:
+    def log_artifact(self, path: str | os.PathLike, folder: str | None = None) -> None:
+        """Upload a file to the open parent run (into ``folder`` of its artifacts, if given)."""
         if self._parent:
             rid = self._parent
-            self._guard(lambda: self.client.log_artifact(rid, str(path)), f"uploading {Path(path).name}")
+            self._guard(lambda: self.client.log_artifact(rid, str(path), folder), f"uploading {Path(path).name}")
 
     def find_run(self, record: Record) -> str | None:
         """The run already logged for this record (by its record-key tag), if any."""

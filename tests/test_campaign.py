@@ -210,9 +210,15 @@ def test_compare_two_campaigns_from_mlflow(tiny, tmp_path):
     parent = [r for r in runs if r.data.tags.get("mqpredict.kind") == "campaign"][0]
     assert "hypervolume" in parent.data.metrics and "confirmations" in parent.data.metrics
     arts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(parent.info.run_id)}
-    assert {"survivors.md", "survivors.csv", "pareto.png"} <= arts
+    assert {"survivors.md", "survivors.csv", "pareto.png", "recipes", "surrogate"} <= arts
+    assert {a.path for a in mlflow.MlflowClient(uri).list_artifacts(parent.info.run_id, "surrogate")} >= {
+        "surrogate/kld.txt", "surrogate/metadata.json"}  # LightGBM text + JSON, never pickle
+    runs = mlflow.MlflowClient(uri).search_runs([parent.info.experiment_id])  # re-read: tags set at the end
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert any("kld_pred" in r.data.metrics for r in nested)
+    tagged = [r.data.tags.get("survivor") for r in nested if r.data.tags.get("slice", "search") == "search"
+              and r.data.tags.get("status") == "ok" and r.data.params.get("chunk_offset") == "0"]
+    assert "yes" in tagged and set(tagged) <= {"yes", "no"}
 
 
 def test_report_speed_measures_every_survivor_with_llama_bench(campaign):

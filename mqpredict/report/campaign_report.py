@@ -101,6 +101,13 @@ def write_report(c: Campaign, rules: Rules = Rules(), budget: Budget = Budget(),
         W.write_recipe(out / "recipes", c.engine.model, row, {k: t.name for k, t in types.items()}, manifest_extra)
     for t in (out / "survivors.md", out / "survivors.csv", out / "pareto.png"):
         c.tracker.log_artifact(t)
+    for t in sorted((out / "recipes").glob("*")):
+        c.tracker.log_artifact(t, "recipes")
+    keep = {r.record["mlflow_run_id"] for r in rows}
+    for r in recs.values():  # tag every measured config's run: survivor yes/no
+        rid = r.get("mlflow_run_id")
+        if isinstance(rid, str) and rid:
+            c.tracker.set_tags(rid, {"survivor": "yes" if rid in keep else "no"})
     chosen = table[pick] if pick is not None else None
     return Report(out / "survivors.md", out / "survivors.csv", out / "pareto.png", table, chosen, len(wins))
 

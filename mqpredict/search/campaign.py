@@ -195,6 +195,7 @@ class Campaign:
         #: only presets and this campaign's
         self.all_sources = False
         self._vectors: dict[str, np.ndarray] = {}
+        self.surrogate_ = None  # the last refitted surrogate (saved into the campaign folder at the end)
         self._predictions = self._load_predictions()
 
     # ------------------------------------------------------------------------ construction
@@ -414,6 +415,7 @@ class Campaign:
             self.say(f"fitting the surrogate ({len(ok)} records of this model + the shipped dataset without "
                      f"{self.ident.family})")  # fmt: skip
             s = self._fit(table)
+            self.surrogate_ = s
             hw = self._halfwidth(s)
             measured = set(self._records(st.search, status=None)["types_key"]) if len(ok) else set()
             measured |= set(spent["types_key"]) if len(spent) else set()
@@ -571,6 +573,10 @@ class Campaign:
         self.tracker.log_metrics({"confirmations": res.spent, "wins": len(w), "forward_tokens": res.forward_tokens,
                                   "hypervolume": hypervolume(pts, ref_pt), "hypervolume_presets": hv_presets,
                                   "forward_tokens_per_win": res.forward_tokens / len(w) if w else None})  # fmt: skip
+        if self.surrogate_ is not None:  # the surrogate that made the last proposals: LightGBM text + JSON
+            folder = self.surrogate_.save(self.out / "surrogate", {"campaign": st.id, "model_id": st.model_id})
+            for f in sorted(Path(folder).iterdir()):
+                self.tracker.log_artifact(f, "surrogate")
         for r in ok[ok["types_key"].isin(w)].itertuples():
             self.tracker.set_tags(r.mlflow_run_id if isinstance(r.mlflow_run_id, str) else None, {"nonlinear_win": "yes"})
         self.say(f"campaign {st.id}: {res.spent}/{self.settings.budget} confirmations, {len(w)} re-confirmed "
