@@ -276,3 +276,17 @@ def test_a_failed_llama_run_is_recorded_and_the_campaign_goes_on(tiny, tmp_path)
     assert (mine["status"] == "failed").all() and mine["status_reason"].str.contains("out of disk").all()
     assert (recs[recs["source"] == "preset"]["status"] == "ok").all()
     assert (tmp_path / "out" / "survivors.md").exists()
+
+
+def test_propose_exports_recipes_for_configs_not_yet_measured(campaign, tiny, tmp_path):
+    d, _doc = campaign
+    rows = _json(mq("propose", tiny, "--n", 3, "-o", tmp_path / "next", "--store", d / "store", "--corpus", CORPUS,
+                    "--ctx", 128, "--tokens", 512, "--json", timeout=600))  # fmt: skip
+    assert 1 <= len(rows) <= 3
+    measured = set(Store(d / "store").load()["types_key"])
+    for r in rows:
+        assert r["types_key"] not in measured and r["kld_lo"] <= r["kld_pred"] <= r["kld_hi"]
+        assert Path(r["recipe"]).exists() and r["command"].startswith("llama-quantize")
+    assert json.loads((tmp_path / "next" / "proposals.json").read_text()) == rows
+    p = mq("propose", tiny, "--store", tmp_path / "empty", "--corpus", CORPUS, "-o", tmp_path / "x")
+    assert p.returncode != 0 and "seed it first" in p.stderr
