@@ -37,9 +37,9 @@ from mqpredict.util.paths import DATASETS, DEFAULT_CORPUS, cache_dir
 SPEC = EvalSpec(ctx=512, n_chunks=8)
 TABLES = DATASETS / "weight_errors"
 REAL = {  # name: (hybrids on the full model, truncations kept blocks, hybrids per truncation)
-    "smollm2": (150, (8, 15), 40),
-    "gemma3-270m": (150, (5, 9), 40),
-    "qwen2.5-0.5b": (120, (6, 12), 40),
+    "smollm2": (150, (8,), 25),
+    "gemma3-270m": (70, (9,), 30),
+    "qwen2.5-0.5b": (30, (12,), 25),
 }
 SYNTHETIC = [  # (shape, seeds, hybrids)
     (TinyShape(256, 768, 4), (0, 1), 60),
@@ -68,8 +68,9 @@ def run_model(path: Path, store: Store, hybrids: int, seed: int) -> None:
     space = CandidateSpace(model)
     recipes, _ = load_recipes(DATASETS / "recipes")
     cands = seeding.preset_candidates() + seeding.recipe_candidates(recipes)
-    cands += seeding.config_candidates(list(space.probes()), Source.probe)
+    probes = list(space.probes())  # marks the probes' files seen: the sample below never repeats them
     cands += seeding.config_candidates(space.sample(hybrids, np.random.default_rng(seed)), Source.hybrid)
+    cands += seeding.config_candidates(probes, Source.probe)  # last: an interrupted run keeps the hybrids
     say(f"{path.name}: {len(cands)} candidates")
     with InProcessEngine(path, DEFAULT_CORPUS, SPEC) as eng:
         rep = seeding.seed(eng, store, cands, say=lambda s: None, keep_vectors=False)
