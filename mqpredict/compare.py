@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mqpredict.errors import InputError
 from mqpredict.tracking import _retry
+from mqpredict.util.figures import save_figure
 
 #: bpw bands of the comparison table (upper edges)
 BANDS = (3.0, 4.0, 5.0, 6.0, 7.0, 9.0, 17.0)
@@ -128,9 +129,5 @@ def plot(path: Path, items: list[Compared]) -> Path:
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
     return path

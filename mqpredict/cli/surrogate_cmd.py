@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json as js
-import re
 from pathlib import Path
 from typing import Annotated
 
@@ -93,18 +92,6 @@ def train(
         out.print(t)
 
 
-_SIZE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]i?b?)?\s*$", re.I)
-
-
-def parse_size(text: str) -> int:
-    m = _SIZE.match(text)
-    if not m:
-        raise InputError(f"--target-size {text!r} is not a size", "e.g. 3.2GB, 350MB, 1.5GiB")
-    unit = (m.group(2) or "b").lower().rstrip("b")
-    mult = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}[unit]
-    return int(float(m.group(1)) * mult)
-
-
 def predict(
     base: BaseArg,
     config: ConfigsOpt = None,
@@ -153,6 +140,8 @@ def predict(
             if config:
                 cfgs = [Config.parse(c) for c in config]
             else:
+                from mqpredict.report.budget import parse_size
+
                 budget = parse_size(target_size) if target_size else None
                 space = CandidateSpace(eng.model)
                 pool = [Config.parse("default=Q8_0"), *space.probes(), *space.sample(candidates, np.random.default_rng(0))]

@@ -19,6 +19,7 @@ from mqpredict.report.survivors import Entry
 from mqpredict.search.line import Line
 from mqpredict.search.paired import Paired
 from mqpredict.util.atomic import atomic_write_text
+from mqpredict.util.figures import save_figure
 
 STATS = ("kld_mean", "kld_mean_err", "kld_median", "kld_p99", "kld_max", "same_top_p", "ppl", "ppl_base")
 
@@ -158,11 +159,7 @@ def plot(path: Path, title: str, points: list[dict], line: Line, survivors: list
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 OBJECTIVES = ("kld", "speed", "balanced")

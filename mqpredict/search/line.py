@@ -46,16 +46,21 @@ class Line:
             hull.append(p)
         return cls(tuple(hull))
 
-    def ln_kld_at(self, bpw: float) -> float | None:
-        """The line's ln KLD at ``bpw``, or None outside the hull's bpw range (never extrapolated)."""
+    def weights(self, bpw: float) -> list[tuple[float, Point]] | None:
+        """The hull points the line interpolates at ``bpw`` with their weights (None outside the line)."""
         h = self.hull
         if not h or bpw < h[0].bpw or bpw > h[-1].bpw:
             return None
         for a, b in zip(h, h[1:]):
             if a.bpw <= bpw <= b.bpw:
                 t = (bpw - a.bpw) / (b.bpw - a.bpw)
-                return a.ln_kld + t * (b.ln_kld - a.ln_kld)
-        return h[0].ln_kld  # a single-point hull at exactly this bpw
+                return [(1 - t, a), (t, b)]
+        return [(1.0, h[0])]  # a single-point hull at exactly this bpw
+
+    def ln_kld_at(self, bpw: float) -> float | None:
+        """The line's ln KLD at ``bpw``, or None outside the hull's bpw range (never extrapolated)."""
+        ws = self.weights(bpw)
+        return None if ws is None else sum(w * p.ln_kld for w, p in ws)
 
     def margin(self, p: Point) -> float | None:
         """ln KLD(p) − line(bpw): negative below the line; None where the line is not defined."""

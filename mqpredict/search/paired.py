@@ -66,15 +66,9 @@ def paired(x: np.ndarray, refs: list[tuple[float, np.ndarray]], per_window: int 
 
 
 def line_weights(line: Line, bpw: float) -> list[tuple[float, str]] | None:
-    """The hull presets the line interpolates at ``bpw`` and their weights (None outside the line)."""
-    h = line.hull
-    if not h or bpw < h[0].bpw or bpw > h[-1].bpw:
-        return None
-    for a, b in zip(h, h[1:]):
-        if a.bpw <= bpw <= b.bpw:
-            t = (bpw - a.bpw) / (b.bpw - a.bpw)
-            return [(1 - t, a.name), (t, b.name)]
-    return [(1.0, h[0].name)]
+    """The names of the hull presets the line interpolates at ``bpw`` and their weights (None outside)."""
+    ws = line.weights(bpw)
+    return None if ws is None else [(w, p.name) for w, p in ws]
 
 
 def margin_to_line(x: np.ndarray, bpw: float, line: Line, vectors: dict[str, np.ndarray],
