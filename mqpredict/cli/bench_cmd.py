@@ -92,14 +92,9 @@ def surrogate(
                   f"{r['per_second']:,.0f}", f"{r['table_seconds_per_billion_params']:.0f}")  # fmt: skip
     out.print(t)
     if meta.get("cv_summary"):
-        c = Table(title=f"{model_dir}: leave-one-family-out (stored)", show_edge=False)
-        cols = ["kind", "mode", "method", "spearman", "spearman_band", "spearman_margin", "precision_at_k", "regret",
-                "mae_log10", "coverage"]  # fmt: skip
-        for col in cols:
-            c.add_column(col, justify="left" if col in cols[:3] else "right")
-        for r in meta["cv_summary"]:
-            c.add_row(*[str(r[k]) if k in cols[:3] else ("" if r[k] is None else f"{r[k]:.3f}") for k in cols])
-        out.print(c)
+        from mqpredict.cli.surrogate_cmd import print_cv_summary
+
+        print_cv_summary(meta["cv_summary"], f"{model_dir}: leave-one-family-out (stored)")
 
 
 @app.command()

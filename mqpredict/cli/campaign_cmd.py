@@ -37,6 +37,12 @@ def _store(store: Path | None):
     return Store(store or default_store())
 
 
+def _engine_of(st, llama_bin, threads: int, progress):
+    """The engine a campaign ran on (its base, corpus, search slice and engine kind), per-token KLD kept."""
+    return make_engine(Path(st.base), Path(st.corpus_path), st.search, EngineName(st.engine), llama_bin, threads,
+                       False, progress, tools_kld="logits")  # fmt: skip
+
+
 def _budget(target_size, target_bpw, vram, vram_ctx):
     from mqpredict.report.budget import Budget, parse_size
 
@@ -155,7 +161,6 @@ def resume(
     """Continue a campaign after Ctrl-C or kill -9 (or with a larger --budget): what is in the store stays."""
     import dataclasses
 
-    from mqpredict.measure.corpus import EvalSpec
     from mqpredict.report.survivors import Rules
     from mqpredict.report.budget import Budget
     from mqpredict.search.campaign import Campaign, State
@@ -164,10 +169,8 @@ def resume(
     if budget is not None:
         st = dataclasses.replace(st, settings=dataclasses.replace(st.settings, budget=budget))
         st.save(out_dir)
-    spec = EvalSpec(st.ctx, st.n_chunks, st.chunk_offset)
     with progress_bar(not json) as progress:
-        eng = make_engine(Path(st.base), Path(st.corpus_path), spec, EngineName(st.engine), llama_bin, threads, False,
-                          progress, tools_kld="logits")  # fmt: skip
+        eng = _engine_of(st, llama_bin, threads, progress)
         with eng:
             c = Campaign(eng, _store(store), out_dir, st, make_tracker(no_track, tracking_uri, experiment),
                          lambda s: err.print(s, highlight=False), progress)  # fmt: skip
@@ -195,16 +198,13 @@ def report(
 ) -> None:
     """(Re)write a campaign's survivors table, Pareto plot, recipes and manifests from the records store;
     --target-size / --target-bpw / --vram pick the best survivor that fits; --speed adds tokens/s."""
-    from mqpredict.measure.corpus import EvalSpec
     from mqpredict.report.campaign_report import write_report
     from mqpredict.report.survivors import Rules
     from mqpredict.search.campaign import Campaign, State
 
     st = State.load(out_dir)
-    spec = EvalSpec(st.ctx, st.n_chunks, st.chunk_offset)
     with progress_bar(not json) as progress:
-        eng = make_engine(Path(st.base), Path(st.corpus_path), spec, EngineName(st.engine), None, threads, False,
-                          progress, tools_kld="logits")  # fmt: skip
+        eng = _engine_of(st, None, threads, progress)
         with eng:
             c = Campaign(eng, _store(store), out_dir, st, None, lambda s: err.print(s, highlight=False), progress)
             rep = write_report(c, Rules(spacing, min_gain, z if z is not None else st.settings.z),
@@ -302,7 +302,6 @@ def clone(
     campaign's line around it, so the margin to the line is measured on the variant."""
     import pandas as pd
 
-    from mqpredict.measure.corpus import EvalSpec
     from mqpredict.quant.config import Config
     from mqpredict.quant.model import ModelInfo
     from mqpredict.search.campaign import State
@@ -331,7 +330,7 @@ def clone(
     pres = recs[(recs["model_id"] == st.model_id) & (recs["source"] == "preset") & (recs["status"] == "ok")
                 & (recs["ctx"] == st.ctx) & (recs["n_chunks"] == st.n_chunks) & (recs["chunk_offset"] == st.chunk_offset)]  # fmt: skip
     line = Line.from_presets([Point(float(r.bpw), float(r.kld_mean), r.config) for r in pres.itertuples()])
-    spec = EvalSpec(st.ctx, st.n_chunks, st.chunk_offset)
+    spec = st.search
     results = []
     with progress_bar(not json) as progress:
         eng = make_engine(variant, corpus or Path(st.corpus_path), spec, EngineName.inprocess, None, threads, False, progress)

@@ -82,14 +82,19 @@ def train(
               f"{doc['halfwidth_ln']['kld']:.2f} in ln KLD ({'calibrated on held-out families' if s.calibrated_ else 'not calibrated'})",
               highlight=False)  # fmt: skip
     if cv:
-        t = Table(title="leave-one-family-out (mean over held-out models)", show_edge=False)
-        cols = ["kind", "mode", "method", "spearman", "spearman_band", "spearman_margin", "precision_at_k", "regret",
-                "mae_log10", "coverage"]  # fmt: skip
-        for c in cols:
-            t.add_column(c, justify="left" if c in cols[:3] else "right")
-        for r in meta["cv_summary"]:
-            t.add_row(*[str(r[c]) if c in cols[:3] else ("" if r[c] is None else f"{r[c]:.3f}") for c in cols])
-        out.print(t)
+        print_cv_summary(meta["cv_summary"], "leave-one-family-out (mean over held-out models)")
+
+
+def print_cv_summary(summary: list[dict], title: str) -> None:
+    """The CV summary (one row per kind, mode and method) as a table."""
+    t = Table(title=title, show_edge=False)
+    cols = ["kind", "mode", "method", "spearman", "spearman_band", "spearman_margin", "precision_at_k", "regret",
+            "mae_log10", "coverage"]  # fmt: skip
+    for c in cols:
+        t.add_column(c, justify="left" if c in cols[:3] else "right")
+    for r in summary:
+        t.add_row(*[str(r[c]) if c in cols[:3] else ("" if r[c] is None else f"{r[c]:.3f}") for c in cols])
+    out.print(t)
 
 
 def predict(

@@ -261,8 +261,9 @@ class Campaign:
     def _points(df: pd.DataFrame) -> list[Point]:
         return [Point(float(r.bpw), float(r.kld_mean), r.key) for r in df.itertuples()]
 
-    def _line(self, spec: EvalSpec) -> tuple[Line, pd.DataFrame]:
-        df = self._records(spec)
+    def _line(self, spec: EvalSpec, df: pd.DataFrame | None = None) -> tuple[Line, pd.DataFrame]:
+        """The presets' line on ``spec``'s slice (from ``df``, its ok records, when already loaded)."""
+        df = self._records(spec) if df is None else df
         presets = df[df["source"] == Source.preset.value]
         return Line.from_presets(self._points(presets)), presets
 
@@ -305,17 +306,15 @@ class Campaign:
         recs = pd.concat([shipped, own], ignore_index=True) if not shipped.empty else own
         tables = load_tables(self.train_tables) if self.train_tables.exists() else {}
         tables[self.ident.model_id] = table
-        s = Surrogate(**params).fit(build(recs, tables))
-        if self.ident.family in set(shipped.get("family", pd.Series(dtype=str))):
-            raise InputError(f"the surrogate would learn from {self.ident.family}'s shipped records")  # never
-        return s
+        return Surrogate(**params).fit(build(recs, tables))
 
     def _halfwidth(self, s) -> float:
         """The calibrated half-width, widened if this campaign's own errors so far are larger."""
         hw = float(s.halfwidth_[0])
+        measured = self._measured_kld
         res = []
         for k, d in self._predictions.items():
-            got = self._measured_kld.get(k)
+            got = measured.get(k)
             if got:
                 res.append(abs(math.log(got) - math.log(d["kld_pred"])))
         if len(res) >= 3:
@@ -358,8 +357,8 @@ class Campaign:
 
     def _reference(self) -> tuple[Line, Reference, float, pd.DataFrame]:
         st = self.state
-        line, presets = self._line(st.search)
         ok = self._records(st.search)
+        line, _presets = self._line(st.search, ok)
         if not line.hull:
             raise InputError("no preset could be measured on this model", "see the failed records: mqpredict data list")
         ref = ok[ok["config"] == "preset=Q8_0"]
@@ -373,8 +372,9 @@ class Campaign:
     def _candidate_wins(self, line: Line, ok: pd.DataFrame) -> list[tuple[str, Paired]]:
         """Measured configs of this campaign significantly below the line on the search slice, best first."""
         out = []
+        vectors = self._vectors_by_key(ok)
         for _, r in ok[ok["provenance_file"] == self.state.tag].iterrows():
-            m = margin_to_line(self._vector(r), float(r["bpw"]), line, self._vectors_by_key(ok), self.state.search.scored_per_chunk)
+            m = margin_to_line(self._vector(r), float(r["bpw"]), line, vectors, self.state.search.scored_per_chunk)
             if m is not None and m.below(self.settings.z):
                 out.append((r["key"], m))
         return sorted(out, key=lambda km: km[1].diff)
@@ -549,8 +549,9 @@ class Campaign:
         held = self._records(st.heldout)
         hvec = self._vectors_by_key(hpresets)
         out = {}
+        types = dict(zip(ok["key"], ok["types_key"]))
         for key, m in self._candidate_wins(line, ok):
-            tk = ok.set_index("key").loc[key, "types_key"]
+            tk = types[key]
             h = held[(held["types_key"] == tk) & (held["provenance_file"] == st.tag)]
             if h.empty:
                 continue

@@ -17,7 +17,7 @@ from mqpredict.quant.config import Config
 from mqpredict.quant.model import ModelInfo
 from mqpredict.quant.resolve import resolve, types_key
 from mqpredict.quant.types import QuantType
-from mqpredict.search.acquisition import diverse_batch, expected_improvement, frontier_at
+from mqpredict.search.acquisition import diverse_batch, expected_improvement, frontier_at, sigma_from_halfwidth
 from mqpredict.search.line import Line
 from mqpredict.search.space import DEFAULT_TYPES, CandidateSpace
 from mqpredict.search.vectorized import Featurizer, Space
@@ -96,8 +96,6 @@ class Proposer:
     def ask(self, n: int, s: Surrogate, ln_ref: float, halfwidth: float, front: Line, measured: set[str],
             coverage: float = 0.8) -> list[Proposal]:  # fmt: skip
         """The next ``n`` configs by expected improvement below ``front``, spread over its bpw range."""
-        from mqpredict.search.acquisition import sigma_from_halfwidth
-
         sigma = sigma_from_halfwidth(halfwidth, coverage)
         A = self._pool(s, ln_ref, sigma, front)
         sizes, bpw, mu, ei = self._score(A, s, ln_ref, sigma, front)
