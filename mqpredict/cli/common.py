@@ -8,7 +8,6 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mqpredict.errors import InputError
+from mqpredict.llama.factory import EngineName, make_engine  # noqa: F401  (re-exported: the CLI builds engines by name)
 from mqpredict.measure.corpus import DEFAULT_CTX, DEFAULT_TOKENS, EvalSpec
 from mqpredict.util.paths import DEFAULT_CORPUS
 
@@ -27,11 +26,6 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)  # progre
 
 class State:
     debug = False
-
-
-class EngineName(StrEnum):
-    inprocess = "inprocess"
-    tools = "tools"
 
 
 # ------------------------------------------------------------------------------------ options
@@ -153,33 +147,6 @@ def progress_bar(enabled: bool = True) -> Iterator:
 
     with prog:
         yield update
-
-
-def make_engine(
-    base: Path,
-    corpus: Path | None,
-    spec: EvalSpec,
-    engine: EngineName,
-    llama_bin: Path | None,
-    threads: int,
-    allow_quantized_base: bool,
-    progress,
-    tools_kld: str = "statistics",
-):
-    if engine == EngineName.tools:
-        from mqpredict.llama.tools import KLDSource, ToolsEngine
-
-        try:
-            source = KLDSource(tools_kld)
-        except ValueError:
-            raise InputError(f"--tools-kld {tools_kld!r} is not one of: statistics, logits") from None
-        return ToolsEngine(
-            base, corpus, spec, threads=threads, allow_quantized_base=allow_quantized_base,
-            progress=progress, llama_bin=llama_bin, kld_source=source,
-        )  # fmt: skip
-    from mqpredict.llama.inprocess import InProcessEngine
-
-    return InProcessEngine(base, corpus, spec, threads=threads, allow_quantized_base=allow_quantized_base, progress=progress)
 
 
 def base_notes(model) -> str:

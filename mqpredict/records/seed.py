@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mqpredict.errors import LlamaError, MqError
+from mqpredict.errors import MqError
 from mqpredict.llama.engine import Engine
+from mqpredict.measure.corpus import EvalSpec
 from mqpredict.quant.config import Config
 from mqpredict.quant.presets import Preset
 from mqpredict.quant.resolve import types_key
@@ -98,64 +99,98 @@ def seed(
     keep_vectors: bool = True,
     tracker: Tracker | None = None,
     own_run: bool = True,
+    executor=None,
+    spec: EvalSpec | None = None,
 ) -> SeedReport:
     """Measure every candidate not yet in ``store`` for this (model, corpus, slice, build).
 
     ``keep_vectors=False`` stores no per-token vectors (a dataset meant for git stays small);
-    ``own_run=False`` logs into the caller's open MLflow run (a campaign) instead of a seed run."""
+    ``own_run=False`` logs into the caller's open MLflow run (a campaign) instead of a seed run;
+    ``executor`` runs the measurements (default: one after another on ``engine``; a campaign passes its
+    own, e.g. Ray); ``spec`` is the token slice (default: the engine's)."""
+    from mqpredict.execute.executor import LocalExecutor
+
     progress = progress or (lambda *a: None)
     say = say or (lambda s: None)
     tracker = tracker or Tracker()
-    ident = identify(engine.model)
-    spec = engine.spec
+    spec = spec or engine.spec
+    executor = executor or LocalExecutor(engine)
     report = SeedReport()
-    engine.base_logprobs(spec)  # a corpus problem shows before any work
+    executor.prepare([spec])  # a corpus problem shows before any work
     params = {"corpus": engine.corpus.id, "ctx": spec.ctx, "n_chunks": spec.n_chunks, "chunk_offset": spec.chunk_offset,
               "engine": engine.name, "llama_version": engine.version(), "candidates": len(candidates)}  # fmt: skip
+    run = _Seeding(engine, store, candidates, progress, say, keep_vectors, tracker, spec, report, executor)
     if not own_run:
-        _seed(engine, store, candidates, progress, say, keep_vectors, tracker, ident, spec, report)
+        run()
         return report
-    with tracker.parent("seed", ident.columns(), params):
-        _seed(engine, store, candidates, progress, say, keep_vectors, tracker, ident, spec, report)
+    with tracker.parent("seed", identify(engine.model).columns(), params):
+        run()
         tracker.log_metrics({"measured": len(report.measured), "failed": len(report.failed),
                              "same_file": len(report.same_file), "skipped": len(report.skipped)})  # fmt: skip
     return report
 
 
-def _seed(engine, store, candidates, progress, say, keep_vectors, tracker, ident, spec, report) -> None:
-    planned: dict[str, str] = {}  # record key → config that claims it in this run
-    for i, cand in enumerate(candidates):
-        progress("seed", i, len(candidates))
-        cfg, notes = adapt(cand.config, engine.model)
-        name = cand.label or cfg.key
-        report.notes += summarize(name, notes)
-        try:
-            types = engine.resolve(cfg)
-        except MqError as e:
-            report.skipped.append((name, e.message))
-            say(f"skip {name}: {e.message}")
-            continue
-        key = record_key(ident.model_id, engine.corpus.id, spec.ctx, spec.n_batch, spec.chunk_offset,
-                         spec.n_chunks, types_key(engine.model, types), engine.build_id(), None)  # fmt: skip
-        stored = {r.key: r for r in store.records()}  # re-read: another process may have added it
-        if key in planned or key in stored:
-            other = planned.get(key) or stored[key]["config"]
-            report.same_file.append((name, other))
-            say(f"{name}: the same file as {other if len(other) < 70 else other[:69] + '…'} (already measured)")
-            continue
-        planned[key] = name
-        say(f"[{i + 1}/{len(candidates)}] {name}")
-        try:
-            m = engine.measure(cfg)
-        except LlamaError as e:
-            rec = failed(engine, ident, cfg, types, spec, cand.source, e.message, cand.prov)
-            store.append([rec.replace(mlflow_run_id=tracker.log_record(rec, i))])
-            report.failed.append(rec)
-            continue
-        pt = store.attach_vector(key, m.per_token_path) if m.per_token_path and keep_vectors else None
-        rec = from_measurement(engine, ident, m, spec, cand.source, cand.prov, per_token_path=pt)
+@dataclass
+class _Seeding:
+    engine: Engine
+    store: Store
+    candidates: list[Candidate]
+    progress: Callable
+    say: Callable
+    keep_vectors: bool
+    tracker: Tracker
+    spec: EvalSpec
+    report: SeedReport
+    executor: object
+
+    def __call__(self) -> None:
+        """Plan (adapt, resolve, skip what is measured), submit everything, store each result as it lands."""
+        from mqpredict.execute.job import Job, JobKind
+
+        engine, spec, report = self.engine, self.spec, self.report
+        ident = identify(engine.model)
+        planned: dict[str, str] = {}  # record key → config that claims it in this run
+        jobs: dict[int, tuple[Candidate, Config, dict, str]] = {}
+        stored = {r.key: r for r in self.store.records()}
+        for i, cand in enumerate(self.candidates):
+            cfg, notes = adapt(cand.config, engine.model)
+            name = cand.label or cfg.key
+            report.notes += summarize(name, notes)
+            try:
+                types = engine.resolve(cfg)
+            except MqError as e:
+                report.skipped.append((name, e.message))
+                self.say(f"skip {name}: {e.message}")
+                continue
+            key = record_key(ident.model_id, engine.corpus.id, spec.ctx, spec.n_batch, spec.chunk_offset,
+                             spec.n_chunks, types_key(engine.model, types), engine.build_id(), None)  # fmt: skip
+            if key in planned or key in stored:
+                other = planned.get(key) or stored[key]["config"]
+                report.same_file.append((name, other))
+                self.say(f"{name}: the same file as {other if len(other) < 70 else other[:69] + '…'} (already measured)")
+                continue
+            planned[key] = name
+            jobs[i] = (cand, cfg, types, key)
+        for i, (_cand, cfg, _types, _key) in jobs.items():
+            self.executor.submit(Job(i, JobKind.measure, cfg, spec))
+        for done, res in enumerate(self.executor.drain()):
+            self.progress("seed", done, len(jobs))
+            cand, cfg, types, key = jobs[res.job.id]
+            self.say(f"[{done + 1}/{len(jobs)}] {cand.label or cfg.key}")
+            self._store(res, cand, cfg, types, key, ident)
+        self.progress("seed", len(jobs), len(jobs))
+
+    def _store(self, res, cand: Candidate, cfg: Config, types, key: str, ident) -> None:
+        engine, store, i = self.engine, self.store, res.job.id
+        if res.error is not None:
+            rec = failed(engine, ident, cfg, types, self.spec, cand.source, res.error, cand.prov)
+            store.append([rec.replace(mlflow_run_id=self.tracker.log_record(rec, i))])
+            self.report.failed.append(rec)
+            return
+        m = res.measurement
+        pt = store.attach_vector(key, m.per_token_path) if m.per_token_path and self.keep_vectors else None
+        rec = from_measurement(engine, ident, m, self.spec, cand.source, cand.prov, per_token_path=pt)
         assert rec.key == key, (rec.key, key)
-        rec = rec.replace(mlflow_run_id=tracker.log_record(rec, i))
+        rec = rec.replace(mlflow_run_id=self.tracker.log_record(rec, i))
         store.append([rec])
-        report.measured.append(rec)
-    progress("seed", len(candidates), len(candidates))
+        self.report.measured.append(rec)

@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mqpredict.errors import InputError, LlamaError
+from mqpredict.errors import InputError
+from mqpredict.execute.executor import Executor, LocalExecutor
+from mqpredict.execute.job import Job, JobKind, JobResult
 from mqpredict.llama.engine import Engine, load_scores
 from mqpredict.measure.corpus import EvalSpec
 from mqpredict.quant.config import Config
@@ -39,10 +41,10 @@ from mqpredict.quant.types import QuantType
 from mqpredict.records.convert import Provenance, failed, from_measurement
 from mqpredict.records.identity import ModelIdentity, identify
 from mqpredict.records.schema import Source, Status
-from mqpredict.records.seed import SEED_PRESETS, preset_candidates, seed
+from mqpredict.records.seed import SEED_PRESETS, Candidate, preset_candidates, seed
 from mqpredict.records.store import Store
 from mqpredict.search.acquisition import frontier
-from mqpredict.search.confirm import Outcome, Reference, confirm
+from mqpredict.search.confirm import Outcome, Reference
 from mqpredict.search.line import Line, Point
 from mqpredict.search.paired import Paired, margin_to_line
 from mqpredict.search.proposer import Proposal, Proposer
@@ -178,7 +180,7 @@ class Campaign:
     def __init__(self, engine: Engine, store: Store, out: Path, state: State, tracker: Tracker | None = None,
                  say: Callable[[str], None] | None = None, progress=None,
                  surrogate_folder: Path | None = None, train_store: Path | None = None,
-                 train_tables: Path | None = None) -> None:  # fmt: skip
+                 train_tables: Path | None = None, executor: Executor | None = None) -> None:  # fmt: skip
         from mqpredict.surrogate import service
 
         self.engine, self.store, self.out, self.state = engine, store, out, state
@@ -190,6 +192,8 @@ class Campaign:
         self.train_tables = train_tables or service.DEFAULT_TABLES
         self.ident: ModelIdentity = identify(engine.model)
         self.settings = state.settings
+        #: where measurements run (default: here, one after another); the campaign alone writes store and MLflow
+        self.executor = executor or LocalExecutor(engine, self.settings.batch)
         self.types = tuple(QuantType[t] for t in self.settings.types)
         #: learn from every record of the model in the store (``propose``: the user's own measurements), not
         #: only presets and this campaign's
@@ -328,19 +332,21 @@ class Campaign:
 
         st, e = self.state, self.engine
         res = Result(st)
-        e.base_logprobs(st.search)  # corpus problems show before any work
+        ex = self.executor
+        ex.prepare([st.search])  # corpus problems show before any work
         try:
-            e.base_logprobs(st.heldout)
+            ex.prepare([st.heldout])
         except InputError as err:
             raise InputError(f"the corpus has no room for a held-out slice after the search slice: {err.message}",
                              "give fewer --tokens, a smaller --ctx or a longer corpus") from None  # fmt: skip
         params = {"campaign_id": st.id, "corpus": e.corpus.id, "ctx": st.ctx, "n_chunks": st.n_chunks,
                   "engine": e.name, "llama_version": e.version(),
                   **{f"setting.{k}": v for k, v in asdict(self.settings).items() if k != "types"},
-                  "setting.types": ",".join(self.settings.types)}  # fmt: skip
+                  "setting.types": ",".join(self.settings.types), **ex.describe()}  # fmt: skip
         with self.tracker.parent("campaign", self.ident.columns(), params):
             self.say(f"campaign {st.id}: seeding the presets on {st.search.n_tokens} tokens")
-            seed(e, self.store, preset_candidates(SEED_PRESETS), self.progress, self.say, tracker=self.tracker, own_run=False)
+            seed(e, self.store, preset_candidates(SEED_PRESETS), self.progress, self.say, tracker=self.tracker,
+                 own_run=False, executor=ex, spec=st.search)  # fmt: skip
             table = error_table(e, self.ident.model_id, progress=self.progress)
             proposer = Proposer(e.model, table, self.types, seed=self.settings.seed)
             self._loop(proposer, table, res)
@@ -400,45 +406,63 @@ class Campaign:
         return probes
 
     def _loop(self, proposer: Proposer, table, res: Result) -> None:
-        st, cfg = self.state, self.settings
+        """Ask → submit → tell, as the executor allows: a synchronous executor takes a batch of
+        ``settings.batch`` and returns it whole before the next refit (the same records wherever the jobs
+        run); an asynchronous one is topped up with new proposals, after a refit, whenever a job returns."""
+        st, cfg, ex = self.state, self.settings, self.executor
         step = len(self._spent())
         first = True
+        pending: dict[int, tuple[Config, Proposal | None, Source, str]] = {}  # job id → (config, proposal, source, types key)
+        asking = True
         while True:
             spent = self._spent()
             res.spent = len(spent)
             line, ref, ln_ref, ok = self._reference()
             reserve = min(len(self._candidate_wins(line, ok)), cfg.reserve())
-            room = cfg.budget - res.spent - reserve
-            if room <= 0:
+            room = cfg.budget - res.spent - reserve - len(pending)
+            free = min(ex.free(), room) if asking else 0
+            if room <= 0 and not pending:
                 res.stopped = "budget spent" if reserve == 0 else f"budget spent (kept {reserve} for held-out re-confirmation)"
                 return
-            self.say(f"fitting the surrogate ({len(ok)} records of this model + the shipped dataset without "
-                     f"{self.ident.family})")  # fmt: skip
-            s = self._fit(table)
-            self.surrogate_ = s
-            hw = self._halfwidth(s)
-            measured = set(self._records(st.search, status=None)["types_key"]) if len(ok) else set()
-            measured |= set(spent["types_key"]) if len(spent) else set()
-            batch: list[tuple[Config, Proposal | None, Source]] = []
-            if first and step == 0:
-                probes = [c for c in self._use_probes(s, proposer, ln_ref)
-                          if types_key(self.engine.model, self.engine.resolve(c)) not in measured][:room]  # fmt: skip
-                batch = [(c, None, Source.probe) for c in probes]
-            first = False
-            if not batch:
-                front = frontier(self._points(ok))
-                props = proposer.ask(min(cfg.batch, room), s, ln_ref, hw, front, measured, s.coverage)
-                if not props or max(p.ei for p in props) < cfg.ei_threshold:
-                    res.stopped = "no candidate is expected to improve the frontier by more than the threshold"
-                    return
-                batch = [(p.config, p, Source.proposed) for p in props]
-            for c, p, source in batch:
-                if p is not None:
-                    self._note_prediction(p)
-                step += 1
-                self._confirm_one(c, p, source, ref, res, step)
-                self.progress("campaign", min(step, cfg.budget), cfg.budget)
-            self._log_progress(step)
+            if free > 0:
+                self.say(f"fitting the surrogate ({len(ok)} records of this model + the shipped dataset without "
+                         f"{self.ident.family})")  # fmt: skip
+                s = self._fit(table)
+                self.surrogate_ = s
+                hw = self._halfwidth(s)
+                measured = set(self._records(st.search, status=None)["types_key"]) if len(ok) else set()
+                measured |= set(spent["types_key"]) if len(spent) else set()
+                measured |= {tk for *_, tk in pending.values()}  # running now: never measured twice
+                batch: list[tuple[Config, Proposal | None, Source]] = []
+                if first and step == 0:
+                    probes = [c for c in self._use_probes(s, proposer, ln_ref)
+                              if types_key(self.engine.model, self.engine.resolve(c)) not in measured][:room]  # fmt: skip
+                    batch = [(c, None, Source.probe) for c in probes]
+                first = False
+                if not batch:
+                    n = min(cfg.batch, room) if ex.synchronous else free
+                    front = frontier(self._points(ok))
+                    props = proposer.ask(n, s, ln_ref, hw, front, measured, s.coverage)
+                    if not props or max(p.ei for p in props) < cfg.ei_threshold:
+                        res.stopped = "no candidate is expected to improve the frontier by more than the threshold"
+                        asking = False
+                        props = []
+                    batch = [(p.config, p, Source.proposed) for p in props]
+                for c, p, source in batch:
+                    if p is not None:
+                        self._note_prediction(p)
+                    step += 1
+                    staged = source == Source.proposed
+                    ex.submit(Job(step, JobKind.confirm, c, st.search, ref, cfg.stage_fraction if staged else 1.0, cfg.z))
+                    pending[step] = (c, p, source, types_key(self.engine.model, self.engine.resolve(c)))
+            if not pending:
+                return
+            r = ex.wait()
+            c, p, source, _tk = pending.pop(r.job.id)
+            self._tell(r, c, p, source, res)
+            self.progress("campaign", min(len(self._spent()), cfg.budget), cfg.budget)
+            if not pending or not ex.synchronous:
+                self._log_progress(r.job.id)
 
     def _log_progress(self, step: int) -> None:
         """Best margin so far and hypervolume, by step, on the campaign's parent run."""
@@ -451,20 +475,18 @@ class Campaign:
                                   "hypervolume": hypervolume([(p.bpw, p.ln_kld) for p in self._points(ok)], ref_pt)},
                                  step)  # fmt: skip
 
-    def _confirm_one(self, c: Config, p: Proposal | None, source: Source, ref: Reference, res: Result, step: int) -> None:
-        st, e = self.state, self.engine
+    def _tell(self, r: JobResult, c: Config, p: Proposal | None, source: Source, res: Result, heldout: bool = False) -> None:
+        """Store what a job gave: its measurement (``ok`` or ``partial``), or a ``failed`` record with the reason."""
+        st, e, step = self.state, self.engine, r.job.id
         prov = Provenance(st.tag, None, "mqpredict campaign")
-        staged = source == Source.proposed
-        try:
-            o = confirm(e, c, st.search, ref, self.settings.stage_fraction if staged else 1.0, self.settings.z)
-        except LlamaError as err:
-            rec = failed(e, self.ident, c, e.resolve(c), st.search, source, err.message, prov)
+        if r.error is not None:
+            rec = failed(e, self.ident, c, e.resolve(c), r.job.spec, source, r.error, prov)
             self.store.append([rec.replace(mlflow_run_id=self.tracker.log_record(rec, step))])
-            res.steps.append(Step(c.key, rec["bpw"], p.kld_pred if p else None, None, "failed", None, None, err.message))
-            self.say(f"[{step}] {c.key}: llama.cpp failed ({err.message}); recorded as failed, going on")
+            res.steps.append(Step(c.key, rec["bpw"], p.kld_pred if p else None, None, "failed", None, None, r.error, heldout))
+            self.say(f"[{step}] {c.key}: measurement failed ({r.error}); recorded as failed, going on")
             return
-        res.forward_tokens += o.forward_tokens
-        self._store_outcome(o, c, p, source, prov, res, step)
+        res.forward_tokens += r.outcome.forward_tokens
+        self._store_outcome(r.outcome, c, p, source, prov, res, step, heldout)
 
     def _store_outcome(self, o: Outcome, c: Config, p: Proposal | None, source: Source, prov: Provenance,
                        res: Result, step: int, heldout: bool = False) -> None:  # fmt: skip
@@ -503,17 +525,10 @@ class Campaign:
         # the presets of the line, on the held-out slice (seeds: they do not count against the budget)
         hull_keys = {p.name for p in line.hull}
         hull_cfgs = [Config.parse(r["config"]) for _, r in ok.iterrows() if r["key"] in hull_keys]
-        from mqpredict.records.seed import Candidate
-
         self.say(f"re-confirming on the held-out slice (windows {st.heldout.chunk_offset}…"
                  f"{st.heldout.chunk_offset + st.heldout.n_chunks - 1}): the line's presets first")  # fmt: skip
-        held_engine_spec = e.spec
-        e.spec = st.heldout
-        try:
-            seed(e, self.store, [Candidate(c, Source.preset) for c in hull_cfgs], self.progress, self.say,
-                 tracker=self.tracker, own_run=False)  # fmt: skip
-        finally:
-            e.spec = held_engine_spec
+        seed(e, self.store, [Candidate(c, Source.preset) for c in hull_cfgs], self.progress, self.say,
+             tracker=self.tracker, own_run=False, executor=self.executor, spec=st.heldout)  # fmt: skip
         hline, hpresets = self._line(st.heldout)
         hvec = self._vectors_by_key(hpresets)
         href = Reference(hline, hvec, [], st.heldout.scored_per_chunk)
@@ -521,24 +536,21 @@ class Campaign:
         done_types = set(done["types_key"]) if len(done) else set()
         by_key = ok.set_index("key")
         step = len(self._spent())
+        left = cfg.budget - step
+        configs: dict[int, Config] = {}
         for key, _m in spread(cands, {k: float(by_key.loc[k, "bpw"]) for k, _ in cands}):
             r = by_key.loc[key]
             if r["types_key"] in done_types:
                 continue
-            if len(self._spent()) >= cfg.budget:
+            if left <= 0:
                 self.say(f"no budget left to re-confirm {r['config']} on held-out tokens")
                 continue
+            left -= 1
             step += 1
-            c = Config.parse(r["config"])
-            try:
-                o = confirm(e, c, st.heldout, href, 1.0, cfg.z)
-            except LlamaError as err:
-                rec = failed(e, self.ident, c, e.resolve(c), st.heldout, Source.proposed, err.message,
-                             Provenance(st.tag, None, "mqpredict campaign"))  # fmt: skip
-                self.store.append([rec])
-                continue
-            res.forward_tokens += o.forward_tokens
-            self._store_outcome(o, c, None, Source.proposed, Provenance(st.tag, None, "mqpredict campaign"), res, step, True)
+            configs[step] = Config.parse(r["config"])
+            self.executor.submit(Job(step, JobKind.confirm, configs[step], st.heldout, href, 1.0, cfg.z))
+        for r in self.executor.drain():
+            self._tell(r, configs[r.job.id], None, Source.proposed, res, heldout=True)
 
     # ------------------------------------------------------------------------ results
     def wins(self) -> dict[str, tuple[Paired, Paired]]:

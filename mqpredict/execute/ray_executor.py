@@ -1,0 +1,202 @@
+"""Measurements as Ray tasks: ``--executor ray --address auto|HOST:PORT``.
+
+Each job is one Ray task with its resources declared (``num_cpus`` = the engine's threads, ``num_gpus``,
+``memory``), so Ray places it on a node that has them and runs as many at once as the cluster holds.
+The driver stays the single writer of the records store and MLflow: a task returns its measurement and
+per-token scores, and the driver stores them.
+
+Faults. A worker (or its node) that dies mid-task makes Ray run the task again elsewhere, at most
+``retries`` more times; after that the job comes back as an error and the campaign records it as
+``failed`` and goes on. llama.cpp's own failures come back as errors at once (no retry: they would fail
+again). If the driver dies, Ray cancels its tasks; ``campaign resume`` submits again only what the
+store does not hold.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from mqpredict.errors import InputError
+from mqpredict.execute.executor import Executor
+from mqpredict.execute.job import Job, JobResult, land, run_job
+from mqpredict.execute.worker import EngineRecipe, engine_for
+from mqpredict.llama.engine import Engine
+from mqpredict.measure.corpus import EvalSpec
+
+SHIP_LIMIT = 256 * 2**20  # files up to this size also travel through the object store
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one measurement task asks of a node."""
+
+    cpus: float = 1
+    gpus: float = 0
+    memory: int | None = None  # bytes (Ray's scheduling hint; it does not limit the process)
+
+    def fits(self, node: dict) -> int:
+        """How many such tasks a node's resources hold at once."""
+        n = int(node.get("CPU", 0) // self.cpus) if self.cpus else 10**6
+        if self.gpus:
+            n = min(n, int(node.get("GPU", 0) // self.gpus))
+        if self.memory:
+            n = min(n, int(node.get("memory", 0) // self.memory))
+        return n
+
+
+def _remote_measure(recipe: EngineRecipe, job: Job) -> JobResult:
+    """The task body, on a worker: the warm engine of this recipe runs the job."""
+    import ray
+
+    from mqpredict.errors import MqError
+
+    try:
+        engine = engine_for(recipe, fetch=ray.get)
+    except MqError as e:  # a set-up problem on this node: reported, never retried as a crash
+        return JobResult(job, None, f"input: {e.message}" + (f" — {e.hint}" if e.hint else ""), worker=_where())
+    return run_job(engine, job, carry_scores=True)
+
+
+def _remote_prepare(recipe: EngineRecipe, spec: EvalSpec) -> str | None:
+    import ray
+
+    from mqpredict.errors import MqError
+
+    try:
+        engine_for(recipe, fetch=ray.get).base_logprobs(spec)
+    except MqError as e:
+        return e.message + (f" — {e.hint}" if e.hint else "")
+    return None
+
+
+def _where() -> str:
+    from mqpredict.execute.job import worker_name
+
+    return worker_name()
+
+
+class RayExecutor(Executor):
+    name = "ray"
+
+    def __init__(self, engine: Engine, address: str = "auto", resources: Resources = Resources(), retries: int = 2,
+                 synchronous: bool = False, batch: int = 1, ship_limit: int = SHIP_LIMIT,
+                 prefer_shipped: bool = False, llama_bin: str | None = None) -> None:  # fmt: skip
+        import ray
+
+        self.engine, self.resources, self.retries = engine, resources, retries
+        self.synchronous, self.batch, self.address = synchronous, batch, address
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise InputError(f"cannot reach a Ray cluster at {address!r}: {e}",
+                                 "start one first (`ray start --head` on one node, `ray start --address HEAD:6379` "
+                                 "on the others) and pass --address HEAD:6379, or use --executor local") from None  # fmt: skip
+            self._own_connection = True
+        else:
+            self._own_connection = False
+        from mqpredict.execute.worker import Shipment
+
+        def ship(path) -> Shipment:
+            size = os.path.getsize(path)
+            return Shipment.of(path, ray.put(open(path, "rb").read()) if size <= ship_limit else None)
+
+        llama_bin = llama_bin or getattr(engine, "llama_bin", None)
+        kld = getattr(engine, "kld_source", None)
+        self.recipe = EngineRecipe(engine.name, ship(engine.model.path), ship(engine.corpus.path), engine.spec,
+                                   max(1, int(resources.cpus)), str(llama_bin) if llama_bin else None,
+                                   kld.value if kld is not None else "logits", prefer_shipped)  # fmt: skip
+        opts = {"num_cpus": resources.cpus, "num_gpus": resources.gpus, "max_retries": retries, "retry_exceptions": False}
+        if resources.memory:
+            opts["memory"] = resources.memory
+        self._measure = ray.remote(_remote_measure).options(name="mqpredict.measure", **opts)
+        self._prepare = ray.remote(_remote_prepare).options(name="mqpredict.prepare", **{**opts, "max_retries": retries})
+        self._pending: OrderedDict = OrderedDict()  # object ref → (job, submitted at)
+        self.overhead = 0.0  # driver seconds spent submitting and landing results
+        self.tasks = 0
+        self._described: dict = {}
+        self.describe()
+        if self.slots() == 0:
+            raise InputError(f"no node of the Ray cluster at {address} has room for one task ({resources})",
+                             "lower --task-cpus/--task-gpus/--task-memory or add nodes")  # fmt: skip
+
+    # -------------------------------------------------------------- the contract
+    def slots(self) -> int:
+        import ray
+
+        if self.synchronous:
+            return self.batch
+        return sum(self.resources.fits(n["Resources"]) for n in ray.nodes() if n.get("Alive"))
+
+    def submit(self, job: Job) -> None:
+        t0 = time.perf_counter()
+        ref = self._measure.remote(self.recipe, job)
+        self._pending[ref] = (job, time.time())
+        self.tasks += 1
+        self.overhead += time.perf_counter() - t0
+
+    def wait(self) -> JobResult:
+        import ray
+
+        if not self._pending:
+            raise RuntimeError("wait() with no job pending")
+        if self.synchronous:
+            ref = next(iter(self._pending))
+        else:
+            [ref], _ = ray.wait(list(self._pending), num_returns=1)
+        job, _t = self._pending.pop(ref)
+        try:
+            res = ray.get(ref)
+        except ray.exceptions.RayError as e:  # the worker died on every try (or the task was lost)
+            why = str(e).strip().splitlines()[0][:300]
+            return JobResult(job, None, f"the Ray task failed {self.retries + 1} time(s): {type(e).__name__}: {why}")
+        t0 = time.perf_counter()
+        if res.error and res.error.startswith("input: "):
+            self.cancel()
+            raise InputError(f"worker {res.worker}: {res.error.removeprefix('input: ')}")
+        res = land(res, self.engine)
+        self.overhead += time.perf_counter() - t0
+        return res
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def prepare(self, specs: list[EvalSpec]) -> None:
+        import ray
+
+        for s in specs:
+            why = ray.get(self._prepare.remote(self.recipe, s))
+            if why:
+                raise InputError(why)
+
+    def cancel(self) -> None:
+        import ray
+
+        for ref in list(self._pending):
+            ray.cancel(ref, force=True)
+        self._pending.clear()
+
+    def close(self) -> None:
+        import ray
+
+        if self._pending:
+            self.cancel()
+        if self._own_connection and ray.is_initialized():
+            ray.shutdown()
+
+    def describe(self) -> dict:
+        import ray
+
+        if not ray.is_initialized():  # after close(): what it was when last connected
+            return self._described
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        self._described = {"executor": self.name, "ray_address": self.address, "ray_nodes": len(nodes),
+                "ray_slots": sum(self.resources.fits(n["Resources"]) for n in nodes), "task_cpus": self.resources.cpus,
+                "task_gpus": self.resources.gpus, "task_retries": self.retries,
+                "mode": "synchronous" if self.synchronous else "asynchronous"}  # fmt: skip
+        return self._described
+
