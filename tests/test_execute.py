@@ -261,3 +261,15 @@ def test_a_killed_driver_resumes_on_ray_without_measuring_twice(tiny, cluster, t
     assert set(before["key"]) <= set(after["key"])  # nothing lost
     assert mine.groupby("chunk_offset")["types_key"].apply(lambda s: s.is_unique).all()
     assert after["key"].is_unique
+
+
+def test_bench_scale_times_one_and_two_workers_on_the_same_budget(tiny):
+    """`bench scale` on the tiny model: both cluster sizes run the same budget; ratio and overheads reported."""
+    doc = _json(mq("bench", "scale", tiny, "--corpus", CORPUS, "--ctx", 128, "--tokens", 512, "--budget", 2,
+                   "--batch", 2, "--json", timeout=900))  # fmt: skip
+    runs = {r["workers"]: r for r in doc["runs"]}
+    assert set(runs) == {1, 2}
+    assert runs[1]["confirmations"] == runs[2]["confirmations"] == 2
+    assert runs[1]["tasks"] >= 2 + 3 and all(r["wall_s"] > r["waited_s"] > 0 for r in runs.values())
+    assert doc["speedup_vs_1"]["2"] == pytest.approx(runs[1]["wall_s"] / runs[2]["wall_s"])
+    assert all(r["submit_land_ms_per_task"] > 0 and r["driver_busy_s_per_task"] > 0 for r in runs.values())

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from mqpredict.cli.common import DEFAULTS, CorpusOpt, CtxOpt, JsonOpt, ThreadsOpt, TokensOpt, emit_json, out, progress_bar
 from mqpredict.cli.model_cmds import BaseArg, _base
+from mqpredict.errors import InputError
 
 app = typer.Typer(help="Benchmarks (ratios measured side by side in one run; never timed unit tests).",
                   no_args_is_help=True)  # fmt: skip
@@ -113,7 +114,6 @@ def search(
     stopping is credited) and the runs until the first true nonlinear win; mean ± std over seeds."""
     from mqpredict.bench.search import DEFAULT_TRUTH, METHODS, Truth, markdown, run
     from mqpredict.cli.common import err
-    from mqpredict.errors import InputError
 
     try:
         bs = [int(b) for b in budgets.split(",") if b.strip()]
@@ -131,3 +131,45 @@ def search(
         return
     out.print(markdown(res), highlight=False, markup=False)
     out.print(f"\nwall time: {res['seconds']:.0f} s", highlight=False)
+
+
+@app.command()
+def scale(
+    base: BaseArg = "smollm2",
+    corpus: CorpusOpt = DEFAULTS["corpus"],
+    ctx: CtxOpt = DEFAULTS["ctx"],
+    tokens: Annotated[int, typer.Option("--tokens", help="Scored tokens of the search slice (as in campaign run).")] = 1024,
+    budget: Annotated[int, typer.Option("--budget", help="Confirmations per campaign (the same in every run).")] = 8,
+    batch: Annotated[int, typer.Option("--batch", help="Batch size of the campaign's settings.")] = 2,
+    workers: Annotated[int, typer.Option("--workers", help="Worker nodes of the larger cluster (compared with 1).")] = 2,
+    task_cpus: Annotated[int, typer.Option("--task-cpus", help="CPUs per worker node and task (llama.cpp threads).")] = 1,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per cluster size, alternating the order.")] = 1,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of every campaign.")] = 0,
+    json: JsonOpt = False,
+) -> None:
+    """Campaign wall time on a local Ray cluster of 1 vs --workers worker nodes (same base, corpus, budget and
+    seed; an untimed warm-up first fills the shared caches), and the driver's overhead per task. Every node
+    binds to 127.0.0.1 and is stopped at the end."""
+    from mqpredict.bench.scale import run
+    from mqpredict.cli.common import err, spec_from
+
+    if workers < 2 or budget < 1 or repeats < 1:
+        raise InputError("--workers must be at least 2, --budget and --repeats at least 1")
+    spec = spec_from(ctx, tokens, 0)
+    with progress_bar() as progress:
+        path = _base(base, progress)
+    res = run(path, corpus, spec, workers, budget, batch, seed, repeats, task_cpus, lambda s: err.print(s, highlight=False))
+    if json:
+        emit_json(res.to_json())
+        return
+    t = Table(title=f"{res.model} · campaign budget {res.budget} · {res.n_chunks}×{res.ctx} · {res.task_cpus} CPU(s) "
+                    f"per task · warm-up {res.warmup_s:.0f} s", show_edge=False)  # fmt: skip
+    for c in ("workers", "wall (s)", "tasks", "confirmations", "waiting (s)", "submit+land (ms/task)",
+              "driver busy (s/task)"):  # fmt: skip
+        t.add_column(c, justify="right")
+    for r in res.runs:
+        t.add_row(str(r.workers), f"{r.wall_s:.1f}", str(r.tasks), str(r.confirmations), f"{r.waited_s:.1f}",
+                  f"{r.submit_land_ms_per_task:.1f}", f"{r.driver_busy_s_per_task:.2f}")  # fmt: skip
+    out.print(t)
+    out.print(f"wall time 1 → {workers} workers: {res.median_wall(1):.1f} s → {res.median_wall(workers):.1f} s "
+              f"= {res.speedup(workers):.2f}× faster (medians, measured in this run)", highlight=False)  # fmt: skip

@@ -50,8 +50,14 @@ class Executor(ABC):
         return max(0, self.slots() - self.pending)
 
     @abstractmethod
+    def call(self, fn, *args):
+        """``fn(engine, *args)`` once, on a worker's engine (one-off work such as the weight-error table);
+        its errors (InputError, LlamaError) are raised here."""
+
     def prepare(self, specs: list[EvalSpec]) -> None:
         """Check the corpus covers ``specs`` and warm the base log-probabilities (raises InputError)."""
+        for s in specs:
+            self.call(warm, s)
 
     def drain(self):
         """Every pending result, in the order ``wait`` gives them."""
@@ -99,6 +105,9 @@ class LocalExecutor(Executor):
     def pending(self) -> int:
         return len(self._queue)
 
-    def prepare(self, specs: list[EvalSpec]) -> None:
-        for s in specs:
-            self.engine.base_logprobs(s)
+    def call(self, fn, *args):
+        return fn(self.engine, *args)
+
+
+def warm(engine: Engine, spec: EvalSpec) -> None:
+    engine.base_logprobs(spec)

@@ -24,7 +24,6 @@ from mqpredict.execute.executor import Executor
 from mqpredict.execute.job import Job, JobResult, land, run_job
 from mqpredict.execute.worker import EngineRecipe, engine_for
 from mqpredict.llama.engine import Engine
-from mqpredict.measure.corpus import EvalSpec
 
 SHIP_LIMIT = 256 * 2**20  # files up to this size also travel through the object store
 
@@ -60,16 +59,16 @@ def _remote_measure(recipe: EngineRecipe, job: Job) -> JobResult:
     return run_job(engine, job, carry_scores=True)
 
 
-def _remote_prepare(recipe: EngineRecipe, spec: EvalSpec) -> str | None:
+def _remote_call(recipe: EngineRecipe, fn, args: tuple):
+    """``fn(engine, *args)`` on a worker; errors meant for the user come back as values (never retried)."""
     import ray
 
     from mqpredict.errors import MqError
 
     try:
-        engine_for(recipe, fetch=ray.get).base_logprobs(spec)
+        return ("ok", fn(engine_for(recipe, fetch=ray.get), *args))
     except MqError as e:
-        return e.message + (f" — {e.hint}" if e.hint else "")
-    return None
+        return (type(e).__name__, e.message, e.hint, _where())
 
 
 def _where() -> str:
@@ -113,9 +112,10 @@ class RayExecutor(Executor):
         if resources.memory:
             opts["memory"] = resources.memory
         self._measure = ray.remote(_remote_measure).options(name="mqpredict.measure", **opts)
-        self._prepare = ray.remote(_remote_prepare).options(name="mqpredict.prepare", **{**opts, "max_retries": retries})
+        self._call = ray.remote(_remote_call).options(name="mqpredict.call", **opts)
         self._pending: OrderedDict = OrderedDict()  # object ref → (job, submitted at)
         self.overhead = 0.0  # driver seconds spent submitting and landing results
+        self.waited = 0.0  # driver seconds blocked waiting for a result
         self.tasks = 0
         self._described: dict = {}
         self.describe()
@@ -143,6 +143,7 @@ class RayExecutor(Executor):
 
         if not self._pending:
             raise RuntimeError("wait() with no job pending")
+        t0 = time.perf_counter()
         if self.synchronous:
             ref = next(iter(self._pending))
         else:
@@ -153,6 +154,8 @@ class RayExecutor(Executor):
         except ray.exceptions.RayError as e:  # the worker died on every try (or the task was lost)
             why = str(e).strip().splitlines()[0][:300]
             return JobResult(job, None, f"the Ray task failed {self.retries + 1} time(s): {type(e).__name__}: {why}")
+        finally:
+            self.waited += time.perf_counter() - t0
         t0 = time.perf_counter()
         if res.error and res.error.startswith("input: "):
             self.cancel()
@@ -165,13 +168,24 @@ class RayExecutor(Executor):
     def pending(self) -> int:
         return len(self._pending)
 
-    def prepare(self, specs: list[EvalSpec]) -> None:
+    def call(self, fn, *args):
         import ray
 
-        for s in specs:
-            why = ray.get(self._prepare.remote(self.recipe, s))
-            if why:
-                raise InputError(why)
+        from mqpredict import errors
+
+        t0 = time.perf_counter()
+        try:
+            got = ray.get(self._call.remote(self.recipe, fn, args))
+        except ray.exceptions.RayError as e:
+            raise errors.LlamaError(f"the Ray task {getattr(fn, '__name__', fn)} failed {self.retries + 1} time(s): "
+                                    f"{type(e).__name__}", "see `ray status` and the workers' logs") from None  # fmt: skip
+        finally:
+            self.waited += time.perf_counter() - t0
+        if got[0] == "ok":
+            return got[1]
+        kind, message, hint, where = got
+        cls = getattr(errors, kind, errors.MqError)
+        raise cls(f"worker {where}: {message}", hint)
 
     def cancel(self) -> None:
         import ray

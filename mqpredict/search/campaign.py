@@ -328,8 +328,6 @@ class Campaign:
     # ------------------------------------------------------------------------ the loop
     def run(self, on_finish: Callable[[Campaign], object] | None = None) -> Result:
         """Seed, loop, re-confirm, then ``on_finish(self)`` (the report) inside the campaign's MLflow run."""
-        from mqpredict.surrogate.weight_error import error_table
-
         st, e = self.state, self.engine
         res = Result(st)
         ex = self.executor
@@ -347,7 +345,7 @@ class Campaign:
             self.say(f"campaign {st.id}: seeding the presets on {st.search.n_tokens} tokens")
             seed(e, self.store, preset_candidates(SEED_PRESETS), self.progress, self.say, tracker=self.tracker,
                  own_run=False, executor=ex, spec=st.search)  # fmt: skip
-            table = error_table(e, self.ident.model_id, progress=self.progress)
+            table = self._error_table()
             proposer = Proposer(e.model, table, self.types, seed=self.settings.seed)
             self._loop(proposer, table, res)
             self._heldout(res)
@@ -355,6 +353,22 @@ class Campaign:
             if on_finish:
                 on_finish(self)
         return res
+
+    def _error_table(self):
+        """The base's weight-error table: from the driver's cache, else computed once by the executor (on a
+        worker: a 70B base's pure quantizations are no job for the driver) and kept in the driver's cache."""
+        from mqpredict.surrogate.weight_error import ErrorTable, error_table
+
+        path = self.engine.cache / "weight_errors" / f"{self.ident.model_id}.json"
+        if path.exists():
+            try:
+                return ErrorTable.load(path)
+            except (ValueError, KeyError, OSError):
+                pass
+        self.say("computing the base's weight-error table (one pure quantization per type; once per model)")
+        table = self.executor.call(error_table, self.ident.model_id)
+        table.save(path)
+        return table
 
     @property
     def _measured_kld(self) -> dict[str, float]:
