@@ -177,22 +177,45 @@ def _wait_for_record(store: Path, p: subprocess.Popen, deadline: float) -> None:
     raise AssertionError("no campaign record within the deadline")
 
 
+def _tool_dir(tmp_path: Path, perplexity: str = "", quantize: str = "") -> Path:
+    """The real llama.cpp tools behind shell wrappers that first run the given lines (--llama-bin DIR)."""
+    import stat
+
+    from mqpredict.llama.tools import find_tool
+
+    d = tmp_path / "bin"
+    d.mkdir()
+    for name, pre in (("llama-perplexity", perplexity), ("llama-quantize", quantize)):
+        f = d / name
+        f.write_text(f'#!/usr/bin/env bash\n{pre}\nexec "{find_tool(name)}" "$@"\n')
+        f.chmod(f.stat().st_mode | stat.S_IEXEC)
+    return d
+
+
 @pytest.mark.parametrize("retries", [2, 0])
 def test_a_worker_killed_mid_campaign(tiny, cluster, tmp_path, retries):
-    """Asynchronous, base and corpus through the object store; worker node 0 dies while it measures. With
-    retries its task runs again on the other node and costs nothing; with none the job is recorded
-    `failed` (the cluster's reason) and the campaign goes on. Either way it completes, every record once."""
-    out, store = tmp_path / "out", tmp_path / "store"
+    """Asynchronous, tools engine on the workers, base and corpus through the object store. Once the
+    campaign is confirming, llama-perplexity is made to pause 5 s (so a kill lands mid-task for sure) and
+    the node of the worker running it is killed. With retries the task runs again on the other node and
+    costs nothing; with none it is recorded `failed` (the cluster's reason) and the campaign goes on.
+    Either way it completes with every record once."""
+    out, store, ctl = tmp_path / "out", tmp_path / "store", tmp_path / "ctl"
+    ctl.mkdir()
+    pause = f'if [ -e "{ctl}/slow" ]; then echo $PPID > "{ctl}/running.tmp"; mv "{ctl}/running.tmp" "{ctl}/running"; sleep 5; fi'
+    bin_dir = _tool_dir(tmp_path, perplexity=pause)
     args = ["campaign", "run", tiny, *CAMPAIGN, "--budget", 5, "--batch", 2, "--out", out, "--store", store,
-            "--executor", "ray", "--address", cluster.address, "--ship", "object-store", "--retries", retries]  # fmt: skip
+            "--engine", "tools", "--llama-bin", bin_dir, "--executor", "ray", "--address", cluster.address,
+            "--ship", "object-store", "--retries", retries]  # fmt: skip
     p = subprocess.Popen([*MQ, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ)
     try:
         _wait_for_record(store, p, time.time() + 600)
+        (ctl / "slow").touch()
         deadline = time.time() + 300
-        while not cluster.running(0):  # a measurement is running on worker node 0 right now
-            assert p.poll() is None and time.time() < deadline, "no task ever ran on worker node 0"
+        while not (ctl / "running").exists():  # a worker is inside llama-perplexity now, for 5 s
+            assert p.poll() is None and time.time() < deadline, "no measurement started"
             time.sleep(0.05)
-        cluster.kill_worker(0)
+        (ctl / "slow").unlink()
+        cluster.kill_worker(cluster.node_of(int((ctl / "running").read_text())))
         stdout, stderr = p.communicate(timeout=900)
     finally:
         if p.poll() is None:
@@ -208,7 +231,7 @@ def test_a_worker_killed_mid_campaign(tiny, cluster, tmp_path, retries):
     if retries:
         assert lost.empty, lost["status_reason"].tolist()
     else:
-        assert len(lost) >= 1 and lost["status_reason"].str.contains("Ray task failed 1 time").all()
+        assert len(lost) == 1 and lost["status_reason"].str.contains("Ray task failed 1 time").all()
     assert mine.groupby("chunk_offset")["types_key"].apply(lambda s: s.is_unique).all()  # nothing measured twice
     assert recs["key"].is_unique and recs[recs["source"] == "preset"]["types_key"].groupby(recs["chunk_offset"]).apply(
         lambda s: s.is_unique).all()  # fmt: skip
@@ -218,18 +241,8 @@ def test_a_worker_killed_mid_campaign(tiny, cluster, tmp_path, retries):
 def test_a_failing_llama_cpp_on_a_worker_is_recorded_failed(tiny, cluster, tmp_path):
     """The tools engine on the workers with --llama-bin (a llama-quantize that fails on every hybrid):
     each proposal comes back as a `failed` record with llama.cpp's reason; the campaign ends with its report."""
-    import stat
-
-    from mqpredict.llama.tools import find_tool
-
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    os.symlink(find_tool("llama-perplexity"), bin_dir / "llama-perplexity")
-    q = bin_dir / "llama-quantize"
-    q.write_text("#!/usr/bin/env bash\n"
-                 'if [[ " $* " == *" --pure "* ]]; then echo "llama_model_quantize: failed to quantize: out of disk" >&2; exit 1; fi\n'
-                 f'exec "{find_tool("llama-quantize")}" "$@"\n')  # fmt: skip
-    q.chmod(q.stat().st_mode | stat.S_IEXEC)
+    fail = 'if [[ " $* " == *" --pure "* ]]; then echo "llama_model_quantize: failed to quantize: out of disk" >&2; exit 1; fi'
+    bin_dir = _tool_dir(tmp_path, quantize=fail)
     store = tmp_path / "store"
     doc = _json(mq("campaign", "run", tiny, *CAMPAIGN, "--budget", 2, "--batch", 2, "--engine", "tools", "--llama-bin",
                    bin_dir, "--out", tmp_path / "out", "--store", store, "--executor", "ray", "--address",

@@ -58,6 +58,13 @@ class LocalCluster:
                 found.append(int(d.name))
         return found
 
+    def node_of(self, pid: int) -> int:
+        """Index of the worker node whose worker process ``pid`` is."""
+        for i in range(len(self.workers)):
+            if pid in self._workers_of(i):
+                return i
+        raise LookupError(f"process {pid} is no worker of this cluster")
+
     def kill_worker(self, i: int = 0) -> None:
         """The worker node ``i`` dies at once: every worker process on it (SIGKILL, mid-task), then its raylet.
 

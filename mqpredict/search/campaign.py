@@ -342,6 +342,9 @@ class Campaign:
                   **{f"setting.{k}": v for k, v in asdict(self.settings).items() if k != "types"},
                   "setting.types": ",".join(self.settings.types), **ex.describe()}  # fmt: skip
         with self.tracker.parent("campaign", self.ident.columns(), params):
+            if not ex.synchronous:
+                self.say(f"{ex.name} executor, asynchronous: which configs are proposed depends on which results come "
+                         "back first, so records may differ from run to run (--sync reproduces the local path's)")  # fmt: skip
             self.say(f"campaign {st.id}: seeding the presets on {st.search.n_tokens} tokens")
             seed(e, self.store, preset_candidates(SEED_PRESETS), self.progress, self.say, tracker=self.tracker,
                  own_run=False, executor=ex, spec=st.search)  # fmt: skip
