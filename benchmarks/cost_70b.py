@@ -25,6 +25,7 @@ SLICE_TOKENS = 8 * 512  # forward tokens of one full run on the campaign's searc
 # the README's main-command campaign on SmolLM2 (measured): seeds and held-out presets are full runs,
 # the 20 confirmations ran 57,344 forward tokens in all (stopped-early ones count a quarter)
 SEED_RUNS, HELDOUT_PRESET_RUNS, CONFIRM_TOKENS, BUILDS = 16, 5, 57_344, 16 + 5 + 20
+BASE_LOGPROB_RUNS = 2  # the F16 base on the search and the held-out slice, once (a shared $MQPREDICT_CACHE)
 
 
 def measure(threads: int) -> dict:
@@ -73,7 +74,7 @@ def main() -> None:
     tps_70b = m["tokens_per_s"] / ratio
     run_s = SLICE_TOKENS / tps_70b  # one full run, this machine
     build_s = BASE_70B_BYTES / m["build_bytes_per_s"]  # one llama-quantize of the 70B (CPU, this machine)
-    full_runs = SEED_RUNS + HELDOUT_PRESET_RUNS + CONFIRM_TOKENS / SLICE_TOKENS
+    full_runs = BASE_LOGPROB_RUNS + SEED_RUNS + HELDOUT_PRESET_RUNS + CONFIRM_TOKENS / SLICE_TOKENS
     one = full_runs * run_s + BUILDS * build_s
     gpu_run = run_s / a.gpu_speedup
     # with N workers, builds (CPU on each worker) and runs both spread over the workers
@@ -83,10 +84,13 @@ def main() -> None:
     print(f"  llama-quantize  {m['build_bytes_per_s'] / 1e6:.0f} MB/s of base  ({m['build_s']:.2f} s for Q4_K_M, median of 3)")
     print(f"EXTRAPOLATED to a 70B dense model ({PARAMS_70B / 1e9:.1f} B params, {ratio:.0f}× the compute per token):")
     print(f"  one full KLD run ({SLICE_TOKENS} tokens) on this machine: {run_s / 3600:.1f} h;  one build: {build_s / 60:.0f} min")
-    print(f"  campaign = {full_runs:.1f} full-run equivalents + {BUILDS} builds")
-    print(f"  one machine like this one:            {one / 3600:.0f} h  ({one / 86400:.1f} days)")
+    print(f"  campaign = {full_runs:.1f} full-run equivalents ({BASE_LOGPROB_RUNS} base, {SEED_RUNS} seeds, "
+          f"{HELDOUT_PRESET_RUNS} held-out presets, {CONFIRM_TOKENS / SLICE_TOKENS:.1f} in confirmations) + {BUILDS} builds")
+    print(f"  one machine with this one's compute (and the ~200 GB RAM a 70B needs): {one / 3600:.0f} h "
+          f"({one / 86400:.1f} days)")
     print(f"  {a.workers} GPU workers, each ASSUMED {a.gpu_speedup:.0f}× this machine at prompt processing "
-          f"(one run {gpu_run / 60:.1f} min): {cluster / 3600:.1f} h")
+          f"(one run {gpu_run / 60:.1f} min), builds on each worker's CPU at this machine's rate: "
+          f"{cluster / 3600:.1f} h — of which builds {BUILDS * build_s / a.workers / 3600:.1f} h")
 
 
 if __name__ == "__main__":
