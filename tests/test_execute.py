@@ -286,3 +286,11 @@ def test_bench_scale_times_one_and_two_workers_on_the_same_budget(tiny):
     assert runs[1]["tasks"] >= 2 + 3 and all(r["wall_s"] > r["waited_s"] > 0 for r in runs.values())
     assert doc["speedup_vs_1"]["2"] == pytest.approx(runs[1]["wall_s"] / runs[2]["wall_s"])
     assert all(r["submit_land_ms_per_task"] > 0 and r["driver_busy_s_per_task"] > 0 for r in runs.values())
+
+
+def test_no_cluster_at_the_address_is_a_clear_error_at_once(tiny, tmp_path):
+    t0 = time.time()
+    p = mq("campaign", "run", tiny, *CAMPAIGN, "--out", tmp_path / "out", "--store", tmp_path / "store",
+           "--executor", "ray", "--address", "127.0.0.1:1", timeout=120)  # fmt: skip
+    assert p.returncode != 0 and "no Ray cluster answers at 127.0.0.1:1" in p.stderr and "Traceback" not in p.stderr
+    assert time.time() - t0 < 60 and not (tmp_path / "out" / "campaign.json").exists()

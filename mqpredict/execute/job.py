@@ -15,12 +15,16 @@ import socket
 import time
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from mqpredict.errors import LlamaError
 from mqpredict.llama.engine import Engine, Measurement, load_scores
 from mqpredict.measure.corpus import EvalSpec
 from mqpredict.measure.kld import TokenScores
 from mqpredict.quant.config import Config
+
+if TYPE_CHECKING:
+    from mqpredict.search.confirm import Outcome, Reference
 
 
 class JobKind(StrEnum):
@@ -34,7 +38,7 @@ class Job:
     kind: JobKind
     config: Config
     spec: EvalSpec
-    reference: object | None = None  # a search.confirm.Reference (confirm jobs)
+    reference: Reference | None = None  # what a staged confirmation is judged against (confirm jobs)
     fraction: float = 1.0
     z: float = 2.0
 
@@ -42,11 +46,12 @@ class Job:
 @dataclass(frozen=True)
 class JobResult:
     job: Job
-    outcome: object | None  # a search.confirm.Outcome; None when the job failed
+    outcome: Outcome | None  # None when the job failed
     error: str | None = None  # llama.cpp's reason, or why the cluster gave up on the job
     scores: TokenScores | None = None  # per-token scores, carried back when the worker's disk is not the driver's
     worker: str = ""  # host:pid that ran it
     seconds: float = 0.0  # wall time on the worker
+    setup_error: bool = False  # the error is the node's set-up (a missing base), not the config: stop, never record
 
     @property
     def measurement(self) -> Measurement | None:

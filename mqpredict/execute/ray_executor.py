@@ -55,7 +55,7 @@ def _remote_measure(recipe: EngineRecipe, job: Job) -> JobResult:
     try:
         engine = engine_for(recipe, fetch=ray.get)
     except MqError as e:  # a set-up problem on this node: reported, never retried as a crash
-        return JobResult(job, None, f"input: {e.message}" + (f" — {e.hint}" if e.hint else ""), worker=_where())
+        return JobResult(job, None, e.message + (f" — {e.hint}" if e.hint else ""), worker=_where(), setup_error=True)
     return run_job(engine, job, carry_scores=True)
 
 
@@ -88,6 +88,7 @@ class RayExecutor(Executor):
         self.engine, self.resources, self.retries = engine, resources, retries
         self.synchronous, self.batch, self.address = synchronous, batch, address
         if not ray.is_initialized():
+            _check_reachable(address)
             try:
                 ray.init(address=address, logging_level="ERROR", log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError) as e:
@@ -157,9 +158,9 @@ class RayExecutor(Executor):
         finally:
             self.waited += time.perf_counter() - t0
         t0 = time.perf_counter()
-        if res.error and res.error.startswith("input: "):
+        if res.setup_error:
             self.cancel()
-            raise InputError(f"worker {res.worker}: {res.error.removeprefix('input: ')}")
+            raise InputError(f"worker {res.worker}: {res.error}")
         res = land(res, self.engine)
         self.overhead += time.perf_counter() - t0
         return res
@@ -214,3 +215,21 @@ class RayExecutor(Executor):
                 "mode": "synchronous" if self.synchronous else "asynchronous"}  # fmt: skip
         return self._described
 
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A HEAD:PORT that accepts no connection fails here at once (Ray itself would retry for minutes)."""
+    import socket
+
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return
+    except ValueError:
+        raise InputError(f"--address {address!r} is not HOST:PORT", "e.g. --address 10.0.0.5:6379, or auto") from None
+    except OSError as e:
+        raise InputError(f"no Ray cluster answers at {address} ({e.strerror or e})",
+                         "start one (`ray start --head --port 6379`) or check the address; "
+                         "`ray status` on the head node shows it") from None  # fmt: skip
