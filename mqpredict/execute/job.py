@@ -51,7 +51,6 @@ class JobResult:
     scores: TokenScores | None = None  # per-token scores, carried back when the worker's disk is not the driver's
     worker: str = ""  # host:pid that ran it
     seconds: float = 0.0  # wall time on the worker
-    setup_error: bool = False  # the error is the node's set-up (a missing base), not the config: stop, never record
 
     @property
     def measurement(self) -> Measurement | None:

@@ -39,11 +39,8 @@ class LocalCluster:
         self.workers.append(w)
         return w
 
-    def running(self, i: int, task: str = "mqpredict.measure") -> list[int]:
-        """Pids of worker processes of node ``i`` running ``task`` now (Ray titles them ``ray::<task>``)."""
-        return self._workers_of(i, f"ray::{task}")
-
-    def _workers_of(self, i: int, title_prefix: str = "") -> list[int]:
+    def _workers_of(self, i: int) -> list[int]:
+        """Pids of the worker processes of node ``i`` (the children of its raylet)."""
         raylet = self.workers[i].all_processes["raylet"][0].process.pid
         found = []
         for d in Path("/proc").iterdir():
@@ -51,10 +48,9 @@ class LocalCluster:
                 continue
             try:
                 ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                title = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except (OSError, IndexError, ValueError):
                 continue
-            if ppid == raylet and title.startswith(title_prefix):
+            if ppid == raylet:
                 found.append(int(d.name))
         return found
 

@@ -18,10 +18,11 @@ import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 from mqpredict.errors import InputError
 from mqpredict.execute.executor import Executor
-from mqpredict.execute.job import Job, JobResult, land, run_job
+from mqpredict.execute.job import Job, JobResult, land, run_job, worker_name
 from mqpredict.execute.worker import EngineRecipe, engine_for
 from mqpredict.llama.engine import Engine
 
@@ -46,21 +47,9 @@ class Resources:
         return n
 
 
-def _remote_measure(recipe: EngineRecipe, job: Job) -> JobResult:
-    """The task body, on a worker: the warm engine of this recipe runs the job."""
-    import ray
-
-    from mqpredict.errors import MqError
-
-    try:
-        engine = engine_for(recipe, fetch=ray.get)
-    except MqError as e:  # a set-up problem on this node: reported, never retried as a crash
-        return JobResult(job, None, e.message + (f" — {e.hint}" if e.hint else ""), worker=_where(), setup_error=True)
-    return run_job(engine, job, carry_scores=True)
-
-
 def _remote_call(recipe: EngineRecipe, fn, args: tuple):
-    """``fn(engine, *args)`` on a worker; errors meant for the user come back as values (never retried)."""
+    """The task body, on a worker: ``fn(engine, *args)`` on this recipe's warm engine. Errors meant for the
+    user (a base missing on this node, a corpus too short) come back as values, never retried as crashes."""
     import ray
 
     from mqpredict.errors import MqError
@@ -68,13 +57,12 @@ def _remote_call(recipe: EngineRecipe, fn, args: tuple):
     try:
         return ("ok", fn(engine_for(recipe, fetch=ray.get), *args))
     except MqError as e:
-        return (type(e).__name__, e.message, e.hint, _where())
+        return (type(e).__name__, e.message, e.hint, worker_name())
 
 
-def _where() -> str:
-    from mqpredict.execute.job import worker_name
-
-    return worker_name()
+def _measure(engine, job: Job) -> JobResult:
+    """A measurement job on a worker: its per-token scores travel back with the result."""
+    return run_job(engine, job, carry_scores=True)
 
 
 class RayExecutor(Executor):
@@ -102,7 +90,7 @@ class RayExecutor(Executor):
 
         def ship(path) -> Shipment:
             size = os.path.getsize(path)
-            return Shipment.of(path, ray.put(open(path, "rb").read()) if size <= ship_limit else None)
+            return Shipment.of(path, ray.put(Path(path).read_bytes()) if size <= ship_limit else None)
 
         llama_bin = llama_bin or getattr(engine, "llama_bin", None)
         kld = getattr(engine, "kld_source", None)
@@ -112,29 +100,32 @@ class RayExecutor(Executor):
         opts = {"num_cpus": resources.cpus, "num_gpus": resources.gpus, "max_retries": retries, "retry_exceptions": False}
         if resources.memory:
             opts["memory"] = resources.memory
-        self._measure = ray.remote(_remote_measure).options(name="mqpredict.measure", **opts)
-        self._call = ray.remote(_remote_call).options(name="mqpredict.call", **opts)
+        task = ray.remote(_remote_call)
+        self._measure = task.options(name="mqpredict.measure", **opts)
+        self._call = task.options(name="mqpredict.call", **opts)
         self._pending: OrderedDict = OrderedDict()  # object ref → (job, submitted at)
         self.overhead = 0.0  # driver seconds spent submitting and landing results
         self.waited = 0.0  # driver seconds blocked waiting for a result
         self.tasks = 0
         self._described: dict = {}
         self.describe()
-        if self.slots() == 0:
+        if self._cluster_slots() == 0:
             raise InputError(f"no node of the Ray cluster at {address} has room for one task ({resources})",
                              "lower --task-cpus/--task-gpus/--task-memory or add nodes")  # fmt: skip
 
     # -------------------------------------------------------------- the contract
     def slots(self) -> int:
+        return self.batch if self.synchronous else self._cluster_slots()
+
+    def _cluster_slots(self) -> int:
+        """How many tasks the cluster's live nodes hold at once."""
         import ray
 
-        if self.synchronous:
-            return self.batch
         return sum(self.resources.fits(n["Resources"]) for n in ray.nodes() if n.get("Alive"))
 
     def submit(self, job: Job) -> None:
         t0 = time.perf_counter()
-        ref = self._measure.remote(self.recipe, job)
+        ref = self._measure.remote(self.recipe, _measure, (job,))
         self._pending[ref] = (job, time.time())
         self.tasks += 1
         self.overhead += time.perf_counter() - t0
@@ -151,17 +142,14 @@ class RayExecutor(Executor):
             [ref], _ = ray.wait(list(self._pending), num_returns=1)
         job, _t = self._pending.pop(ref)
         try:
-            res = ray.get(ref)
+            got = ray.get(ref)
         except ray.exceptions.RayError as e:  # the worker died on every try (or the task was lost)
             why = str(e).strip().splitlines()[0][:300]
             return JobResult(job, None, f"the Ray task failed {self.retries + 1} time(s): {type(e).__name__}: {why}")
         finally:
             self.waited += time.perf_counter() - t0
         t0 = time.perf_counter()
-        if res.setup_error:
-            self.cancel()
-            raise InputError(f"worker {res.worker}: {res.error}")
-        res = land(res, self.engine)
+        res = land(self._unwrap(got), self.engine)
         self.overhead += time.perf_counter() - t0
         return res
 
@@ -182,11 +170,17 @@ class RayExecutor(Executor):
                                     f"{type(e).__name__}", "see `ray status` and the workers' logs") from None  # fmt: skip
         finally:
             self.waited += time.perf_counter() - t0
+        return self._unwrap(got)
+
+    def _unwrap(self, got: tuple):
+        """A task's value, or its user-facing error raised here (the campaign stops: nothing else is submitted)."""
+        from mqpredict import errors
+
         if got[0] == "ok":
             return got[1]
+        self.cancel()
         kind, message, hint, where = got
-        cls = getattr(errors, kind, errors.MqError)
-        raise cls(f"worker {where}: {message}", hint)
+        raise getattr(errors, kind, errors.MqError)(f"worker {where}: {message}", hint)
 
     def cancel(self) -> None:
         import ray
@@ -208,9 +202,9 @@ class RayExecutor(Executor):
 
         if not ray.is_initialized():  # after close(): what it was when last connected
             return self._described
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        self._described = {"executor": self.name, "ray_address": self.address, "ray_nodes": len(nodes),
-                "ray_slots": sum(self.resources.fits(n["Resources"]) for n in nodes), "task_cpus": self.resources.cpus,
+        self._described = {"executor": self.name, "ray_address": self.address,
+                "ray_nodes": sum(1 for n in ray.nodes() if n.get("Alive")),
+                "ray_slots": self._cluster_slots(), "task_cpus": self.resources.cpus,
                 "task_gpus": self.resources.gpus, "task_retries": self.retries,
                 "mode": "synchronous" if self.synchronous else "asynchronous"}  # fmt: skip
         return self._described

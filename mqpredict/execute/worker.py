@@ -44,8 +44,8 @@ class Shipment:
         if self.handle is None or fetch is None:
             what = "is missing" if not p.exists() else "holds other bytes than the driver's"
             raise InputError(f"{p} {what} on worker {os.uname().nodename}",
-                             "put the base and the corpus on a filesystem every node mounts at the same path, or "
-                             "raise --ship-limit so they travel through Ray's object store")  # fmt: skip
+                             "put the base and the corpus on a filesystem every node mounts at the same path "
+                             "(files up to 256 MB also travel through Ray's object store with --ship auto)")  # fmt: skip
         dest = cache_dir() / "shipped" / self.sha256[:16] / p.name
         if not (dest.is_file() and dest.stat().st_size == self.size):
             data = fetch(self.handle)

@@ -360,14 +360,12 @@ class Campaign:
     def _error_table(self):
         """The base's weight-error table: from the driver's cache, else computed once by the executor (on a
         worker: a 70B base's pure quantizations are no job for the driver) and kept in the driver's cache."""
-        from mqpredict.surrogate.weight_error import ErrorTable, error_table
+        from mqpredict.surrogate.weight_error import cached_table, error_table
 
         path = self.engine.cache / "weight_errors" / f"{self.ident.model_id}.json"
-        if path.exists():
-            try:
-                return ErrorTable.load(path)
-            except (ValueError, KeyError, OSError):
-                pass
+        table = cached_table(path)
+        if table is not None:
+            return table
         self.say("computing the base's weight-error table (one pure quantization per type; once per model)")
         table = self.executor.call(error_table, self.ident.model_id)
         table.save(path)
@@ -471,13 +469,13 @@ class Campaign:
                     step += 1
                     staged = source == Source.proposed
                     ex.submit(Job(step, JobKind.confirm, c, st.search, ref, cfg.stage_fraction if staged else 1.0, cfg.z))
-                    pending[step] = (c, p, source, types_key(self.engine.model, self.engine.resolve(c)))
+                    pending[step] = (c, p, source, p.types_key if p else types_key(self.engine.model, self.engine.resolve(c)))
             if not pending:
                 return
             r = ex.wait()
             c, p, source, _tk = pending.pop(r.job.id)
             self._tell(r, c, p, source, res)
-            self.progress("campaign", min(len(self._spent()), cfg.budget), cfg.budget)
+            self.progress("campaign", min(res.spent + 1, cfg.budget), cfg.budget)  # _tell stored one record
             if not pending or not ex.synchronous:
                 self._log_progress(r.job.id)
 
@@ -553,16 +551,14 @@ class Campaign:
         done_types = set(done["types_key"]) if len(done) else set()
         by_key = ok.set_index("key")
         step = len(self._spent())
-        left = cfg.budget - step
         configs: dict[int, Config] = {}
         for key, _m in spread(cands, {k: float(by_key.loc[k, "bpw"]) for k, _ in cands}):
             r = by_key.loc[key]
             if r["types_key"] in done_types:
                 continue
-            if left <= 0:
+            if step >= cfg.budget:
                 self.say(f"no budget left to re-confirm {r['config']} on held-out tokens")
                 continue
-            left -= 1
             step += 1
             configs[step] = Config.parse(r["config"])
             self.executor.submit(Job(step, JobKind.confirm, configs[step], st.heldout, href, 1.0, cfg.z))

@@ -126,17 +126,25 @@ def compute(model: ModelInfo, model_id: str, pure: dict[QuantType, GGUFHeader], 
     return ErrorTable(model_id, errors, shares, time.perf_counter() - t0)
 
 
+def cached_table(path: Path) -> ErrorTable | None:
+    """The table saved at ``path``, or None (a damaged file is removed: it is recomputed)."""
+    if path.exists():
+        try:
+            return ErrorTable.load(path)
+        except (ValueError, KeyError, OSError):
+            path.unlink(missing_ok=True)
+    return None
+
+
 def error_table(engine, model_id: str, types=ERROR_TYPES, cache: Path | None = None, progress=None) -> ErrorTable:
     """The (cached) table of the engine's base model: one pure quantization and one pass per type.
 
     The pure quantizations come from the in-process engine's cache; with another engine (the tools
     engine on a user's GPU build) an in-process engine on the same base computes them (CPU only)."""
     path = (cache or engine.cache / "weight_errors") / f"{model_id}.json"
-    if path.exists():
-        try:
-            return ErrorTable.load(path)
-        except (ValueError, KeyError, OSError):
-            path.unlink(missing_ok=True)
+    table = cached_table(path)
+    if table is not None:
+        return table
     if not hasattr(engine, "pure_header"):
         from mqpredict.llama.inprocess import InProcessEngine
 
