@@ -74,6 +74,22 @@ QuantizedBaseOpt = Annotated[
     ),
 ]
 
+ImatrixOpt = Annotated[
+    Path | None,
+    typer.Option("--imatrix", help="Importance matrix to quantize with (GGUF or legacy .dat), as llama-quantize "
+                 "--imatrix; `mqpredict imatrix BASE -o FILE` computes one. Needed for IQ1_*/IQ2_*/IQ3_XXS."),
+]  # fmt: skip
+
+
+def load_imatrix(path: Path | None):
+    """The --imatrix file, read and checked (None without one)."""
+    if path is None:
+        return None
+    from mqpredict.quant.imatrix import Imatrix
+
+    return Imatrix.load(path)
+
+
 TrackingUriOpt = Annotated[
     str | None,
     typer.Option("--tracking-uri", help="MLflow tracking URI (a team server); default $MLFLOW_TRACKING_URI, else "

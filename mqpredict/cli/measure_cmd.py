@@ -16,6 +16,7 @@ from mqpredict.cli.common import (
     CtxOpt,
     EngineName,
     EngineOpt,
+    ImatrixOpt,
     JsonOpt,
     LlamaBinOpt,
     OffsetOpt,
@@ -30,6 +31,7 @@ from mqpredict.cli.common import (
     emit_json,
     err,
     fmt_mb,
+    load_imatrix,
     make_engine,
     make_tracker,
     out,
@@ -126,7 +128,9 @@ def measure(
     gguf: Annotated[
         list[Path] | None, typer.Option("--gguf", help="A ready quantized GGUF of this base to measure (repeatable).")
     ] = None,
-    presets: Annotated[bool, typer.Option("--presets", help="Add the standard llama.cpp presets.")] = False,
+    presets: Annotated[bool, typer.Option("--presets", help="Add the standard llama.cpp presets (with --imatrix, "
+                                          "also the presets made for one: IQ3_M … IQ1_S).")] = False,  # fmt: skip
+    imatrix: ImatrixOpt = None,
     corpus: CorpusOpt = DEFAULTS["corpus"],
     ctx: CtxOpt = DEFAULTS["ctx"],
     tokens: TokensOpt = DEFAULTS["tokens"],
@@ -149,18 +153,20 @@ def measure(
     Rows come back in the order the configs were given; per-token KLD vectors are kept (per_token_path).
     """
     from mqpredict.quant.config import Config
-    from mqpredict.quant.presets import STANDARD_PRESETS
+    from mqpredict.quant.presets import IMATRIX_PRESETS, STANDARD_PRESETS
 
     configs = [Config.parse(c) for c in config or []]
     if presets:
-        configs = [Config.from_preset(p) for p in STANDARD_PRESETS] + configs
+        extra = IMATRIX_PRESETS if imatrix is not None else ()
+        configs = [Config.from_preset(p) for p in (*STANDARD_PRESETS, *extra)] + configs
     files = list(gguf or [])
     if not configs and not files:
         raise InputError("nothing to measure", "give --config CFG (repeatable), --presets or --gguf FILE")
     spec = spec_from(ctx, tokens, chunk_offset)
     with progress_bar() as progress:
         path = _base(base, progress)
-        eng = make_engine(path, corpus, spec, engine, llama_bin, threads, allow_quantized_base, progress, tools_kld)
+        eng = make_engine(path, corpus, spec, engine, llama_bin, threads, allow_quantized_base, progress, tools_kld,
+                          load_imatrix(imatrix))  # fmt: skip
         with eng:
             rows = run_measurements(eng, configs, files, keep, progress, make_tracker(no_track, tracking_uri, experiment))
     if json:

@@ -12,6 +12,7 @@ from mqpredict.cli.common import (
     ConfigsOpt,
     EngineName,
     EngineOpt,
+    ImatrixOpt,
     JsonOpt,
     LlamaBinOpt,
     QuantizedBaseOpt,
@@ -19,6 +20,7 @@ from mqpredict.cli.common import (
     emit_json,
     err,
     fmt_mb,
+    load_imatrix,
     out,
     progress_bar,
 )
@@ -41,13 +43,14 @@ def _configs(texts: list[str] | None):
     return [Config.parse(t) for t in texts]
 
 
-def _resolver(config):
-    """llama.cpp's dry run for presets; explicit configs are resolved from the header alone."""
+def _resolver(config, imatrix=None):
+    """llama.cpp's dry run for presets (told about the imatrix: some presets choose differently with
+    one); explicit configs are resolved from the header alone."""
     if not config.is_preset:
         return None
     from mqpredict.llama.quantize import dry_run_types
 
-    return dry_run_types
+    return lambda model, cfg: dry_run_types(model, cfg, imatrix=imatrix)
 
 
 def inspect(model: Annotated[Path, typer.Argument(help="A GGUF file.")], json: JsonOpt = False) -> None:
@@ -122,6 +125,7 @@ def inspect(model: Annotated[Path, typer.Argument(help="A GGUF file.")], json: J
 def size(
     base: BaseArg,
     config: ConfigsOpt = None,
+    imatrix: ImatrixOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Exact file size and bpw of configs, computed before anything is built.
@@ -135,9 +139,12 @@ def size(
     from mqpredict.quant.size import size_of
 
     m = ModelInfo.load(_base(base))
+    im = load_imatrix(imatrix)
+    if im is not None:
+        im.check_model(m)
     rows = []
     for c in _configs(config):
-        rep = size_of(m, resolve(m, c, _resolver(c)))
+        rep = size_of(m, resolve(m, c, _resolver(c, im), im), im)
         rows.append({"config": c.key, **rep.to_json()})
     if json:
         emit_json(rows[0] if len(rows) == 1 else rows)
@@ -154,6 +161,7 @@ def build(
     base: BaseArg,
     config: Annotated[str, typer.Option("--config", "-c", help="The config to build (see `size --help`).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the GGUF.")],
+    imatrix: ImatrixOpt = None,
     engine: EngineOpt = EngineName.inprocess,
     llama_bin: LlamaBinOpt = None,
     threads: ThreadsOpt = 0,
@@ -167,7 +175,7 @@ def build(
     cfg = _configs([config])[0]
     with progress_bar(not json) as progress:
         eng = make_engine(_base(base, progress), None, EvalSpec(), engine, llama_bin, threads,
-                          allow_quantized_base, progress)  # fmt: skip
+                          allow_quantized_base, progress, imatrix=load_imatrix(imatrix))  # fmt: skip
         with eng:
             built = eng.build(cfg, output)
     doc = {"config": cfg.key, "path": str(built.path), "types_key": built.types_key, **built.size.to_json(),
@@ -188,22 +196,32 @@ def recipe(
         "tensor-types.txt"
     ),
     gguf_out: Annotated[str, typer.Option("--gguf-out", help="Output path to put in the printed command.")] = "OUT.gguf",
+    imatrix: ImatrixOpt = None,
     json: JsonOpt = False,
 ) -> None:
-    """Export a config as a llama-quantize --tensor-type-file plus the exact command line that builds it."""
+    """Export a config as a llama-quantize --tensor-type-file plus the exact command line that builds it.
+
+    With --imatrix the command quantizes with it; it names the imatrix by its file name, as mqpredict
+    writes it into the GGUF, so run it in the imatrix's folder for a byte-identical file."""
     from mqpredict.quant.model import ModelInfo
     from mqpredict.quant.resolve import quantize_command, tensor_type_lines
     from mqpredict.util.atomic import atomic_write_text
 
     cfg = _configs([config])[0]
     m = ModelInfo.load(_base(base))
+    im = load_imatrix(imatrix)
+    if im is not None:
+        im.check_model(m)
     lines = tensor_type_lines(m, cfg)
     atomic_write_text(output, "\n".join(lines) + ("\n" if lines else ""))
-    cmd = quantize_command(m, cfg, gguf_out, str(output))
+    cwd = str(im.path.resolve().parent) if im is not None else None
+    if im is not None:  # the command runs in the imatrix's folder: every other path absolute
+        m, gguf_out, output = ModelInfo.load(m.path.resolve()), str(Path(gguf_out).resolve()), output.resolve()
+    cmd = quantize_command(m, cfg, gguf_out, str(output), imatrix=im)
     if json:
-        emit_json({"config": cfg.key, "tensor_type_file": str(output), "lines": lines, "command": cmd})
+        emit_json({"config": cfg.key, "tensor_type_file": str(output), "lines": lines, "command": cmd, "cwd": cwd})
     else:
-        err.print(f"wrote {output} ({len(lines)} patterns)")
+        err.print(f"wrote {output} ({len(lines)} patterns)" + (f"; run the command in {cwd}" if cwd else ""))
         print(" ".join(cmd))
 
 

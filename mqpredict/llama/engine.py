@@ -29,6 +29,7 @@ from mqpredict.measure.corpus import Corpus, EvalSpec
 from mqpredict.measure.kld import TokenScores
 from mqpredict.measure.stats import KLDStats
 from mqpredict.quant.config import Config
+from mqpredict.quant.imatrix import Imatrix
 from mqpredict.quant.model import ModelInfo
 from mqpredict.quant.resolve import EffectiveTypes, resolve, types_key
 from mqpredict.quant.header import read_header, read_tensor_infos
@@ -90,6 +91,9 @@ class Measurement:
     seconds_build: float
     seconds_eval: float
     types: dict[str, str] = field(repr=False, default_factory=dict)
+    imatrix_id: str | None = None
+    imatrix_corpus: str | None = None
+    scoring: str = "windows"
 
     def to_json(self, with_types: bool = True) -> dict:
         d = {
@@ -108,6 +112,9 @@ class Measurement:
             "ctx": self.ctx,
             "chunk_offset": self.chunk_offset,
             "n_chunks": self.n_chunks,
+            "scoring": self.scoring,
+            "imatrix_id": self.imatrix_id,
+            "imatrix_corpus": self.imatrix_corpus,
             "per_token_path": self.per_token_path,
             "seconds_build": self.seconds_build,
             "seconds_eval": self.seconds_eval,
@@ -132,11 +139,19 @@ class Engine(ABC):
         allow_quantized_base: bool = False,
         cache: str | os.PathLike | None = None,
         progress: Progress | None = None,
+        imatrix: Imatrix | str | os.PathLike | None = None,
     ) -> None:
         self.model = ModelInfo.load(base)
         self.check_base(self.model, allow_quantized_base)
+        if imatrix is not None and not isinstance(imatrix, Imatrix):
+            imatrix = Imatrix.load(imatrix)
+        if imatrix is not None:
+            imatrix.check_model(self.model)
+        self.imatrix: Imatrix | None = imatrix
         self.allow_quantized_base = allow_quantized_base
         self._corpus = Corpus.load(corpus) if corpus is not None else None
+        if self._corpus is not None and imatrix is not None:
+            imatrix.check_evaluation_text(self._corpus.text, self._corpus.sha256, str(self._corpus.path))
         self.spec = spec
         self.threads = threads or os.cpu_count() or 1
         self.cache = Path(cache) if cache else cache_dir()
@@ -207,11 +222,20 @@ class Engine(ABC):
             / f"{self.base_sha[:16]}-{self.corpus.sha256[:12]}-{spec.key}-{self.name}-{self.build_id()}.kld"
         )
 
+    @property
+    def imatrix_id(self) -> str | None:
+        return self.imatrix.id if self.imatrix is not None else None
+
+    @property
+    def quant_context(self) -> str:
+        """Names what a file built here depends on besides its types: the build and the imatrix."""
+        return self.build_id() + (f"-im{self.imatrix.id}" if self.imatrix is not None else "")
+
     def per_token_path(self, tkey: str, spec: EvalSpec) -> Path:
         return (
             self.cache
             / "per_token"
-            / f"{self.base_sha[:16]}-{self.corpus.sha256[:12]}-{spec.key}-{self.name}-{self.build_id()}"
+            / f"{self.base_sha[:16]}-{self.corpus.sha256[:12]}-{spec.key}-{self.name}-{self.quant_context}"
             / f"{tkey}.kld.npy"
         )
 
@@ -237,10 +261,14 @@ class Engine(ABC):
         """Make sure the base's log-probs for ``spec`` exist (computed once, cached on disk)."""
 
     def resolve(self, config: Config) -> EffectiveTypes:
-        return resolve(self.model, config, self.dry_run)
+        return resolve(self.model, config, self.dry_run, self.imatrix)
+
+    def size_of(self, types: EffectiveTypes) -> SizeReport:
+        """Exact size of the file with these types, as this engine writes it (with its imatrix, if any)."""
+        return size_of(self.model, types, self.imatrix)
 
     def size(self, config: Config) -> SizeReport:
-        return size_of(self.model, self.resolve(config))
+        return self.size_of(self.resolve(config))
 
     def build(self, config: Config, out: str | os.PathLike | None = None) -> Built:
         """Build ``config`` into ``out`` (default: a file in the engine's work dir)."""
@@ -249,7 +277,7 @@ class Engine(ABC):
         tkey = types_key(self.model, types)
         out = Path(out) if out else self.workdir / f"{tkey}.gguf"
         self._build(config, types, out)
-        actual = read_back_types(self.model, out)
+        actual = read_back_types(self.model, out, self.imatrix)
         if actual != types:
             diff = next(n for n in types if actual.get(n) != types[n])
             out.unlink(missing_ok=True)
@@ -257,7 +285,7 @@ class Engine(ABC):
                 f"{self.name} wrote {diff} as {actual.get(diff)} but {types[diff].name} was predicted",
                 "the llama.cpp build differs from the one mqpredict was tested with; please report it",
             )
-        return Built(out, config, types, tkey, size_of(self.model, types), time.perf_counter() - t0)
+        return Built(out, config, types, tkey, self.size_of(types), time.perf_counter() - t0)
 
     def evaluate(self, path: str | os.PathLike, spec: EvalSpec | None = None) -> Evaluation:
         """KLD statistics of the GGUF at ``path`` (a quantization of this base) against the base."""
@@ -296,11 +324,11 @@ class Engine(ABC):
 
 
 
-def read_back_types(model: ModelInfo, path: Path) -> EffectiveTypes:
+def read_back_types(model: ModelInfo, path: Path, imatrix: Imatrix | None = None) -> EffectiveTypes:
     """The per-tensor types actually in a file built from ``model``. Its metadata is the base's as
     llama-quantize rewrites it (known size), so the tensor infos are read from where they must be;
     anything else gets a full header parse."""
-    infos = read_tensor_infos(path, 24 + output_kv_bytes(model), len(model.tensors))
+    infos = read_tensor_infos(path, 24 + output_kv_bytes(model, imatrix), len(model.tensors))
     if infos is None or {t.name for t in infos} != set(model.header.tensor_map):
         infos = read_header(path).tensors
     return {t.name: t.qtype for t in infos}
@@ -333,6 +361,9 @@ def _measurement(engine: Engine, config: str, types: EffectiveTypes, size: int, 
         seconds_build=seconds_build,
         seconds_eval=ev.seconds,
         types={k: v.name for k, v in types.items()},
+        imatrix_id=engine.imatrix_id,
+        imatrix_corpus=engine.imatrix.corpus_id if engine.imatrix is not None else None,
+        scoring=spec.scoring.value,
     )
 
 

@@ -24,6 +24,7 @@ def make_engine(
     allow_quantized_base: bool,
     progress,
     tools_kld: str = "statistics",
+    imatrix=None,
 ):
     if engine == EngineName.tools:
         from mqpredict.llama.tools import KLDSource, ToolsEngine
@@ -34,8 +35,9 @@ def make_engine(
             raise InputError(f"--tools-kld {tools_kld!r} is not one of: statistics, logits") from None
         return ToolsEngine(
             base, corpus, spec, threads=threads, allow_quantized_base=allow_quantized_base,
-            progress=progress, llama_bin=llama_bin, kld_source=source,
+            progress=progress, llama_bin=llama_bin, kld_source=source, imatrix=imatrix,
         )  # fmt: skip
     from mqpredict.llama.inprocess import InProcessEngine
 
-    return InProcessEngine(base, corpus, spec, threads=threads, allow_quantized_base=allow_quantized_base, progress=progress)
+    return InProcessEngine(base, corpus, spec, threads=threads, allow_quantized_base=allow_quantized_base, progress=progress,
+                           imatrix=imatrix)  # fmt: skip

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -200,11 +201,24 @@ class InProcessEngine(Engine):
         return runtime.build_fingerprint()
 
     def dry_run(self, model: ModelInfo, config: Config) -> EffectiveTypes:
-        return dry_run_types(model, config, self.threads)
+        return dry_run_types(model, config, self.threads, self.imatrix)
 
     # ------------------------------------------------------------- build
     def pure_path(self, qtype: QuantType) -> Path:
-        return self.cache / "pure" / f"{self.base_sha[:16]}-{self.build_id()}" / f"{qtype.name}.gguf"
+        return self.cache / "pure" / f"{self.base_sha[:16]}-{self.quant_context}" / f"{qtype.name}.gguf"
+
+    def _spared(self, qtype: QuantType) -> list[tuple[str, QuantType]]:
+        """Tensors a pure ``qtype`` file keeps at Q8_0: those llama.cpp would refuse (or abort on) at
+        ``qtype`` for lack of imatrix weights. No config can ask for them at ``qtype`` (resolve refuses)."""
+        from mqpredict.quant.resolve import check_types
+
+        out = []
+        for t in self.model.assignable:
+            try:
+                check_types(self.model, {t.name: qtype}, Config(default=qtype), self.imatrix)
+            except InputError:
+                out.append((f"^{re.escape(t.name)}$", QuantType.Q8_0))
+        return out
 
     def pure_header(self, qtype: QuantType) -> GGUFHeader:
         """The pure ``qtype`` quantization of the base (made once, cached on disk; header kept in memory)."""
@@ -219,7 +233,8 @@ class InProcessEngine(Engine):
                 path.unlink(missing_ok=True)  # damaged cache entry: rebuild it
         if hdr is None:
             self.progress(f"quantize {qtype.name}", 0, 1)
-            pure_quantize(self.model.path, path, qtype, self.threads, self.allow_quantized_base)
+            pure_quantize(self.model.path, path, qtype, self.threads, self.allow_quantized_base, self.imatrix,
+                          self._spared(qtype))  # fmt: skip
             self.progress(f"quantize {qtype.name}", 1, 1)
             hdr = read_header(path)
         self._pure[qtype] = hdr
@@ -231,7 +246,7 @@ class InProcessEngine(Engine):
         headers = [self.pure_header(qt) for qt in needed]
         # llama.cpp's tensor order, from any file it wrote from this base
         order = [t.name for t in (headers[0] if headers else self.pure_header(QuantType.Q8_0)).tensors]
-        stitch(self.model, types, index_sources(headers), order, int(FTYPE[export_preset(config)]), out)
+        stitch(self.model, types, index_sources(headers), order, int(FTYPE[export_preset(config)]), out, self.imatrix)
 
     # ---------------------------------------------------------- evaluate
     def base_logprobs(self, spec: EvalSpec) -> LogProbFile:

@@ -19,6 +19,7 @@ from gguf.constants import GGMLQuantizationType
 from mqpredict.errors import LlamaError
 from mqpredict.llama import runtime
 from mqpredict.quant.config import Config
+from mqpredict.quant.imatrix import Imatrix
 from mqpredict.quant.model import ModelInfo
 from mqpredict.quant.presets import FTYPE, PURE_PRESET, Preset
 from mqpredict.quant.resolve import EffectiveTypes, export_preset, tensor_type_lines
@@ -42,6 +43,35 @@ def parse_type_lines(lines: Sequence[str]) -> list[tuple[str, QuantType]]:
     return out
 
 
+def _imatrix_params(llama_cpp, params, imatrix: Imatrix, keep: list) -> None:
+    """What llama-quantize --imatrix passes: the per-tensor weights and the quantize.imatrix.* keys."""
+    names = sorted(imatrix.entries)
+    arr = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
+    for i, name in enumerate(names):
+        w = imatrix.entries[name]
+        b = name.encode()
+        keep += [b, w]
+        arr[i].name = b
+        arr[i].data = w.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        arr[i].size = len(w)
+    arr[len(names)].name = None
+    keep.append(arr)
+    params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    kvs = imatrix.output_kvs()
+    over = (llama_cpp.llama_model_kv_override * (len(kvs) + 1))()
+    for i, (key, value) in enumerate(kvs):
+        over[i].key = key.encode()
+        if isinstance(value, str):
+            over[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+            over[i].value.val_str = value.encode()
+        else:
+            over[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+            over[i].value.val_i64 = value
+    over[len(kvs)].key = b""
+    keep.append(over)
+    params.kv_overrides = ctypes.cast(over, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+
+
 def quantize(
     src: str | os.PathLike,
     dst: str | os.PathLike | None,
@@ -52,8 +82,13 @@ def quantize(
     threads: int = 0,
     dry_run: bool = False,
     allow_requantize: bool = False,
+    imatrix: Imatrix | None = None,
 ) -> list[str]:
-    """Run llama.cpp's quantizer; return its log lines. ``dst`` is written atomically."""
+    """Run llama.cpp's quantizer; return its log lines. ``dst`` is written atomically.
+
+    With ``imatrix``, exactly what ``llama-quantize --imatrix`` does: the weights go to every tensor
+    they name, the ``quantize.imatrix.*`` keys into the file, and llama.cpp's presets choose their types
+    knowing that an imatrix is there."""
     llama_cpp = runtime.lib()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(FTYPE[preset])
@@ -61,7 +96,9 @@ def quantize(
     params.pure = pure
     params.dry_run = dry_run
     params.allow_requantize = allow_requantize
-    keep = []
+    keep: list = []
+    if imatrix is not None:
+        _imatrix_params(llama_cpp, params, imatrix, keep)
     if tensor_types:
         arr = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
         for i, (pattern, qt) in enumerate(tensor_types):
@@ -103,8 +140,9 @@ def parse_dry_run(lines: Sequence[str]) -> EffectiveTypes:
     return types
 
 
-def dry_run_types(model: ModelInfo, config: Config, threads: int = 0) -> EffectiveTypes:
-    """The per-tensor types llama.cpp writes for ``config`` on ``model``, decided by llama.cpp."""
+def dry_run_types(model: ModelInfo, config: Config, threads: int = 0, imatrix: Imatrix | None = None) -> EffectiveTypes:
+    """The per-tensor types llama.cpp writes for ``config`` on ``model`` (with or without an imatrix:
+    some presets choose differently when one is given), decided by llama.cpp."""
     lines = quantize(
         model.path,
         None,
@@ -114,6 +152,7 @@ def dry_run_types(model: ModelInfo, config: Config, threads: int = 0) -> Effecti
         threads=threads,
         dry_run=True,
         allow_requantize=True,
+        imatrix=imatrix,
     )
     types = parse_dry_run(lines)
     missing = [t.name for t in model.tensors if t.name not in types]
@@ -126,8 +165,18 @@ def dry_run_types(model: ModelInfo, config: Config, threads: int = 0) -> Effecti
 
 
 def pure_quantize(
-    src: str | os.PathLike, dst: str | os.PathLike, qtype: QuantType, threads: int = 0, allow_requantize: bool = False
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    qtype: QuantType,
+    threads: int = 0,
+    allow_requantize: bool = False,
+    imatrix: Imatrix | None = None,
+    keep_types: Sequence[tuple[str, QuantType]] = (),
 ) -> Path:
-    """Every quantizable tensor of ``src`` as ``qtype`` (llama.cpp's fallbacks apply) → ``dst``."""
-    quantize(src, dst, PURE_PRESET[qtype], pure=True, threads=threads, allow_requantize=allow_requantize)
+    """Every quantizable tensor of ``src`` as ``qtype`` (llama.cpp's fallbacks apply) → ``dst``.
+
+    ``keep_types`` (tensor patterns → type) spare tensors llama.cpp could not write at ``qtype`` — the
+    low-bit IQ types need imatrix weights, which no imatrix holds for ``token_embd``."""
+    quantize(src, dst, PURE_PRESET[qtype], pure=True, threads=threads, allow_requantize=allow_requantize,
+             imatrix=imatrix, tensor_types=keep_types)  # fmt: skip
     return Path(dst)

@@ -16,10 +16,11 @@ from pathlib import Path
 
 from mqpredict.errors import InputError
 from mqpredict.quant.header import GGUFHeader
+from mqpredict.quant.imatrix import Imatrix
 from mqpredict.quant.model import ModelInfo
-from mqpredict.quant.size import REMOVED_KEYS, SET_U32_KEYS
+from mqpredict.quant.size import REMOVED_KEYS, appended_keys
 from mqpredict.quant.types import QuantType
-from mqpredict.util.ggufwrite import FileRange, TensorOut, copied_kvs, kv_u32, write_gguf
+from mqpredict.util.ggufwrite import FileRange, TensorOut, copied_kvs, kv_str, kv_u32, write_gguf
 
 GGML_QNT_VERSION = 2
 
@@ -33,10 +34,14 @@ def index_sources(headers: list[GGUFHeader]) -> dict[tuple[str, QuantType], File
     return out
 
 
-def output_kvs(base: GGUFHeader, file_type: int) -> list[bytes]:
-    """Metadata entries as llama-quantize writes them for ``base`` (set keys move to the end)."""
-    kvs = copied_kvs(base, (*SET_U32_KEYS, *REMOVED_KEYS))
-    return kvs + [kv_u32("general.quantization_version", GGML_QNT_VERSION), kv_u32("general.file_type", file_type)]
+def output_kvs(base: GGUFHeader, file_type: int, imatrix: Imatrix | None = None) -> list[bytes]:
+    """Metadata entries as llama-quantize writes them for ``base`` (set keys move to the end, then the
+    imatrix's keys as llama-quantize's overrides append them)."""
+    kvs = copied_kvs(base, (*appended_keys(imatrix), *REMOVED_KEYS))
+    kvs += [kv_u32("general.quantization_version", GGML_QNT_VERSION), kv_u32("general.file_type", file_type)]
+    for key, value in imatrix.output_kvs() if imatrix is not None else ():
+        kvs.append(kv_str(key, value) if isinstance(value, str) else kv_u32(key, value))
+    return kvs
 
 
 def stitch(
@@ -46,6 +51,7 @@ def stitch(
     order: list[str],
     file_type: int,
     out: str | os.PathLike,
+    imatrix: Imatrix | None = None,
 ) -> Path:
     """Write the hybrid with effective ``types`` to ``out`` (atomically); tensors in ``order``.
 
@@ -61,4 +67,4 @@ def stitch(
         if src is None:
             raise InputError(f"no source for tensor {name} at type {qt.name}", "build the pure quantization first")
         tensors.append(TensorOut(name, t.shape, qt, src))
-    return write_gguf(out, output_kvs(base, file_type), tensors, base.alignment)
+    return write_gguf(out, output_kvs(base, file_type, imatrix), tensors, base.alignment)

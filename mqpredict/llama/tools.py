@@ -78,12 +78,12 @@ def find_tool(name: str, llama_bin: str | os.PathLike | None = None) -> Path:
     )
 
 
-def run_tool(cmd: list[str], what: str) -> str:
+def run_tool(cmd: list[str], what: str, cwd: str | os.PathLike | None = None) -> str:
     """Run a tool; return its stdout followed by its stderr, captured apart so that lines never interleave.
 
     A failure raises with the tool's own last lines. Ctrl-C stops the tool too.
     """
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace", cwd=cwd)
     try:
         out, errs = proc.communicate()
     except BaseException:
@@ -180,22 +180,33 @@ class ToolsEngine(Engine):
     def dry_run(self, model: ModelInfo, config: Config) -> EffectiveTypes:
         tt = self.workdir / f"dry-{hashlib.sha256(config.key.encode()).hexdigest()[:12]}.txt"
         tt.write_text("\n".join(tensor_type_lines(model, config)) + "\n")
-        cmd = quantize_command(model, config, "", str(tt))
+        cmd = self._absolute(model, quantize_command(model, config, "", str(tt.resolve()), imatrix=self.imatrix))
         cmd = [str(self.quantize_bin), "--dry-run", *[c for c in cmd[1:] if c != ""]]
         if "--allow-requantize" not in cmd and self.allow_quantized_base:
             cmd.insert(1, "--allow-requantize")
-        out = run_tool(cmd, f"llama-quantize --dry-run on {model.path}")
+        out = run_tool(cmd, f"llama-quantize --dry-run on {model.path}", self._cwd)
         return parse_dry_run(out.splitlines())
+
+    @staticmethod
+    def _absolute(model: ModelInfo, cmd: list[str]) -> list[str]:
+        """The command with the model's path made absolute (the tool may run in another folder)."""
+        return [str(model.path.resolve()) if c == str(model.path) else c for c in cmd]
+
+    @property
+    def _cwd(self) -> Path | None:
+        """llama-quantize runs in the imatrix's folder, so that it writes the same file name as mqpredict."""
+        return self.imatrix.path.resolve().parent if self.imatrix is not None else None
 
     def _build(self, config: Config, types: EffectiveTypes, out: Path) -> None:
         tt = self.workdir / f"{out.stem}.tensor-types.txt"
         tt.write_text("\n".join(tensor_type_lines(self.model, config)) + "\n")
         with atomic_path(out, fsync=False) as tmp:
-            cmd = quantize_command(self.model, config, str(tmp), str(tt), self.threads)
+            cmd = self._absolute(self.model, quantize_command(self.model, config, str(Path(tmp).resolve()),
+                                                              str(tt.resolve()), self.threads, self.imatrix))  # fmt: skip
             cmd[0] = str(self.quantize_bin)
             if self.allow_quantized_base:
                 cmd.insert(1, "--allow-requantize")
-            run_tool(cmd, f"llama-quantize {self.model.path.name} → {out.name}")
+            run_tool(cmd, f"llama-quantize {self.model.path.name} → {out.name}", self._cwd)
 
     # ---------------------------------------------------------- evaluate
     def _common(self, spec: EvalSpec) -> list[str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from mqpredict.errors import InputError
@@ -50,6 +51,13 @@ class Corpus:
         return f"{self.path.stem}-{self.sha256[:12]}"
 
 
+class Scoring(StrEnum):
+    """How a measurement chooses and scores its tokens (part of every record's context)."""
+
+    windows = "windows"  # llama-perplexity's: independent windows of ctx, the second half of each scored
+    stream = "stream"  # one stream through the KV cache, every token after the first half window scored once
+
+
 @dataclass(frozen=True)
 class EvalSpec:
     """Which tokens a measurement scores."""
@@ -61,6 +69,7 @@ class EvalSpec:
     #: results independent of which other windows are measured with it (llama.cpp's numerics depend
     #: slightly on a batch's composition), so slices, stages and offsets give identical per-token values.
     n_batch: int = 0
+    scoring: Scoring = Scoring.windows
 
     def __post_init__(self) -> None:
         if self.ctx < 16 or self.ctx % 2:
@@ -94,7 +103,8 @@ class EvalSpec:
     @property
     def key(self) -> str:
         """Names cache entries: everything that changes the numbers (the batch layout included)."""
-        return f"ctx{self.ctx}-b{self.n_batch}-o{self.chunk_offset}-n{self.n_chunks}"
+        key = f"ctx{self.ctx}-b{self.n_batch}-o{self.chunk_offset}-n{self.n_chunks}"
+        return key if self.scoring == Scoring.windows else f"{key}-{self.scoring.value}"
 
     def check_corpus(self, n_corpus_tokens: int, corpus: Path) -> None:
         available = n_corpus_tokens // self.ctx

@@ -95,6 +95,14 @@ PURE_PRESET: dict[QuantType, Preset] = {
     T.TQ2_0: Preset.TQ2_0, T.TQ1_0: Preset.TQ1_0, T.IQ1_M: Preset.IQ1_M, T.IQ1_S: Preset.IQ1_S,
 }  # fmt: skip
 
+#: presets built for use with an importance matrix: mqpredict asks for one (llama.cpp itself refuses
+#: IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS and Q2_K_S without one; IQ2_M, IQ3_XS, IQ3_S and IQ3_M
+#: mix in those types or are published only as imatrix builds)
+IMATRIX_PRESETS: tuple[Preset, ...] = (
+    Preset.IQ3_M, Preset.IQ3_S, Preset.IQ3_XS, Preset.IQ3_XXS, Preset.Q2_K_S, Preset.IQ2_M, Preset.IQ2_S,
+    Preset.IQ2_XS, Preset.IQ2_XXS, Preset.IQ1_M, Preset.IQ1_S,
+)  # fmt: skip
+
 #: presets a seed/demo measures by default (the ones people publish), high to low
 STANDARD_PRESETS: tuple[Preset, ...] = (
     Preset.Q8_0, Preset.Q6_K, Preset.Q5_K_M, Preset.Q5_0, Preset.Q4_K_M, Preset.Q4_1,

@@ -18,12 +18,14 @@ from collections.abc import Callable, Mapping
 from mqpredict.errors import ConfigError
 from mqpredict.quant.config import Config
 from mqpredict.quant.groups import StandardGroup
+from mqpredict.quant.imatrix import Imatrix
 from mqpredict.quant.model import ModelInfo
-from mqpredict.quant.presets import DEFAULT_TYPE, PURE_PRESET, Preset
-from mqpredict.quant.types import IMATRIX_TYPES, NoFallback, QuantType, effective_type, is_quantized
+from mqpredict.quant.presets import DEFAULT_TYPE, IMATRIX_PRESETS, PURE_PRESET, Preset
+from mqpredict.quant.types import IMATRIX_TYPES, WEIGHTS_REQUIRED, NoFallback, QuantType, effective_type, is_quantized
 
 EffectiveTypes = dict[str, QuantType]
 PresetResolver = Callable[[ModelInfo, Config], EffectiveTypes]
+_NEED_IMATRIX_HINT = "pass --imatrix FILE (compute one with `mqpredict imatrix BASE --corpus CALIB.txt -o FILE`)"
 
 _IMATRIX_EXEMPT = ("token_embd.weight", "per_layer_token_embd.weight", "output.weight")
 
@@ -75,27 +77,42 @@ def requested_types(model: ModelInfo, config: Config) -> EffectiveTypes:
     return out
 
 
-def check_types(model: ModelInfo, types: Mapping[str, QuantType], config: Config) -> None:
-    """Refuse types llama.cpp would refuse: low-bit IQ types need an importance matrix."""
+def check_imatrix_preset(config: Config, imatrix: Imatrix | None) -> None:
+    if imatrix is None and config.preset in IMATRIX_PRESETS:
+        raise ConfigError(f"preset {config.preset.value} needs an importance matrix", _NEED_IMATRIX_HINT)
+
+
+def check_types(model: ModelInfo, types: Mapping[str, QuantType], config: Config, imatrix: Imatrix | None = None) -> None:
+    """Refuse what llama.cpp would refuse (or abort on): the low-bit IQ types need an importance matrix,
+    and IQ2_XXS/IQ2_XS/IQ1_S need its weights for the very tensor (even token_embd/output)."""
     for name, qt in types.items():
+        if model.group_map.get(name) is None:
+            continue
         needs = qt in IMATRIX_TYPES or (qt == QuantType.Q2_K and config.preset == Preset.Q2_K_S)
-        if needs and name not in _IMATRIX_EXEMPT and model.group_map.get(name) is not None:
+        refused = needs and name not in _IMATRIX_EXEMPT
+        if imatrix is None and (refused or qt in WEIGHTS_REQUIRED):
+            raise ConfigError(f"type {qt.name} (tensor {name}) needs an importance matrix", _NEED_IMATRIX_HINT)
+        if imatrix is not None and (refused or qt in WEIGHTS_REQUIRED) and not imatrix.has(name):
             raise ConfigError(
-                f"type {qt.name} for tensor {name} needs an importance matrix, which this version of mqpredict does not use",
-                "choose IQ3_S, Q2_K or a higher type for it",
+                f"type {qt.name} for tensor {name} needs importance-matrix weights, which {imatrix.path.name} does "
+                "not hold for that tensor (llama.cpp would refuse or abort)",
+                "give that tensor's group another type (e.g. Q2_K or IQ3_S)",
             )
 
 
-def resolve(model: ModelInfo, config: Config, preset_resolver: PresetResolver | None = None) -> EffectiveTypes:
-    """Effective type of every tensor (fixed tensors keep their own) for ``config`` on ``model``."""
+def resolve(model: ModelInfo, config: Config, preset_resolver: PresetResolver | None = None,
+            imatrix: Imatrix | None = None) -> EffectiveTypes:  # fmt: skip
+    """Effective type of every tensor (fixed tensors keep their own) for ``config`` on ``model``,
+    quantized with ``imatrix`` or without (``preset_resolver`` must use the same imatrix)."""
     validate(model, config)
+    check_imatrix_preset(config, imatrix)
     if config.is_preset:
         if preset_resolver is None:
             raise ConfigError(f"preset {config.preset.value} is resolved by llama.cpp, which is not available here")
         types = dict(preset_resolver(model, config))
     else:
         req = requested_types(model, config)
-        check_types(model, req, config)
+        check_types(model, req, config, imatrix)
         types = {t.name: t.qtype for t in model.tensors}
         for t in model.assignable:
             try:
@@ -105,7 +122,7 @@ def resolve(model: ModelInfo, config: Config, preset_resolver: PresetResolver | 
                     f"type {req[t.name].name} does not fit tensor {t.name} (row length {t.shape[0]}) and llama.cpp has no fallback for it",
                     "choose another type for this tensor's group",
                 ) from None
-    check_types(model, types, config)
+    check_types(model, types, config, imatrix)
     return types
 
 
@@ -156,9 +173,13 @@ def tensor_type_lines(model: ModelInfo, config: Config) -> list[str]:
     return lines
 
 
-def quantize_command(model: ModelInfo, config: Config, out: str, type_file: str, threads: int | None = None) -> list[str]:
-    """The exact ``llama-quantize`` command line that builds ``config`` from ``model``."""
+def quantize_command(model: ModelInfo, config: Config, out: str, type_file: str, threads: int | None = None,
+                     imatrix: Imatrix | None = None) -> list[str]:  # fmt: skip
+    """The exact ``llama-quantize`` command line that builds ``config`` from ``model``. With an imatrix it
+    names the file as mqpredict writes it into the GGUF (its base name): run it in the imatrix's folder."""
     cmd = ["llama-quantize"]
+    if imatrix is not None:
+        cmd += ["--imatrix", imatrix.file_label]
     if not config.is_preset:
         cmd.append("--pure")
     if tensor_type_lines(model, config):

@@ -27,6 +27,9 @@ TARGET_TYPES: tuple[QuantType, ...] = (
 #: Types that llama.cpp refuses to write without an importance matrix (tensor_requires_imatrix);
 #: token_embd/output are exempt there. Q2_K needs one only inside a Q2_K_S preset.
 IMATRIX_TYPES: frozenset[QuantType] = frozenset({T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_M, T.IQ1_S})
+#: Types ggml cannot quantize at all without weights for the tensor (ggml_quantize_requires_imatrix: it
+#: aborts the process) — so not even token_embd/output may take them unless the imatrix covers them.
+WEIGHTS_REQUIRED: frozenset[QuantType] = frozenset({T.IQ2_XXS, T.IQ2_XS, T.IQ1_S})
 
 #: llama.cpp's replacement when a row length is not a multiple of the type's block size.
 FALLBACK: dict[QuantType, QuantType] = {

@@ -10,10 +10,10 @@ from mqpredict.measure.stats import FIELDS as STAT_FIELDS
 from mqpredict.quant.config import Config
 from mqpredict.quant.derive import config_from_types, type_fractions
 from mqpredict.quant.resolve import EffectiveTypes, types_key
-from mqpredict.quant.size import size_of
 from mqpredict.quant.types import QuantType
 from mqpredict.records.identity import ModelIdentity
-from mqpredict.records.schema import SCHEMA_VERSION, Record, Source, Status, make, now, record_key
+from mqpredict.records.context import Context
+from mqpredict.records.schema import SCHEMA_VERSION, Record, Source, Status, make, now
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,10 @@ def _common(engine: Engine, ident: ModelIdentity, config: str, types: EffectiveT
             source: Source, prov: Provenance) -> dict:  # fmt: skip
     model = engine.model
     tkey = types_key(model, types)
-    size = size_of(model, types)
+    size = engine.size_of(types)
     return {
         "schema_version": SCHEMA_VERSION,
-        "key": record_key(ident.model_id, engine.corpus.id, spec.ctx, spec.n_batch, spec.chunk_offset,
-                          spec.n_chunks, tkey, engine.build_id(), None),  # fmt: skip
+        "key": Context.of(engine, ident.model_id, spec).key(tkey, engine.build_id()),
         **ident.columns(),
         "config": config,
         "effective_config": config_from_types(model, types).key,
@@ -44,8 +43,9 @@ def _common(engine: Engine, ident: ModelIdentity, config: str, types: EffectiveT
         "n_batch": spec.n_batch,
         "chunk_offset": spec.chunk_offset,
         "n_chunks": spec.n_chunks,
-        "imatrix_id": None,
-        "imatrix_corpus": None,
+        "scoring": spec.scoring.value,
+        "imatrix_id": engine.imatrix_id,
+        "imatrix_corpus": engine.imatrix.corpus_id if engine.imatrix is not None else None,
         "engine": engine.name,
         "llama_version": engine.version(),
         "llama_commit": _commit(engine),

@@ -206,6 +206,7 @@ def _parse_community(path: Path, header: list[str], rows: list[dict], base: str 
                 n_batch=n_batch,
                 chunk_offset=offset,
                 n_chunks=chunks or 1,
+                scoring="windows",  # community tables come from llama-perplexity
                 imatrix_id=row.get("imatrix_id") or None,
                 imatrix_corpus=row.get("imatrix_corpus") or None,
                 engine=row["tool"],
@@ -279,6 +280,7 @@ def import_llama_perplexity(text_path: str | Path, store: Store, base: str | Pat
         n_batch=n_batch,
         chunk_offset=0,
         n_chunks=n_chunks,
+        scoring="windows",
         imatrix_id=None,
         imatrix_corpus=None,
         engine="llama-perplexity",

@@ -1,7 +1,7 @@
-"""The record: one measurement as a row, with provenance and status (schema version 1).
+"""The record: one measurement as a row, with provenance and status (schema version 2).
 
-One record per (base model, corpus, ctx and batch layout, token slice, file written, llama.cpp build,
-imatrix): :func:`record_key` hashes exactly those. Columns are documented in ``datasets/README.md``
+One record per (base model, corpus, ctx and batch layout, token slice, scoring mode, file written,
+llama.cpp build, imatrix): :func:`record_key` hashes exactly those. Columns are documented in ``datasets/README.md``
 (generated from :data:`COLUMNS`); CSV is the human-diffable form. Values parse strictly: a row that
 does not fit is rejected with its row number and the reasons, never half-read.
 """
@@ -16,11 +16,14 @@ from datetime import datetime, timezone
 from enum import StrEnum
 
 from mqpredict.errors import InputError
+from mqpredict.measure.corpus import Scoring
 from mqpredict.measure.stats import FIELDS as STAT_FIELDS
 from mqpredict.quant.config import Config
 from mqpredict.quant.types import parse_type
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: versions this mqpredict reads (older rows are upgraded on read, see :func:`upgrade_row`)
+READABLE_VERSIONS = (1, 2)
 
 
 class Status(StrEnum):
@@ -53,8 +56,9 @@ _STAT_DOCS = {
 }
 
 COLUMNS: tuple[Column, ...] = (
-    Column("schema_version", "int", "record schema version (1)"),
-    Column("key", "str", "record key: hash of model_id, corpus, ctx, n_batch, slice, types_key, build, imatrix_id"),
+    Column("schema_version", "int", "record schema version (2)"),
+    Column("key", "str", "record key: hash of model_id, corpus, ctx, n_batch, slice, scoring, types_key, build, "
+           "imatrix_id"),
     Column("model_id", "str", "hash of the base's tensor data + name + architecture"),
     Column("model_name", "str", "general.name of the base"),
     Column("family", "str", "the original model this base comes from (variants/truncations/restores share it)"),
@@ -84,6 +88,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("n_batch", "int", "tokens per decode (ctx: one window per batch)"),
     Column("chunk_offset", "int", "first window scored"),
     Column("n_chunks", "int", "windows scored"),
+    Column("scoring", "str", "windows (llama-perplexity's independent windows) | stream (one KV-cache stream)"),
     Column("imatrix_id", "str", "importance matrix used to quantize (empty: none)", False),
     Column("imatrix_corpus", "str", "its calibration corpus (never the evaluation corpus)", False),
     Column("engine", "str", "inprocess | tools | an imported tool name"),
@@ -133,9 +138,19 @@ class Record:
 
 
 def record_key(model_id: str, corpus: str, ctx: int, n_batch: int, chunk_offset: int, n_chunks: int,
-               types_key: str, build: str, imatrix_id: str | None) -> str:  # fmt: skip
+               types_key: str, build: str, imatrix_id: str | None, scoring: str = Scoring.windows) -> str:  # fmt: skip
     text = f"{model_id}|{corpus}|{ctx}|{n_batch}|{chunk_offset}|{n_chunks}|{types_key}|{build}|{imatrix_id or ''}"
+    if scoring != Scoring.windows:  # windows records keep the keys they had before the scoring mode existed
+        text += f"|{scoring}"
     return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def upgrade_row(row: dict[str, str]) -> dict[str, str]:
+    """A row of an older schema version in today's form (version 1 had no ``scoring``: all were windows)."""
+    version = (row.get("schema_version") or "").strip()
+    if version in ("1", "1.0"):
+        row = {**row, "schema_version": str(SCHEMA_VERSION), "scoring": row.get("scoring") or Scoring.windows.value}
+    return row
 
 
 def now() -> str:
@@ -198,7 +213,9 @@ def check(values: dict) -> list[str]:
     if values.get("source") not in Source.__members__:
         bad.append(f"source={values.get('source')!r} is not one of {', '.join(Source.__members__)}")
     if values.get("schema_version") not in (None, SCHEMA_VERSION):
-        bad.append(f"schema_version={values.get('schema_version')} (this mqpredict reads {SCHEMA_VERSION})")
+        bad.append(f"schema_version={values.get('schema_version')} (this mqpredict reads up to {SCHEMA_VERSION})")
+    if values.get("scoring") is not None and values["scoring"] not in Scoring.__members__:
+        bad.append(f"scoring={values['scoring']!r} is not one of {', '.join(Scoring.__members__)}")
     for c in COLUMNS:
         if c.required and values.get(c.name) is None:
             bad.append(f"{c.name} is empty")
@@ -240,7 +257,8 @@ def check(values: dict) -> list[str]:
 
 
 def parse_row(row: dict[str, str]) -> Record:
-    """A full record from its text form; raises RowError naming every bad column."""
+    """A full record from its text form (older schema versions upgraded); raises RowError naming every bad column."""
+    row = upgrade_row(row)
     values, bad = {}, []
     unknown = [k for k in row if k not in _BY_NAME and k is not None]
     if unknown:

@@ -21,7 +21,8 @@ from mqpredict.quant.resolve import types_key
 from mqpredict.records.convert import Provenance, failed, from_measurement
 from mqpredict.records.identity import identify
 from mqpredict.records.ingest import GGUFConfig, Recipe, adapt
-from mqpredict.records.schema import Record, Source, record_key
+from mqpredict.records.context import Context
+from mqpredict.records.schema import Record, Source
 from mqpredict.records.store import Store
 from mqpredict.tracking import Tracker
 
@@ -149,6 +150,7 @@ class _Seeding:
 
         engine, spec, report = self.engine, self.spec, self.report
         ident = identify(engine.model)
+        context = Context.of(engine, ident.model_id, spec)
         planned: dict[str, str] = {}  # record key → config that claims it in this run
         jobs: dict[int, tuple[Candidate, Config, dict, str]] = {}
         stored = {r.key: r for r in self.store.records()}
@@ -162,8 +164,7 @@ class _Seeding:
                 report.skipped.append((name, e.message))
                 self.say(f"skip {name}: {e.message}")
                 continue
-            key = record_key(ident.model_id, engine.corpus.id, spec.ctx, spec.n_batch, spec.chunk_offset,
-                             spec.n_chunks, types_key(engine.model, types), engine.build_id(), None)  # fmt: skip
+            key = context.key(types_key(engine.model, types), engine.build_id())
             if key in planned or key in stored:
                 other = planned.get(key) or stored[key]["config"]
                 report.same_file.append((name, other))

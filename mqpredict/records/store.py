@@ -29,7 +29,9 @@ import pandas as pd
 from filelock import FileLock, Timeout
 
 from mqpredict.errors import InputError, MqError
-from mqpredict.records.schema import COLUMN_NAMES, COLUMNS, SCHEMA_VERSION, Record, RowError, Status, parse_row
+from mqpredict.records.schema import (
+    COLUMN_NAMES, COLUMNS, READABLE_VERSIONS, SCHEMA_VERSION, Record, RowError, Status, parse_row, upgrade_row,
+)  # fmt: skip
 from mqpredict.util.atomic import atomic_open, atomic_write_text
 
 FORMATS = ("csv", "parquet")
@@ -79,9 +81,11 @@ class Store:
                 info = json.loads(meta.read_text())
             except (OSError, ValueError) as e:
                 raise StoreError(f"{meta} is unreadable ({e})", "restore it or delete it to let mqpredict rewrite it")
-            if info.get("schema_version") != SCHEMA_VERSION:
+            if info.get("schema_version") not in READABLE_VERSIONS:
                 raise StoreError(f"{self.root} holds schema version {info.get('schema_version')}; this mqpredict "
-                                 f"reads {SCHEMA_VERSION}")  # fmt: skip
+                                 f"reads versions {', '.join(map(str, READABLE_VERSIONS))}",
+                                 "upgrade mqpredict to read it")  # fmt: skip
+            self.version = info["schema_version"]
             self.fmt = info.get("format", "csv")
             if fmt and fmt != self.fmt:
                 raise InputError(f"{self.root} is a {self.fmt} store, not {fmt}")
@@ -92,8 +96,12 @@ class Store:
             if self.fmt not in FORMATS:
                 raise InputError(f"store format {self.fmt!r} is not one of {', '.join(FORMATS)}")
             self.root.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(meta, json.dumps({"schema_version": SCHEMA_VERSION, "format": self.fmt}) + "\n")
+            self.version = SCHEMA_VERSION
+            self._write_meta()
         self.lock = FileLock(str(self.root / ".lock"))
+
+    def _write_meta(self) -> None:
+        atomic_write_text(self.root / "STORE.json", json.dumps({"schema_version": SCHEMA_VERSION, "format": self.fmt}) + "\n")
 
     @property
     def table(self) -> Path:
@@ -105,12 +113,12 @@ class Store:
             return []
         if self.fmt == "parquet":
             df = pd.read_parquet(self.table)
-            return [{k: ("" if v is None else str(v)) for k, v in r.items()} for r in df.to_dict("records")]
+            return [upgrade_row({k: ("" if v is None else str(v)) for k, v in r.items()}) for r in df.to_dict("records")]
         with open(self.table, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames is None:
                 return []
-            missing = [c for c in COLUMN_NAMES if c not in reader.fieldnames]
+            missing = [c for c in COLUMN_NAMES if c not in reader.fieldnames and not (c == "scoring" and self.version == 1)]
             if missing:
                 raise StoreError(f"{self.table}: missing column(s) {', '.join(missing)}", "the file was edited by hand")
             rows = []
@@ -118,7 +126,7 @@ class Store:
                 if None in row or any(v is None for v in row.values()):
                     raise StoreError(f"{self.table} row {reader.line_num}: wrong number of fields",
                                      "the file was edited by hand; fix or remove that row")  # fmt: skip
-                rows.append(row)
+                rows.append(upgrade_row(row))
             return rows
 
     def records(self) -> list[Record]:
@@ -181,6 +189,7 @@ class Store:
             pd.DataFrame(rows, columns=list(COLUMN_NAMES), dtype="string").to_parquet(buf, index=False)
             with atomic_open(self.table, fsync=True) as f:
                 f.write(buf.getvalue())
+            self._upgraded()
             return
         text = io.StringIO()
         w = csv.DictWriter(text, fieldnames=list(COLUMN_NAMES), lineterminator="\n")
@@ -188,6 +197,13 @@ class Store:
         w.writerows(rows)
         with atomic_open(self.table, fsync=True) as f:
             f.write(text.getvalue().encode("utf-8"))
+        self._upgraded()
+
+    def _upgraded(self) -> None:
+        """The table was rewritten in today's schema: say so in STORE.json (an older store is upgraded once)."""
+        if self.version != SCHEMA_VERSION:
+            self._write_meta()
+            self.version = SCHEMA_VERSION
 
     def append(self, new: Iterable[Record]) -> AppendReport:
         """Add records atomically and idempotently (see the module doc); raises ConflictError."""

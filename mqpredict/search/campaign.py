@@ -35,6 +35,7 @@ from mqpredict.execute.executor import Executor, LocalExecutor
 from mqpredict.execute.job import Job, JobKind, JobResult
 from mqpredict.llama.engine import Engine, load_scores
 from mqpredict.measure.corpus import EvalSpec
+from mqpredict.records.context import Context
 from mqpredict.quant.config import Config
 from mqpredict.quant.resolve import types_key
 from mqpredict.quant.types import QuantType
@@ -228,9 +229,7 @@ class Campaign:
         if df.empty:
             return df
         e = self.engine
-        m = ((df["model_id"] == self.ident.model_id) & (df["corpus"] == e.corpus.id) & (df["ctx"] == spec.ctx)
-             & (df["n_chunks"] == spec.n_chunks) & (df["chunk_offset"] == spec.chunk_offset)
-             & (df["build"] == e.build_id()))  # fmt: skip
+        m = Context.of(e, self.ident.model_id, spec).mask(df) & (df["build"] == e.build_id())
         if not self.all_sources:
             m &= (df["source"] == Source.preset.value) | (df["provenance_file"] == self.state.tag)
         if status:

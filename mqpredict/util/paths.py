@@ -9,6 +9,8 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DATASETS = PROJECT_ROOT / "datasets"
 DEFAULT_CORPUS = DATASETS / "corpus" / "corpus.txt"
+#: the importance-matrix calibration text (disjoint from the evaluation corpus)
+DEFAULT_CALIBRATION = DATASETS / "calibration" / "calibration.txt"
 
 
 def cache_dir() -> Path:
