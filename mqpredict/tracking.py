@@ -34,7 +34,8 @@ STAT_METRICS = ("size_bytes", "bpw", "n_tokens", "kld_mean", "kld_mean_err", "kl
 MODEL_PARAMS = ("model_id", "model_name", "family", "synthetic", "architecture", "n_params", "n_layers", "n_embd",
                 "n_ff", "n_head", "n_head_kv", "n_expert", "n_vocab", "tied_embeddings", "base_origin")  # fmt: skip
 RUN_PARAMS = ("config", "effective_config", "types_key", "source", "corpus", "ctx", "n_batch", "chunk_offset",
-              "n_chunks", "engine", "kld_source", "llama_version", "build", "provenance_file", "provenance_url")  # fmt: skip
+              "n_chunks", "scoring", "imatrix_id", "imatrix_corpus", "engine", "kld_source", "llama_version", "build",
+              "provenance_file", "provenance_url")  # fmt: skip
 RECORD_TAG = "mqpredict.record_key"
 
 

@@ -12,8 +12,9 @@ import typer
 from rich.table import Table
 
 from mqpredict.cli.common import (
-    DEFAULTS, CtxOpt, EngineName, EngineOpt, ExperimentOpt, JsonOpt, LlamaBinOpt, NoTrackOpt, ThreadsOpt,
-    TrackingUriOpt, emit_json, err, make_engine, make_tracker, out, progress_bar,
+    DEFAULTS, CtxOpt, EngineName, EngineOpt, ExperimentOpt, ImatrixOpt, JsonOpt, LlamaBinOpt, NoImatrixOpt, NoTrackOpt,
+    ThreadsOpt, TrackingUriOpt, emit_json, err, imatrix_or_default, load_imatrix, make_engine, make_tracker, out,
+    progress_bar,
 )  # fmt: skip
 from mqpredict.cli.model_cmds import BaseArg, _base
 from mqpredict.errors import InputError
@@ -66,10 +67,24 @@ def _store(store: Path | None):
     return Store(store or default_store())
 
 
-def _engine_of(st, llama_bin, threads: int, progress):
-    """The engine a campaign ran on (its base, corpus, search slice and engine kind), per-token KLD kept."""
+def campaign_imatrix(st, imatrix: Path | None = None):
+    """The importance matrix a campaign quantizes with (its own, or ``imatrix`` if that is the same file)."""
+    if not st.imatrix_id:
+        if imatrix is not None:
+            raise InputError(f"this campaign quantizes without an imatrix; --imatrix {imatrix} would change that",
+                             "start a new campaign (another --out) to use one")  # fmt: skip
+        return None
+    im = load_imatrix(imatrix or Path(st.imatrix))
+    if im.id != st.imatrix_id:
+        raise InputError(f"{im.path} is not the imatrix this campaign quantizes with (id {im.id}, the campaign's "
+                         f"{st.imatrix_id})", f"restore {st.imatrix}, or pass that file with --imatrix")  # fmt: skip
+    return im
+
+
+def _engine_of(st, llama_bin, threads: int, progress, imatrix: Path | None = None):
+    """The engine a campaign ran on (its base, corpus, imatrix, search slice and engine kind), per-token KLD kept."""
     return make_engine(Path(st.base), Path(st.corpus_path), st.search, EngineName(st.engine), llama_bin, threads,
-                       False, progress, tools_kld="logits")  # fmt: skip
+                       False, progress, tools_kld="logits", imatrix=campaign_imatrix(st, imatrix))  # fmt: skip
 
 
 def _budget(target_size, target_bpw, vram, vram_ctx):
@@ -125,6 +140,8 @@ def run(
     budget: Annotated[int, typer.Option("--budget", help="Confirmations to spend: proposed configs measured (full or "
                                         "stopped early) and held-out re-confirmations; seeds are free.")] = 20,  # fmt: skip
     batch: Annotated[int, typer.Option("--batch", help="Configs proposed per round (spread over the size range).")] = 4,
+    imatrix: ImatrixOpt = None,
+    no_imatrix: NoImatrixOpt = False,
     out_dir: OutOpt = Path("out/campaign"),
     store: StoreOpt = None,
     ctx: CtxOpt = DEFAULTS["ctx"],
@@ -159,6 +176,10 @@ def run(
 ) -> None:
     """Run a campaign on one base: seed the presets → fit the surrogate → propose → confirm for real → refit.
 
+    Every build is quantized with an importance matrix — by default one computed (and cached) on the
+    shipped calibration text, which is disjoint from the evaluation corpus; --imatrix FILE uses yours,
+    --no-imatrix none. With one, the seed line also holds the presets made for it (IQ3_M … IQ1_S).
+
     Ends with the survivors table (survivors.md/.csv), the Pareto plot (pareto.png) and per-survivor
     recipes + build manifests in --out. Stop it any time (Ctrl-C, kill -9): `campaign resume DIR`
     continues with nothing lost and nothing measured twice. Default: SmolLM2-135M + the bundled corpus.
@@ -181,8 +202,9 @@ def run(
     xo = _executor_options(executor, address, task_cpus, task_gpus, task_memory, retries, sync, ship, llama_bin)
     with progress_bar(not json) as progress:
         path = _base(base, progress)
+        im = imatrix_or_default(path, imatrix, no_imatrix, threads, progress)
         # paired decisions need per-token KLD: the tools engine scores llama-perplexity's saved log-probs
-        eng = make_engine(path, corpus, spec, engine, llama_bin, threads, False, progress, tools_kld="logits")
+        eng = make_engine(path, corpus, spec, engine, llama_bin, threads, False, progress, tools_kld="logits", imatrix=im)
         with eng:
             c = Campaign.start(eng, _store(store), out_dir, settings, tracker=make_tracker(no_track, tracking_uri, experiment),
                                say=lambda s: err.print(s, highlight=False), progress=progress,
@@ -195,6 +217,8 @@ def resume(
     out_dir: Annotated[Path, typer.Argument(help="The campaign folder (its --out).")] = Path("out/campaign"),
     store: StoreOpt = None,
     budget: Annotated[int | None, typer.Option("--budget", help="Raise (or keep) the budget.")] = None,
+    imatrix: Annotated[Path | None, typer.Option("--imatrix", help="The campaign's imatrix, if it moved (checked by "
+                                                 "content: it must be the same file).")] = None,  # fmt: skip
     threads: ThreadsOpt = 0,
     llama_bin: LlamaBinOpt = None,
     executor: ExecutorOpt = "local",
@@ -226,7 +250,7 @@ def resume(
         st.save(out_dir)
     xo = _executor_options(executor, address, task_cpus, task_gpus, task_memory, retries, sync, ship, llama_bin)
     with progress_bar(not json) as progress:
-        eng = _engine_of(st, llama_bin, threads, progress)
+        eng = _engine_of(st, llama_bin, threads, progress, imatrix)
         with eng:
             c = Campaign(eng, _store(store), out_dir, st, make_tracker(no_track, tracking_uri, experiment),
                          lambda s: err.print(s, highlight=False), progress, executor=xo.build(eng, st.settings.batch))  # fmt: skip
@@ -284,6 +308,8 @@ def propose(
     store: StoreOpt = None,
     ctx: CtxOpt = DEFAULTS["ctx"],
     tokens: Annotated[int, typer.Option("--tokens", help="Scored tokens of your measurements.")] = CAMPAIGN_TOKENS,
+    imatrix: Annotated[Path | None, typer.Option("--imatrix", help="The importance matrix your builds use (records "
+                                                 "with another one, or none, are not used).")] = None,  # fmt: skip
     threads: ThreadsOpt = 0,
     json: JsonOpt = False,
 ) -> None:
@@ -304,20 +330,23 @@ def propose(
     spec = EvalSpec.from_tokens(tokens, ctx)
     with progress_bar(not json) as progress:
         path = _base(base, progress)
-        eng = make_engine(path, corpus, spec, EngineName.inprocess, None, threads, False, progress)
+        im = load_imatrix(imatrix)
+        eng = make_engine(path, corpus, spec, EngineName.inprocess, None, threads, False, progress, imatrix=im)
         with eng:
             from mqpredict.records.identity import identify
 
             ident = identify(eng.model)
             st = State("propose", str(path), eng.corpus.id, str(corpus), eng.name, spec.ctx, spec.n_chunks, 0,
-                       ident.model_id, ident.family, Settings(), "")  # fmt: skip
+                       ident.model_id, ident.family, Settings(), "", str(im.path) if im else "", im.id if im else "")  # fmt: skip
             out_dir.mkdir(parents=True, exist_ok=True)
             c = Campaign(eng, _store(store), out_dir, st, None, lambda s: err.print(s, highlight=False), progress)
             c.all_sources = True
             ok = c._records(spec)
             if ok.empty or not (ok["config"] == "preset=Q8_0").any():
-                raise InputError(f"{store or 'the store'} holds no measured Q8_0 of {path.name} on this corpus and slice",
-                                 f"seed it first: mqpredict seed {path} --corpus {corpus} --tokens {tokens}")  # fmt: skip
+                raise InputError(f"{store or 'the store'} holds no measured Q8_0 of {path.name} on this corpus, slice and "
+                                 f"{'imatrix' if im else 'no imatrix'}",
+                                 f"seed it first: mqpredict seed {path} --corpus {corpus} --tokens {tokens}"
+                                 + (f" --imatrix {imatrix}" if im else " --no-imatrix"))  # fmt: skip
             import math
 
             table = error_table(eng, ident.model_id, progress=progress)
@@ -330,7 +359,7 @@ def propose(
                 name = f"proposal-{i:02d}"
                 tt = out_dir / f"{name}.tensor-types.txt"
                 atomic_write_text(tt, "\n".join(tensor_type_lines(eng.model, p.config)) + "\n")
-                cmd = " ".join(quantize_command(eng.model, p.config, f"{name}.gguf", tt.name))
+                cmd = " ".join(quantize_command(eng.model, p.config, f"{name}.gguf", tt.name, imatrix=im))
                 rows.append({"name": name, **p.to_json(), "recipe": str(tt), "command": cmd})
             atomic_write_text(out_dir / "proposals.json", js.dumps(rows, indent=2) + "\n")
     if json:
@@ -348,6 +377,8 @@ def clone(
     survivor: Annotated[list[str] | None, typer.Option("--survivor", help="Survivor name(s) from survivors.csv "
                                                        "(default: the re-confirmed wins, else the chosen one).")] = None,  # fmt: skip
     corpus: Annotated[Path | None, typer.Option("--corpus", help="Evaluation text (default: the campaign's).")] = None,
+    imatrix: Annotated[Path | None, typer.Option("--imatrix", help="The variant's own importance matrix (default: the "
+                                                 "campaign's, if it quantized with one — same tensors and shapes).")] = None,  # fmt: skip
     keep: Annotated[Path | None, typer.Option("--out", "-o", help="Folder to keep the built GGUFs in.")] = None,
     store: StoreOpt = None,
     threads: ThreadsOpt = 0,
@@ -382,14 +413,22 @@ def clone(
     if picked.empty:
         raise InputError(f"{table_path} holds no win, no chosen survivor and no hybrid", "give --survivor NAME")
     check_layout(ModelInfo.load(st.base), ModelInfo.load(variant))
+    from mqpredict.records.context import Context
+
     recs = _store(store).load()
-    pres = recs[(recs["model_id"] == st.model_id) & (recs["source"] == "preset") & (recs["status"] == "ok")
-                & (recs["ctx"] == st.ctx) & (recs["n_chunks"] == st.n_chunks) & (recs["chunk_offset"] == st.chunk_offset)]  # fmt: skip
+    ctx = Context(st.model_id, st.corpus, st.ctx, st.search.n_batch, st.chunk_offset, st.n_chunks,
+                  st.search.scoring.value, st.imatrix_id or None)  # fmt: skip
+    pres = recs[ctx.mask(recs) & (recs["source"] == "preset") & (recs["status"] == "ok")]
     line = Line.from_presets([Point(float(r.bpw), float(r.kld_mean), r.config) for r in pres.itertuples()])
     spec = st.search
     results = []
     with progress_bar(not json) as progress:
-        eng = make_engine(variant, corpus or Path(st.corpus_path), spec, EngineName.inprocess, None, threads, False, progress)
+        im = load_imatrix(imatrix) if imatrix is not None else (load_imatrix(Path(st.imatrix)) if st.imatrix_id else None)
+        if im is not None and imatrix is None:
+            err.print(f"quantizing the variant with the campaign's imatrix {im.path.name} (same tensors); --imatrix "
+                      "gives the variant's own", highlight=False)  # fmt: skip
+        eng = make_engine(variant, corpus or Path(st.corpus_path), spec, EngineName.inprocess, None, threads, False,
+                          progress, imatrix=im)  # fmt: skip
         with eng:
             for r in picked.itertuples():
                 ws = line_weights(line, float(r.bpw)) or []

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from mqpredict.errors import InputError
 from mqpredict.llama.factory import EngineName, make_engine  # noqa: F401  (re-exported: the CLI builds engines by name)
 from mqpredict.measure.corpus import DEFAULT_CTX, DEFAULT_TOKENS, EvalSpec
 from mqpredict.util.paths import DEFAULT_CORPUS
@@ -81,6 +82,13 @@ ImatrixOpt = Annotated[
 ]  # fmt: skip
 
 
+NoImatrixOpt = Annotated[
+    bool,
+    typer.Option("--no-imatrix", help="Quantize without an importance matrix. By default one is computed on the "
+                 "shipped calibration text (datasets/calibration, disjoint from the evaluation corpus; cached)."),
+]  # fmt: skip
+
+
 def load_imatrix(path: Path | None):
     """The --imatrix file, read and checked (None without one)."""
     if path is None:
@@ -88,6 +96,24 @@ def load_imatrix(path: Path | None):
     from mqpredict.quant.imatrix import Imatrix
 
     return Imatrix.load(path)
+
+
+def imatrix_or_default(base: Path, path: Path | None, no_imatrix: bool, threads: int, progress):
+    """What seeds and campaigns quantize with: --imatrix, none with --no-imatrix, else the (cached) imatrix
+    of ``base`` on the shipped calibration text."""
+    if path is not None and no_imatrix:
+        raise InputError("--imatrix and --no-imatrix contradict each other", "give one of them")
+    if no_imatrix:
+        return None
+    if path is not None:
+        return load_imatrix(path)
+    from mqpredict.llama.imatrix import ImatrixSettings, compute_imatrix
+    from mqpredict.util.paths import DEFAULT_CALIBRATION
+
+    im, cached = compute_imatrix(base, DEFAULT_CALIBRATION, None, ImatrixSettings(), threads, progress)
+    err.print(f"imatrix {im.id} ({'cached' if cached else 'computed'} on {im.corpus_id}, {im.chunk_count} windows): "
+              f"{im.path} — --no-imatrix to quantize without one", highlight=False)  # fmt: skip
+    return im
 
 
 TrackingUriOpt = Annotated[

@@ -9,9 +9,9 @@ import typer
 from rich.table import Table
 
 from mqpredict.cli.common import (
-    DEFAULTS, CorpusOpt, CtxOpt, EngineName, EngineOpt, ExperimentOpt, JsonOpt, LlamaBinOpt, NoTrackOpt,
-    QuantizedBaseOpt, ThreadsOpt, TokensOpt, ToolsKLDOpt, TrackingUriOpt, base_notes, emit_json, err, make_engine,
-    make_tracker, out, progress_bar, spec_from,
+    DEFAULTS, CorpusOpt, CtxOpt, EngineName, EngineOpt, ExperimentOpt, ImatrixOpt, JsonOpt, LlamaBinOpt, NoImatrixOpt,
+    NoTrackOpt, QuantizedBaseOpt, ThreadsOpt, TokensOpt, ToolsKLDOpt, TrackingUriOpt, base_notes, emit_json, err,
+    imatrix_or_default, make_engine, make_tracker, out, progress_bar, spec_from,
 )  # fmt: skip
 from mqpredict.cli.model_cmds import BaseArg, _base
 from mqpredict.errors import InputError
@@ -169,7 +169,10 @@ def seed(
     from_gguf: Annotated[
         list[Path] | None, typer.Option("--from-gguf", help="Measure the config of this GGUF (header only; repeatable).")
     ] = None,
-    presets: Annotated[bool, typer.Option("--presets/--no-presets", help="Measure the standard presets.")] = True,
+    presets: Annotated[bool, typer.Option("--presets/--no-presets", help="Measure the standard presets (with an "
+                                          "imatrix also the 11 made for one, IQ3_M … IQ1_S).")] = True,  # fmt: skip
+    imatrix: ImatrixOpt = None,
+    no_imatrix: NoImatrixOpt = False,
     ctx: CtxOpt = DEFAULTS["ctx"],
     tokens: TokensOpt = DEFAULTS["tokens"],
     engine: EngineOpt = EngineName.inprocess,
@@ -185,8 +188,9 @@ def seed(
 ) -> None:
     """Measure the configs people already use on a base and keep them as records.
 
-    Every standard preset (Q8_0 … Q2_K, 16 of them), plus recipes and configs read from GGUF headers,
-    adapted to this model. Configs that make the same file as one already measured are skipped; each
+    Every standard preset (Q8_0 … Q2_K, 16 of them; with an importance matrix also IQ3_M … IQ1_S), plus
+    recipes and configs read from GGUF headers, adapted to this model. Builds are quantized with an
+    imatrix computed on the shipped calibration text unless --imatrix FILE or --no-imatrix says otherwise. Configs that make the same file as one already measured are skipped; each
     record is stored as soon as it is measured, so a re-run (or a run after Ctrl-C / kill -9) continues
     where it stopped. Prints the model's records with the presets' line.
     """
@@ -195,20 +199,23 @@ def seed(
     from mqpredict.records.ingest import from_gguf as derive
     from mqpredict.records.ingest import load_recipes
 
-    cands = seeding.preset_candidates() if presets else []
+    cands: list = []
     notes: list[str] = []
     if recipes:
         found, skipped = load_recipes(recipes)
         cands += seeding.recipe_candidates(found)
         notes += [f"recipe skipped: {s}" for s in skipped]
     cands += seeding.gguf_candidates([derive(f) for f in from_gguf or []])
-    if not cands:
+    if not cands and not presets:
         raise InputError("nothing to seed", "keep --presets, or give --recipes / --from-gguf")
     st = _store(store, fmt)
     spec = spec_from(ctx, tokens, 0)
     with progress_bar(not json) as progress:
         path = _base(base, progress)
-        eng = make_engine(path, corpus, spec, engine, llama_bin, threads, allow_quantized_base, progress, tools_kld)
+        im = imatrix_or_default(path, imatrix, no_imatrix, threads, progress)
+        if presets:
+            cands = seeding.preset_candidates(seeding.seed_presets(im is not None)) + cands
+        eng = make_engine(path, corpus, spec, engine, llama_bin, threads, allow_quantized_base, progress, tools_kld, im)
         tracker = make_tracker(no_track, tracking_uri, experiment)
         with eng:
             rep = seeding.seed(eng, st, cands, progress, None if json else lambda s: err.print(s, highlight=False),
@@ -236,13 +243,14 @@ def seed(
 
 
 def _model_rows(st, model_id: str, spec, eng) -> list[dict]:
-    """This model's ok records on this corpus and slice, as table rows (smallest first)."""
+    """This model's ok records in this context (corpus, slice, scoring, imatrix), as table rows (smallest first)."""
+    from mqpredict.records.context import Context
+
+    context = Context.of(eng, model_id, spec)
     rows = []
     for r in st.records():
         v = r.values
-        if (v["model_id"], v["corpus"], v["ctx"], v["n_chunks"], v["chunk_offset"]) != (
-            model_id, eng.corpus.id, spec.ctx, spec.n_chunks, spec.chunk_offset
-        ) or v["status"] != "ok":
+        if not context.matches(v) or v["status"] != "ok":
             continue
         label = Path(v["provenance_file"]).name if v["source"] in ("recipe", "community") and v["provenance_file"] else None
         rows.append({**v, "seconds_eval": None, "label": f"{v['source']}:{label}" if label else None})

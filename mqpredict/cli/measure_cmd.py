@@ -61,6 +61,7 @@ def run_measurements(engine, configs, files, keep: Path | None, progress, tracke
     rows = []
     total = len(configs) + len(files)
     params = {"corpus": engine.corpus.id, "ctx": engine.spec.ctx, "n_chunks": engine.spec.n_chunks,
+              "scoring": engine.spec.scoring.value, "imatrix_id": engine.imatrix_id,
               "engine": engine.name, "llama_version": engine.version()}  # fmt: skip
     with tracker.parent(kind, ident.columns() if ident else {}, params):
         for i, item in enumerate([*configs, *files]):

@@ -96,7 +96,8 @@ class RayExecutor(Executor):
         kld = getattr(engine, "kld_source", None)
         self.recipe = EngineRecipe(engine.name, ship(engine.model.path), ship(engine.corpus.path), engine.spec,
                                    max(1, int(resources.cpus)), str(llama_bin) if llama_bin else None,
-                                   kld.value if kld is not None else "logits", prefer_shipped)  # fmt: skip
+                                   kld.value if kld is not None else "logits", prefer_shipped,
+                                   ship(engine.imatrix.path) if engine.imatrix is not None else None)  # fmt: skip
         opts = {"num_cpus": resources.cpus, "num_gpus": resources.gpus, "max_retries": retries, "retry_exceptions": False}
         if resources.memory:
             opts["memory"] = resources.memory

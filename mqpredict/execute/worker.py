@@ -70,17 +70,20 @@ class EngineRecipe:
     llama_bin: str | None = None  # the tools engine: the worker's own llama.cpp build (e.g. CUDA)
     tools_kld: str = "logits"
     prefer_shipped: bool = False  # use the object-store copy even where the path exists (nodes see other files)
+    imatrix: Shipment | None = None  # the importance matrix builds are quantized with (its file name is kept)
 
     def key(self) -> tuple:
-        return (self.kind, self.base.sha256, self.corpus.sha256, self.spec, self.threads, self.llama_bin, self.tools_kld)
+        return (self.kind, self.base.sha256, self.corpus.sha256, self.spec, self.threads, self.llama_bin, self.tools_kld,
+                self.imatrix.sha256 if self.imatrix else None)  # fmt: skip
 
     def build(self, fetch=None) -> Engine:
         from mqpredict.llama.factory import EngineName, make_engine
 
         base = self.base.local(fetch, self.prefer_shipped)
         corpus = self.corpus.local(fetch, self.prefer_shipped)
+        imatrix = self.imatrix.local(fetch, self.prefer_shipped) if self.imatrix else None
         return make_engine(base, corpus, self.spec, EngineName(self.kind), Path(self.llama_bin) if self.llama_bin else None,
-                           self.threads, False, None, tools_kld=self.tools_kld)  # fmt: skip
+                           self.threads, False, None, tools_kld=self.tools_kld, imatrix=imatrix)  # fmt: skip
 
 
 _ENGINES: dict[tuple, Engine] = {}  # per worker process: one warm engine per recipe

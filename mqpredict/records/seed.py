@@ -16,7 +16,7 @@ from mqpredict.errors import MqError
 from mqpredict.llama.engine import Engine
 from mqpredict.measure.corpus import EvalSpec
 from mqpredict.quant.config import Config
-from mqpredict.quant.presets import Preset
+from mqpredict.quant.presets import IMATRIX_PRESETS, Preset
 from mqpredict.quant.resolve import types_key
 from mqpredict.records.convert import Provenance, failed, from_measurement
 from mqpredict.records.identity import identify
@@ -62,6 +62,11 @@ class SeedReport:
 
 def config_candidates(configs: list[Config], source: Source) -> list[Candidate]:
     return [Candidate(c, source) for c in configs]
+
+
+def seed_presets(imatrix: bool) -> tuple[Preset, ...]:
+    """The presets a seed measures: the 16 standard ones, and with an imatrix also the 11 made for one."""
+    return SEED_PRESETS + (IMATRIX_PRESETS if imatrix else ())
 
 
 def preset_candidates(presets=SEED_PRESETS) -> list[Candidate]:

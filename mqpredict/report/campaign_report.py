@@ -98,7 +98,8 @@ def write_report(c: Campaign, rules: Rules = Rules(), budget: Budget = Budget(),
     for row in rows:
         cfg = Config.parse(row.record["config"])
         types = c.engine.resolve(cfg) if not cfg.is_preset else dry_run_types(c.engine.model, cfg)
-        W.write_recipe(out / "recipes", c.engine.model, row, {k: t.name for k, t in types.items()}, manifest_extra)
+        W.write_recipe(out / "recipes", c.engine.model, row, {k: t.name for k, t in types.items()}, manifest_extra,
+                       c.engine.imatrix)  # fmt: skip
     for t in (out / "survivors.md", out / "survivors.csv", out / "pareto.png"):
         c.tracker.log_artifact(t)
     for t in sorted((out / "recipes").glob("*")):

@@ -90,9 +90,10 @@ def write_markdown(path: Path, title: str, rows: list[Row], notes: list[str], ct
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def write_recipe(folder: Path, model: ModelInfo, row: Row, tensor_types: dict[str, str], manifest_extra: dict) -> Path:
+def write_recipe(folder: Path, model: ModelInfo, row: Row, tensor_types: dict[str, str], manifest_extra: dict,
+                 imatrix=None) -> Path:  # fmt: skip
     """``<name>.tensor-types.txt`` + ``<name>.manifest.json`` (base hash, config, per-tensor types, llama.cpp
-    build, corpus, every statistic, the exact rebuild commands)."""
+    build, corpus, imatrix, every statistic, the exact rebuild commands)."""
     v = row.record
     cfg = Config.parse(v["config"])
     folder.mkdir(parents=True, exist_ok=True)
@@ -107,13 +108,18 @@ def write_recipe(folder: Path, model: ModelInfo, row: Row, tensor_types: dict[st
         "fractions": v.get("fractions"),
         "llama_cpp": {"version": v["llama_version"], "commit": v["llama_commit"], "build": v["build"], "engine": v["engine"]},
         "corpus": v["corpus"], "ctx": v["ctx"], "n_chunks": v["n_chunks"], "chunk_offset": v["chunk_offset"],
+        "scoring": v.get("scoring"),
+        "imatrix": None if imatrix is None else {"id": imatrix.id, "path": str(imatrix.path.resolve()),
+                                                 "calibration": imatrix.corpus_id},
         "statistics": {k: v.get(k) for k in STATS + ("kld_p90", "kld_p95", "ln_ppl_ratio")},
         "margin_to_line": None if row.margin is None else {"ln": row.margin.diff, "se": row.margin.se},
         "heldout_margin_to_line": None if row.heldout is None else {"ln": row.heldout.diff, "se": row.heldout.se},
         "nonlinear_win": row.entry.win, "record_key": v["key"],
         "rebuild": {
-            "llama_quantize": " ".join(quantize_command(model, cfg, out_name, tt.name)),
-            "mqpredict": f"mqpredict build {model.path} --config '{v['config']}' -o {out_name}",
+            "llama_quantize": " ".join(quantize_command(model, cfg, out_name, tt.name, imatrix=imatrix)),
+            **({"llama_quantize_cwd": str(imatrix.path.resolve().parent)} if imatrix is not None else {}),
+            "mqpredict": f"mqpredict build {model.path} --config '{v['config']}' -o {out_name}"
+                         + (f" --imatrix {imatrix.path.resolve()}" if imatrix is not None else ""),
             "verify": f"mqpredict measure {model.path} --gguf {out_name} --corpus CORPUS --ctx {v['ctx']} "
                       f"--tokens {v['n_tokens']} --chunk-offset {v['chunk_offset']}",
         },

@@ -42,7 +42,7 @@ from mqpredict.quant.types import QuantType
 from mqpredict.records.convert import Provenance, failed, from_measurement
 from mqpredict.records.identity import ModelIdentity, identify
 from mqpredict.records.schema import Source, Status
-from mqpredict.records.seed import SEED_PRESETS, Candidate, preset_candidates, seed
+from mqpredict.records.seed import Candidate, preset_candidates, seed, seed_presets
 from mqpredict.records.store import Store
 from mqpredict.search.acquisition import frontier
 from mqpredict.search.confirm import Outcome, Reference
@@ -96,6 +96,8 @@ class State:
     family: str
     settings: Settings
     created: str
+    imatrix: str = ""  # the importance matrix every build is quantized with ("" : none)
+    imatrix_id: str = ""
 
     @property
     def search(self) -> EvalSpec:
@@ -212,13 +214,16 @@ class Campaign:
         spec = engine.spec
         if (out / STATE).exists():
             old = State.load(out)
-            if (old.model_id, old.corpus, old.ctx, old.n_chunks) != (ident.model_id, engine.corpus.id, spec.ctx, spec.n_chunks):
-                raise InputError(f"{out} holds a campaign on another base, corpus or slice ({old.base})",
+            if (old.model_id, old.corpus, old.ctx, old.n_chunks, old.imatrix_id or None) != (
+                    ident.model_id, engine.corpus.id, spec.ctx, spec.n_chunks, engine.imatrix_id):
+                raise InputError(f"{out} holds a campaign on another base, corpus, slice or imatrix ({old.base})",
                                  "choose another --out, or 'campaign resume' that one")  # fmt: skip
             return cls(engine, store, out, old, **kw)
+        im = engine.imatrix
         state = State(uuid.uuid4().hex[:12], str(engine.model.path), engine.corpus.id, str(engine.corpus.path),
                       engine.name, spec.ctx, spec.n_chunks,
-                      spec.chunk_offset, ident.model_id, ident.family, settings, time.strftime("%Y-%m-%dT%H:%M:%S"))  # fmt: skip
+                      spec.chunk_offset, ident.model_id, ident.family, settings, time.strftime("%Y-%m-%dT%H:%M:%S"),
+                      str(im.path.resolve()) if im else "", im.id if im else "")  # fmt: skip
         state.save(out)
         return cls(engine, store, out, state, **kw)
 
@@ -337,6 +342,7 @@ class Campaign:
             raise InputError(f"the corpus has no room for a held-out slice after the search slice: {err.message}",
                              "give fewer --tokens, a smaller --ctx or a longer corpus") from None  # fmt: skip
         params = {"campaign_id": st.id, "corpus": e.corpus.id, "ctx": st.ctx, "n_chunks": st.n_chunks,
+                  "imatrix_id": e.imatrix_id, "imatrix_corpus": e.imatrix.corpus_id if e.imatrix else None,
                   "engine": e.name, "llama_version": e.version(),
                   **{f"setting.{k}": v for k, v in asdict(self.settings).items() if k != "types"},
                   "setting.types": ",".join(self.settings.types), **ex.describe()}  # fmt: skip
@@ -345,7 +351,7 @@ class Campaign:
                 self.say(f"{ex.name} executor, asynchronous: which configs are proposed depends on which results come "
                          "back first, so records may differ from run to run (--sync reproduces the local path's)")  # fmt: skip
             self.say(f"campaign {st.id}: seeding the presets on {st.search.n_tokens} tokens")
-            seed(e, self.store, preset_candidates(SEED_PRESETS), self.progress, self.say, tracker=self.tracker,
+            seed(e, self.store, preset_candidates(seed_presets(e.imatrix is not None)), self.progress, self.say, tracker=self.tracker,
                  own_run=False, executor=ex, spec=st.search)  # fmt: skip
             table = self._error_table()
             proposer = Proposer(e.model, table, self.types, seed=self.settings.seed)
