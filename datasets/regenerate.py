@@ -2,12 +2,16 @@
 
     .venv/bin/python datasets/regenerate.py                 # everything (hours on 2 cores; resumable)
     .venv/bin/python datasets/regenerate.py --only smollm2  # one model family
+    .venv/bin/python datasets/regenerate.py --only qwen2.5-coder-1.5b --imatrix only --presets-only
 
 For each model: the 16 seed presets, the recipes in datasets/recipes, isolation probes (one group
 changed on a Q8_0 carrier) and a seeded sample of hybrids, deduplicated by the files they make,
-measured in process on the bundled corpus (8 windows of 512, 2040 tokens). Re-running skips what the
-store holds, so an interrupted run just continues. Per-token vectors are not kept (the store stays
-small enough for git).
+measured in process on the bundled corpus (8 windows of 512, 2040 tokens; the 1.5B: 4 windows).
+``--imatrix`` (default ``both``) also measures every model quantized with its importance matrix on the
+shipped calibration text (computed once, cached): the 27 presets (the 11 imatrix presets join), the
+recipes, probes and hybrids whose types include the imatrix-only ones. Re-running skips what the store
+holds, so an interrupted run just continues. Per-token vectors are not kept (the store stays small
+enough for git).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 from mqpredict.base.embedded import prepare_embedded
 from mqpredict.base.testmodel import TinyShape, write_test_model
 from mqpredict.base.truncate import truncate
+from mqpredict.llama.imatrix import ImatrixSettings, compute_imatrix
 from mqpredict.llama.inprocess import InProcessEngine
 from mqpredict.measure.corpus import EvalSpec
 from mqpredict.quant.model import ModelInfo
@@ -32,7 +37,7 @@ from mqpredict.records.schema import Source
 from mqpredict.records.store import Store
 from mqpredict.search.space import CandidateSpace
 from mqpredict.surrogate.weight_error import error_table
-from mqpredict.util.paths import DATASETS, DEFAULT_CORPUS, cache_dir
+from mqpredict.util.paths import DATASETS, DEFAULT_CALIBRATION, DEFAULT_CORPUS, cache_dir
 
 SPEC = EvalSpec(ctx=512, n_chunks=8)
 TABLES = DATASETS / "weight_errors"
@@ -40,7 +45,10 @@ REAL = {  # name: (hybrids on the full model, truncations kept blocks, hybrids p
     "smollm2": (150, (8,), 25),
     "gemma3-270m": (70, (9,), 30),
     "qwen2.5-0.5b": (30, (12,), 25),
+    "qwen2.5-coder-1.5b": (60, (), 0),
 }
+#: a 1.5B measurement takes minutes on 2 cores: half the slice
+SPECS = {"qwen2.5-coder-1.5b": EvalSpec(ctx=512, n_chunks=4)}
 SYNTHETIC = [  # (shape, seeds, hybrids)
     (TinyShape(256, 768, 4), (0, 1), 60),
     (TinyShape(576, 1536, 4, tied=True), (0, 1), 60),
@@ -62,19 +70,31 @@ def table(path: Path) -> None:
             error_table(eng, mid).save(out)
 
 
-def run_model(path: Path, store: Store, hybrids: int, seed: int) -> None:
-    table(path)
+def model_imatrix(path: Path):
+    """The model's importance matrix on the shipped calibration text (cached)."""
+    im, cached = compute_imatrix(path, DEFAULT_CALIBRATION, None, ImatrixSettings())
+    say(f"{path.name}: imatrix {im.id} ({'cached' if cached else 'computed'})")
+    return im
+
+
+def run_model(path: Path, store: Store, hybrids: int, seed: int, spec: EvalSpec, imatrix=None,
+              presets_only: bool = False) -> None:  # fmt: skip
+    if imatrix is None:
+        table(path)
     model = ModelInfo.load(path)
-    space = CandidateSpace(model)
-    recipes, _ = load_recipes(DATASETS / "recipes")
-    cands = seeding.preset_candidates() + seeding.recipe_candidates(recipes)
-    probes = list(space.probes())  # marks the probes' files seen: the sample below never repeats them
-    cands += seeding.config_candidates(space.sample(hybrids, np.random.default_rng(seed)), Source.hybrid)
-    cands += seeding.config_candidates(probes, Source.probe)  # last: an interrupted run keeps the hybrids
-    say(f"{path.name}: {len(cands)} candidates")
-    with InProcessEngine(path, DEFAULT_CORPUS, SPEC) as eng:
-        rep = seeding.seed(eng, store, cands, say=lambda s: None, keep_vectors=False)
-    say(f"{path.name}: measured {len(rep.measured)}, failed {len(rep.failed)}, same file {len(rep.same_file)}, "
+    cands = seeding.preset_candidates(seeding.seed_presets(imatrix is not None))
+    if not presets_only:
+        space = CandidateSpace(model)
+        recipes, _ = load_recipes(DATASETS / "recipes")
+        cands += seeding.recipe_candidates(recipes)
+        probes = list(space.probes())  # marks the probes' files seen: the sample below never repeats them
+        cands += seeding.config_candidates(space.sample(hybrids, np.random.default_rng(seed)), Source.hybrid)
+        cands += seeding.config_candidates(probes, Source.probe)  # last: an interrupted run keeps the hybrids
+    what = f"{path.name}{' with imatrix ' + imatrix.id if imatrix else ''}"
+    say(f"{what}: {len(cands)} candidates on {spec.n_chunks}×{spec.ctx}")
+    with InProcessEngine(path, DEFAULT_CORPUS, spec, imatrix=imatrix) as eng:
+        rep = seeding.seed(eng, store, cands, say=say, keep_vectors=False)
+    say(f"{what}: measured {len(rep.measured)}, failed {len(rep.failed)}, same file {len(rep.same_file)}, "
         f"skipped {len(rep.skipped)}")
 
 
@@ -83,6 +103,9 @@ def main() -> None:
     ap.add_argument("--store", default=str(DATASETS / "records"))
     ap.add_argument("--only", nargs="*", help="model names (smollm2, gemma3-270m, qwen2.5-0.5b, synthetic)")
     ap.add_argument("--tables-only", action="store_true", help="only (re)compute missing weight-error tables")
+    ap.add_argument("--imatrix", choices=("both", "only", "none"), default="both",
+                    help="measure without an imatrix, with one (the shipped calibration text), or both")
+    ap.add_argument("--presets-only", action="store_true", help="only the seed presets (the lines)")
     a = ap.parse_args()
     if a.tables_only:
         for p in sorted((cache_dir() / "synthetic").glob("*.gguf")) + sorted((cache_dir() / "bases").glob("*.gguf")):
@@ -90,23 +113,29 @@ def main() -> None:
         return
     store = Store(a.store)
     want = set(a.only or ["synthetic", *REAL])
+    modes = {"both": (False, True), "only": (True,), "none": (False,)}[a.imatrix]
+
+    def run(path: Path, hybrids: int, seed: int, spec: EvalSpec = SPEC) -> None:
+        for with_im in modes:
+            run_model(path, store, hybrids, seed, spec, model_imatrix(path) if with_im else None, a.presets_only)
+
     if "synthetic" in want:
         for shape, seeds, n in SYNTHETIC:
             for s in seeds:
                 p = cache_dir() / "synthetic" / f"tiny-{shape.n_embd}x{shape.n_layers}-s{s}.gguf"
                 if not p.exists():
                     write_test_model(p, s, shape)
-                run_model(p, store, n, s)
+                run(p, n, s)
     real = [name for name in REAL if name in want]
     for name in real:  # every family first (what leave-one-family-out needs most), then the truncations
-        run_model(prepare_embedded(name), store, REAL[name][0], 0)
+        run(prepare_embedded(name), REAL[name][0], 0, SPECS.get(name, SPEC))
     for name in real:
         base = prepare_embedded(name)
         for k in REAL[name][1]:
             p = cache_dir() / "bases" / f"{name}-first{k}.gguf"
             if not p.exists():
                 truncate(base, p, k)
-            run_model(p, store, REAL[name][2], k)
+            run(p, REAL[name][2], k)
     say("done")
 
 

@@ -189,3 +189,14 @@ def test_the_recipe_command_rebuilds_the_same_file(tiny, im_path, tmp_path):
     _quantize_tool(p["command"][1:], cwd=Path(p["cwd"]))
     mq("build", tiny, "--config", cfg, "--imatrix", im_path, "-o", tmp_path / "ours.gguf", check=True)
     assert (tmp_path / "ref.gguf").read_bytes() == (tmp_path / "ours.gguf").read_bytes()
+
+
+def test_presets_resolve_knowing_the_imatrix(tiny, im_path):
+    """llama.cpp's rules choose other types for some presets when an imatrix is given (IQ3_XXS keeps
+    ffn_down at IQ3_XXS with one, Q3_K without): mqpredict asks llama.cpp's dry run with the imatrix."""
+    from mqpredict.llama.quantize import dry_run_types
+
+    model, cfg = ModelInfo.load(tiny), Config.parse("IQ3_XXS")
+    without = dry_run_types(model, cfg)
+    with_im = dry_run_types(model, cfg, imatrix=Imatrix.load(im_path))
+    assert without["blk.1.ffn_down.weight"].name == "Q3_K" and with_im["blk.1.ffn_down.weight"].name == "IQ3_XXS"

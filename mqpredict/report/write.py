@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from mqpredict.report.budget import Budget, smallest_vram
 from mqpredict.report.survivors import Entry
 from mqpredict.search.line import Line
 from mqpredict.search.paired import Paired
-from mqpredict.util.atomic import atomic_write_text
+from mqpredict.util.atomic import atomic_open, atomic_write_text
 from mqpredict.util.figures import save_figure
 
 STATS = ("kld_mean", "kld_mean_err", "kld_median", "kld_p99", "kld_max", "same_top_p", "ppl", "ppl_base")
@@ -97,6 +98,11 @@ def write_recipe(folder: Path, model: ModelInfo, row: Row, tensor_types: dict[st
     v = row.record
     cfg = Config.parse(v["config"])
     folder.mkdir(parents=True, exist_ok=True)
+    if imatrix is not None:  # beside the recipes, under the name llama-quantize writes into the GGUF
+        copy = folder / imatrix.file_label
+        if not copy.exists() or copy.stat().st_size != imatrix.path.stat().st_size:
+            with open(imatrix.path, "rb") as fin, atomic_open(copy) as fout:
+                shutil.copyfileobj(fin, fout)
     tt = folder / f"{row.entry.name}.tensor-types.txt"
     atomic_write_text(tt, "\n".join(tensor_type_lines(model, cfg)) + "\n")
     out_name = f"{model.path.stem}-{row.entry.name}.gguf"
@@ -109,17 +115,17 @@ def write_recipe(folder: Path, model: ModelInfo, row: Row, tensor_types: dict[st
         "llama_cpp": {"version": v["llama_version"], "commit": v["llama_commit"], "build": v["build"], "engine": v["engine"]},
         "corpus": v["corpus"], "ctx": v["ctx"], "n_chunks": v["n_chunks"], "chunk_offset": v["chunk_offset"],
         "scoring": v.get("scoring"),
-        "imatrix": None if imatrix is None else {"id": imatrix.id, "path": str(imatrix.path.resolve()),
+        "imatrix": None if imatrix is None else {"id": imatrix.id, "file": imatrix.file_label,
                                                  "calibration": imatrix.corpus_id},
         "statistics": {k: v.get(k) for k in STATS + ("kld_p90", "kld_p95", "ln_ppl_ratio")},
         "margin_to_line": None if row.margin is None else {"ln": row.margin.diff, "se": row.margin.se},
         "heldout_margin_to_line": None if row.heldout is None else {"ln": row.heldout.diff, "se": row.heldout.se},
         "nonlinear_win": row.entry.win, "record_key": v["key"],
         "rebuild": {
+            # run in this folder: the tensor-type file and the imatrix are here
             "llama_quantize": " ".join(quantize_command(model, cfg, out_name, tt.name, imatrix=imatrix)),
-            **({"llama_quantize_cwd": str(imatrix.path.resolve().parent)} if imatrix is not None else {}),
             "mqpredict": f"mqpredict build {model.path} --config '{v['config']}' -o {out_name}"
-                         + (f" --imatrix {imatrix.path.resolve()}" if imatrix is not None else ""),
+                         + (f" --imatrix {imatrix.file_label}" if imatrix is not None else ""),
             "verify": f"mqpredict measure {model.path} --gguf {out_name} --corpus CORPUS --ctx {v['ctx']} "
                       f"--tokens {v['n_tokens']} --chunk-offset {v['chunk_offset']}",
         },
