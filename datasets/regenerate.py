@@ -70,16 +70,20 @@ def table(path: Path) -> None:
             error_table(eng, mid).save(out)
 
 
+#: llama.cpp threads: on a shared 2-core machine one thread per process wastes nothing on spinning
+THREADS = 1
+
+
 def model_imatrix(path: Path):
     """The model's importance matrix on the shipped calibration text (cached)."""
-    im, cached = compute_imatrix(path, DEFAULT_CALIBRATION, None, ImatrixSettings())
+    im, cached = compute_imatrix(path, DEFAULT_CALIBRATION, None, ImatrixSettings(), threads=THREADS)
     say(f"{path.name}: imatrix {im.id} ({'cached' if cached else 'computed'})")
     return im
 
 
 def run_model(path: Path, store: Store, hybrids: int, seed: int, spec: EvalSpec, imatrix=None,
               presets_only: bool = False) -> None:  # fmt: skip
-    if imatrix is None:
+    if imatrix is None and not presets_only:
         table(path)
     model = ModelInfo.load(path)
     cands = seeding.preset_candidates(seeding.seed_presets(imatrix is not None))
@@ -92,7 +96,7 @@ def run_model(path: Path, store: Store, hybrids: int, seed: int, spec: EvalSpec,
         cands += seeding.config_candidates(probes, Source.probe)  # last: an interrupted run keeps the hybrids
     what = f"{path.name}{' with imatrix ' + imatrix.id if imatrix else ''}"
     say(f"{what}: {len(cands)} candidates on {spec.n_chunks}×{spec.ctx}")
-    with InProcessEngine(path, DEFAULT_CORPUS, spec, imatrix=imatrix) as eng:
+    with InProcessEngine(path, DEFAULT_CORPUS, spec, imatrix=imatrix, threads=THREADS) as eng:
         rep = seeding.seed(eng, store, cands, say=say, keep_vectors=False)
     say(f"{what}: measured {len(rep.measured)}, failed {len(rep.failed)}, same file {len(rep.same_file)}, "
         f"skipped {len(rep.skipped)}")
@@ -106,7 +110,10 @@ def main() -> None:
     ap.add_argument("--imatrix", choices=("both", "only", "none"), default="both",
                     help="measure without an imatrix, with one (the shipped calibration text), or both")
     ap.add_argument("--presets-only", action="store_true", help="only the seed presets (the lines)")
+    ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads (1 on a busy machine)")
     a = ap.parse_args()
+    global THREADS
+    THREADS = a.threads
     if a.tables_only:
         for p in sorted((cache_dir() / "synthetic").glob("*.gguf")) + sorted((cache_dir() / "bases").glob("*.gguf")):
             table(p)

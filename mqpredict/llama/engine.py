@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from mqpredict.errors import InputError, LlamaError
+from mqpredict.llama import runtime
 from mqpredict.measure.corpus import Corpus, EvalSpec
 from mqpredict.measure.kld import TokenScores
 from mqpredict.measure.stats import KLDStats
@@ -153,7 +154,7 @@ class Engine(ABC):
         if self._corpus is not None and imatrix is not None:
             imatrix.check_evaluation_text(self._corpus.text, self._corpus.sha256, str(self._corpus.path))
         self.spec = spec
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or runtime.default_threads()
         self.cache = Path(cache) if cache else cache_dir()
         self.progress = progress or _no_progress
         self.base_sha = file_sha256(self.model.path)

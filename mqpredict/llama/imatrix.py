@@ -99,7 +99,7 @@ def compute_imatrix(
 def _run(model: ModelInfo, calib: Corpus, dst: Path, settings: ImatrixSettings, threads: int, progress,
          llama_bin) -> None:  # fmt: skip
     tool = find_tool("llama-imatrix", llama_bin)
-    threads = threads or os.cpu_count() or 1
+    threads = threads or runtime.default_threads()
     with tempfile.TemporaryDirectory(prefix="mqpredict-imatrix-") as tmp:
         text = Path(tmp) / calib.path.name  # the text as llama-perplexity reads it (one trailing newline dropped)
         text.write_text(calib.text + "\n", encoding="utf-8")

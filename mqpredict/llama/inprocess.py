@@ -297,4 +297,4 @@ class InProcessEngine(Engine):
 
 
 def default_threads() -> int:
-    return os.cpu_count() or 1
+    return runtime.default_threads()

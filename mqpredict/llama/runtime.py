@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import sys
 import threading
 from collections import deque
@@ -19,6 +20,15 @@ from mqpredict.errors import LlamaError
 
 #: llama.cpp commit vendored by each llama-cpp-python release mqpredict pins
 VENDORED_COMMIT = {"0.3.36": "0c1e570"}
+
+
+def default_threads() -> int:
+    """llama.cpp threads when none are asked for: ``$MQPREDICT_THREADS``, else every core. On a machine
+    shared with other busy processes one thread is much faster per evaluation (idle threads spin)."""
+    env = os.environ.get("MQPREDICT_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return os.cpu_count() or 1
 
 
 class LlamaLog:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mqpredict.errors import LlamaError
+from mqpredict.llama import runtime
 from mqpredict.llama.tools import find_tool, run_tool
 
 
@@ -50,7 +51,7 @@ def parse_bench_json(text: str, path: str) -> tuple[list[float], list[float]]:
 
 def measure_speed(gguf: str | os.PathLike, threads: int = 0, repeats: int = 5, n_prompt: int = 128, n_gen: int = 32,
                   llama_bin: str | os.PathLike | None = None) -> Speed:  # fmt: skip
-    threads = threads or os.cpu_count() or 1
+    threads = threads or runtime.default_threads()
     cmd = [str(find_tool("llama-bench", llama_bin)), "-m", str(gguf), "-p", str(n_prompt), "-n", str(n_gen),
            "-r", str(repeats), "-t", str(threads), "-o", "json"]  # fmt: skip
     pp, tg = parse_bench_json(run_tool(cmd, f"llama-bench on {Path(gguf).name}"), str(gguf))
