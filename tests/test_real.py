@@ -57,6 +57,7 @@ def test_engines_agree_and_dither_orders_types(smollm2):
 
 
 def test_seed_smollm2_gives_records_and_the_line(smollm2, tmp_path):
+    """Seeding a real model as a user does: an imatrix on the shipped calibration text, every preset."""
     import json
 
     from tests.conftest import mq
@@ -65,8 +66,11 @@ def test_seed_smollm2_gives_records_and_the_line(smollm2, tmp_path):
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
     recs = doc["records"]
-    assert len(doc["measured"]) + len(doc["same_file"]) == 16
+    # by default with an importance matrix computed on the shipped calibration text: the 16 presets + the 11
+    # made for an imatrix (the users' regime)
+    assert len(doc["measured"]) + len(doc["same_file"]) == 27
     assert len(recs) == len(doc["measured"]) and all(r["base_origin"] == "dither:Q4_1+Q8_0" for r in recs)
+    assert {r["imatrix_corpus"] for r in recs} == {"calibration-bd0431c9bf5a"} and len({r["imatrix_id"] for r in recs}) == 1
     # the 576-wide model makes some presets the same file (e.g. Q5_K_S and Q5_1 differ only in ffn_down)
     from mqpredict.search.line import Line, Point
 

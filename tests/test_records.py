@@ -49,7 +49,7 @@ def _digest(folder: Path) -> str:
 def seeded(tiny, tmp_path_factory) -> Path:
     """A store seeded with the 16 presets of the tiny model (real measurements)."""
     store = tmp_path_factory.mktemp("seeded") / "store"
-    _json(mq("seed", tiny, "--store", store, *SMALL, "--json"))
+    _json(mq("seed", tiny, "--no-imatrix", "--store", store, *SMALL, "--json"))
     return store
 
 
@@ -337,9 +337,9 @@ def test_import_llama_perplexity_output(tiny, corpus, tmp_path):
 
 # ------------------------------------------------------------------------------------ seed
 def test_seed_is_resumable_and_shows_the_line(seeded, tiny):
-    doc = _json(mq("seed", tiny, "--store", seeded, *SMALL, "--json"))
+    doc = _json(mq("seed", tiny, "--no-imatrix", "--store", seeded, *SMALL, "--json"))
     assert doc["measured"] == [] and len(doc["same_file"]) == 16  # nothing measured twice
-    human = mq("seed", tiny, "--store", seeded, *SMALL)
+    human = mq("seed", tiny, "--no-imatrix", "--store", seeded, *SMALL)
     assert "on the line" in human.stdout and "preset=Q8_0" in human.stdout
 
 
@@ -348,7 +348,7 @@ def test_seed_recipes_and_gguf_configs(tiny, tmp_path):
 
     q = tmp_path / "someone.gguf"
     mq("build", tiny, "-c", "default=Q5_0,ffn_down=Q6_K,lm_head=Q8_0", "-o", q, check=True)
-    doc = _json(mq("seed", tiny, "--store", tmp_path / "s", *SMALL, "--no-presets", "--recipes", DATASETS / "recipes",
+    doc = _json(mq("seed", tiny, "--no-imatrix", "--store", tmp_path / "s", *SMALL, "--no-presets", "--recipes", DATASETS / "recipes",
                    "--from-gguf", q, "--json"))  # fmt: skip
     recs = Store(tmp_path / "s").records()
     sources = {r["source"] for r in recs}
@@ -362,7 +362,7 @@ def test_seed_killed_mid_measurement_loses_nothing(tiny, tmp_path):
     """A real kill -9 while seeding: the store stays valid with every finished record; a re-run finishes."""
     store = tmp_path / "k"
     env = dict(os.environ, MQPREDICT_NO_PROGRESS="1")
-    p = subprocess.Popen([*MQ, "seed", str(tiny), "--store", str(store), "--ctx", "128", "--tokens", "1024"],
+    p = subprocess.Popen([*MQ, "seed", str(tiny), "--no-imatrix", "--store", str(store), "--ctx", "128", "--tokens", "1024"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)  # fmt: skip
     t0 = time.time()
     while time.time() - t0 < 120:
@@ -376,14 +376,14 @@ def test_seed_killed_mid_measurement_loses_nothing(tiny, tmp_path):
     done = len(st.records())
     assert 2 <= done < 16
     assert not list(store.glob(".records.csv.*"))  # no half-written temp left by the store
-    _json(mq("seed", tiny, "--store", store, "--ctx", "128", "--tokens", "1024", "--json"))
+    _json(mq("seed", tiny, "--no-imatrix", "--store", store, "--ctx", "128", "--tokens", "1024", "--json"))
     assert len(Store(store).records()) == 16
 
 
 def test_two_concurrent_seeds_on_one_store(tiny, tmp_path):
     store = tmp_path / "two"
     env = dict(os.environ, MQPREDICT_NO_PROGRESS="1")
-    procs = [subprocess.Popen([*MQ, "seed", str(tiny), "--store", str(store), *SMALL], stdout=subprocess.DEVNULL,
+    procs = [subprocess.Popen([*MQ, "seed", str(tiny), "--no-imatrix", "--store", str(store), *SMALL], stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]  # fmt: skip
     for p in procs:
         _, e = p.communicate(timeout=300)

@@ -31,7 +31,7 @@ def _runs(uri: str, experiment: str | None = None):
 
 def test_seed_logs_parent_and_nested_runs_to_sqlite(tiny, tmp_path):
     uri = f"sqlite:///{tmp_path / 'ml.db'}"
-    p = mq("seed", tiny, "--store", tmp_path / "s", *SMALL, "--tracking-uri", uri, "--experiment", "exp-a", "--json")
+    p = mq("seed", tiny, "--no-imatrix", "--store", tmp_path / "s", *SMALL, "--tracking-uri", uri, "--experiment", "exp-a", "--json")
     assert p.returncode == 0, p.stderr
     json.loads(p.stdout)  # stdout stays one JSON document; MLflow's own logging goes to stderr
     runs = _runs(uri, "exp-a")
@@ -149,7 +149,7 @@ def test_server_killed_mid_campaign_then_sync_and_compare(tiny, tmp_path, server
 
 def test_sync_against_a_dead_server_fails_cleanly(tiny, tmp_path):
     store = tmp_path / "s"
-    mq("seed", tiny, "--store", store, *SMALL, "--no-track", check=True)
+    mq("seed", tiny, "--no-imatrix", "--store", store, *SMALL, "--no-track", check=True)
     p = mq("track", "sync", "--store", store, "--tracking-uri", f"http://127.0.0.1:{_free_port()}", timeout=300)
     assert p.returncode != 0 and "not reachable" in p.stderr and "Traceback" not in p.stderr
     assert not any(r["mlflow_run_id"] for r in Store(store).records())
