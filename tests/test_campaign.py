@@ -144,7 +144,9 @@ def test_campaign_report_files_and_manifests(campaign, tiny, tmp_path):
     assert man["statistics"]["kld_mean"] == pytest.approx(table.iloc[0]["kld_mean"])
     assert "llama-quantize" in man["rebuild"]["llama_quantize"] and man["tensor_types"]
     built = tmp_path / "rebuilt.gguf"
-    mq("build", tiny, "--config", man["config"], "-o", built, check=True)
+    assert man["imatrix"] and (out / "recipes" / man["imatrix"]["file"]).exists()  # campaigns quantize with one
+    mq("build", tiny, "--config", man["config"], "-o", built, "--imatrix", out / "recipes" / man["imatrix"]["file"],
+       check=True)  # fmt: skip
     assert built.stat().st_size == man["size_bytes"]  # the manifest's rebuild gives the measured file
 
 
@@ -280,8 +282,9 @@ def test_a_failed_llama_run_is_recorded_and_the_campaign_goes_on(tiny, tmp_path)
 
 def test_propose_exports_recipes_for_configs_not_yet_measured(campaign, tiny, tmp_path):
     d, _doc = campaign
+    imatrix = next((d / "out" / "recipes").glob("*imatrix*.gguf"))  # what the campaign quantized with
     rows = _json(mq("propose", tiny, "--n", 3, "-o", tmp_path / "next", "--store", d / "store", "--corpus", CORPUS,
-                    "--ctx", 128, "--tokens", 512, "--json", timeout=600))  # fmt: skip
+                    "--ctx", 128, "--tokens", 512, "--imatrix", imatrix, "--json", timeout=600))  # fmt: skip
     assert 1 <= len(rows) <= 3
     measured = set(Store(d / "store").load()["types_key"])
     for r in rows:
