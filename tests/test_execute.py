@@ -169,8 +169,8 @@ def test_synchronous_ray_gives_the_same_records_as_local(tiny, cluster, tmp_path
 
 def _wait_for_record(store: Path, p: subprocess.Popen, deadline: float) -> None:
     while time.time() < deadline:
-        f = store / "records.csv"
-        if f.exists() and "campaign:" in f.read_text():
+        if (store / "STORE.json").exists() and any((r["provenance_file"] or "").startswith("campaign:")
+                                                   for r in Store(store).records()):
             return
         assert p.poll() is None, p.stderr.read()[-4000:]
         time.sleep(0.2)
