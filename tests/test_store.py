@@ -350,3 +350,14 @@ def test_a_bad_row_stops_the_migration_before_anything_is_written(tmp_path):
     before = _digest(st.root)
     _fails(mq("data", "migrate", st.root), "records.csv row 4", "status='maybe'")
     assert _digest(st.root) == before
+
+
+def test_bench_store_times_both_formats_side_by_side():
+    p = mq("bench", "store", "--records", 60, "--repeats", 1, "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["n_records"] == 60 and set(doc["formats"]) == {"sqlite", "csv"}
+    for f in doc["formats"].values():
+        assert all(f[k] > 0 for k in ("append_s", "append_warm_s", "load_s", "load_again_s", "table_bytes"))
+    assert doc["append_ratio_csv_to_sqlite"] == doc["formats"]["csv"]["append_s"] / doc["formats"]["sqlite"]["append_s"]
+    _fails(mq("bench", "store", "--records", 1), "--records")
