@@ -251,6 +251,24 @@ def test_a_newer_schema_version_is_refused(fmt, tmp_path):
     _fails(mq("data", "list", "--store", st.root), "schema version 99", "upgrade mqpredict")
 
 
+def test_a_store_that_lost_its_store_json(fmt, tmp_path):
+    """SQLite: the database is taken over as it is; CSV/Parquet: an error naming the table (never a new empty
+    store hiding it, never a guessed version)."""
+    st = Store(tmp_path / "s", fmt)
+    st.append(_records()[:3])
+    st.close()
+    (st.root / "STORE.json").unlink()
+    if fmt == "sqlite":
+        assert len(Store(st.root).records()) == 3 and json.loads((st.root / "STORE.json").read_text())["format"] == "sqlite"
+    else:
+        with pytest.raises(StoreError, match=f"holds records.{fmt} but no STORE.json") as e:
+            Store(st.root)
+        assert '"format"' in e.value.hint and not (st.root / "STORE.json").exists()
+    (st.root / "STORE.json").write_text("{not json")
+    with pytest.raises(StoreError, match="STORE.json is unreadable"):
+        Store(st.root)
+
+
 # ------------------------------------------------------------------------------- SQLite
 def test_a_corrupted_database_is_one_line_naming_it(tmp_path):
     st = Store(tmp_path / "s")

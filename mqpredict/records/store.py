@@ -85,11 +85,16 @@ class Store:
                 info = read_meta(self.root)
                 if info is not None:  # the other process made it meanwhile
                     return info
-                # a table left without its STORE.json keeps its format (never hidden behind a new empty one)
-                found = [f for f in FORMATS if (self.root / _table_name(f)).exists()]
-                fmt = fmt or (found[0] if found else DEFAULT_FORMAT)
-                if fmt == "sqlite":
-                    SqliteTable.create(self.root / SQLITE_FILE)
+                fmt = fmt or DEFAULT_FORMAT
+                orphan = [f for f in FORMATS if f != "sqlite" and (self.root / _table_name(f)).exists()]
+                if orphan:  # never hidden behind a new empty store, never guessed
+                    raise StoreError(f"{self.root} holds {_table_name(orphan[0])} but no {META}",
+                                     f'restore {META} (e.g. {{"format": "{orphan[0]}", "schema_version": 2}}) '
+                                     "or move the table elsewhere")  # fmt: skip
+                if fmt == "sqlite" or (self.root / SQLITE_FILE).exists():
+                    # (a database left by a creation that stopped before STORE.json is taken over as it is)
+                    fmt = "sqlite"
+                    SqliteTable.create(self.root / SQLITE_FILE).close()
                     info = {"format": "sqlite"}  # the schema version lives in the database
                 else:
                     info = {"schema_version": SCHEMA_VERSION, "format": fmt}

@@ -65,8 +65,8 @@ def read_meta(root: Path) -> dict | None:
         if not isinstance(info, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
-        raise StoreError(f"{meta} is unreadable ({e})", "restore it (it says the store's format, e.g. "
-                         '{"format": "sqlite"}) or delete it to let mqpredict rewrite it') from None  # fmt: skip
+        raise StoreError(f"{meta} is unreadable ({e})", 'restore it: it says the store\'s format, {"format": "sqlite"} '
+                         'or e.g. {"format": "csv", "schema_version": 2}') from None  # fmt: skip
     return info
 
 

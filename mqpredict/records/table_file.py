@@ -29,8 +29,6 @@ from mqpredict.records.table import (
 )  # fmt: skip
 from mqpredict.util.atomic import atomic_open
 
-FORMATS = ("csv", "parquet")
-
 
 class FileTable(Table):
     def __init__(self, root: Path, fmt: str, version: int) -> None:
