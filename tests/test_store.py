@@ -336,6 +336,10 @@ def test_the_shipped_csv_store_keeps_working(tmp_path):
     assert len(st.append([new]).added) == 1
     assert json.loads((st_dir / "STORE.json").read_text()) == {"schema_version": 2, "format": "csv"}
     assert (st_dir / "records.csv").read_text().count("\n") == len(recs) + 2 and not (st_dir / "records.sqlite").exists()
+    p = mq("data", "import", SHIPPED / "records.csv", "--store", tmp_path / "new", "--json")  # a schema-1 file
+    assert p.returncode == 0, p.stderr
+    new_st = Store(tmp_path / "new")
+    assert new_st.fmt == "sqlite" and [r.values for r in new_st.records()] == [r.values for r in recs]
 
 
 def test_migrate_a_csv_store_to_sqlite(tmp_path):

@@ -347,7 +347,7 @@ def _error(path: Path, e: sqlite3.Error) -> StoreError:
     text = str(e)
     if "locked" in text or "busy" in text:
         return StoreError(f"{path} has been locked by another writer for {LOCK_TIMEOUT:.0f} s",
-                          "wait for it to finish; no mqpredict process running means a stale lock: copy the "
-                          "store elsewhere and back")  # fmt: skip
+                          "wait for it to finish (SQLite's locks go away with the process holding them; a "
+                          "store on a network filesystem can keep a stale one: keep stores on a local disk)")  # fmt: skip
     return StoreError(f"{path} is not a readable records database ({text})",
                       "restore it from a backup, or export what is readable with the sqlite3 shell (.recover)")  # fmt: skip
