@@ -118,7 +118,8 @@ def main() -> None:
         for p in sorted((cache_dir() / "synthetic").glob("*.gguf")) + sorted((cache_dir() / "bases").glob("*.gguf")):
             table(p)
         return
-    store = Store(a.store)
+    # a new store is CSV, as the shipped dataset is (it diffs in git); an existing one keeps its format
+    store = Store(a.store, None if (Path(a.store) / "STORE.json").exists() else "csv")
     want = set(a.only or ["synthetic", *REAL])
     modes = {"both": (False, True), "only": (True,), "none": (False,)}[a.imatrix]
 

@@ -168,7 +168,8 @@ def test_resume_after_kill_9_loses_nothing_and_measures_nothing_twice(tiny, tmp_
     deadline = time.time() + 600
     try:
         while time.time() < deadline:  # wait for the first confirmation to land, then kill -9
-            if (store / "records.csv").exists() and "campaign:" in (store / "records.csv").read_text():
+            if (store / "STORE.json").exists() and any((r["provenance_file"] or "").startswith("campaign:")
+                                                       for r in Store(store).records()):
                 break
             assert p.poll() is None, p.stderr.read()
             time.sleep(0.2)

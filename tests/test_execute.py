@@ -108,6 +108,40 @@ def test_synchronous_executors_take_a_new_batch_only_when_empty(executor):
     assert executor.free() == executor.slots()
 
 
+def _reference(engine, presets):
+    """A decision's reference as the campaign builds it: the presets' line and their per-token vectors."""
+    from mqpredict.search.confirm import Reference
+    from mqpredict.search.line import Line, Point
+
+    ms = {c: engine.measure(Config.parse(c), spec=SPEC) for c in presets}
+    line = Line.from_presets(Point(m.bpw, m.stats.kld_mean, c) for c, m in ms.items())
+    vectors = {c: load_scores(m.per_token_path).kld.astype(np.float64) for c, m in ms.items()}
+    return Reference(line, vectors, [(m.bpw, c) for c, m in ms.items()], SPEC.scored_per_chunk)
+
+
+def test_confirmations_share_one_reference_put_once(executor, engine):
+    """Staged confirmations judged against one reference give the local outcomes; Ray puts each decision's
+    reference in its object store once, whatever the number of tasks judged against it."""
+    from mqpredict.search.confirm import confirm
+
+    first, second = (_reference(engine, ["default=Q8_0", "default=Q4_0"]) for _ in range(2))  # two decisions
+    configs = ["default=Q4_1", "default=Q5_0", "default=Q4_K,ffn_down=Q6_K"]  # the first stops early
+    for i, c in enumerate(configs):
+        executor.submit(Job(i, JobKind.confirm, Config.parse(c), SPEC, first, 0.5))
+    results = list(executor.drain())
+    executor.submit(Job(3, JobKind.confirm, Config.parse(configs[0]), SPEC, second, 0.5))
+    results += list(executor.drain())
+    for r in results:
+        assert r.error is None and r.job.reference is (first if r.job.id < 3 else second)  # the job as submitted
+        local = confirm(engine, r.job.config, SPEC, r.job.reference, 0.5)
+        o = r.outcome
+        assert (o.complete, o.reason, o.forward_tokens) == (local.complete, local.reason, local.forward_tokens)
+        assert (o.margin.diff, o.margin.se) == (local.margin.diff, local.margin.se)
+    assert any(not r.outcome.complete for r in results) and any(r.outcome.complete for r in results)
+    if executor.name == "ray":
+        assert executor.reference_puts == 2
+
+
 def test_prepare_names_a_corpus_too_short(executor):
     with pytest.raises(InputError, match="token"):
         executor.prepare([EvalSpec(ctx=128, n_chunks=10_000)])
@@ -169,8 +203,8 @@ def test_synchronous_ray_gives_the_same_records_as_local(tiny, cluster, tmp_path
 
 def _wait_for_record(store: Path, p: subprocess.Popen, deadline: float) -> None:
     while time.time() < deadline:
-        f = store / "records.csv"
-        if f.exists() and "campaign:" in f.read_text():
+        if (store / "STORE.json").exists() and any((r["provenance_file"] or "").startswith("campaign:")
+                                                   for r in Store(store).records()):
             return
         assert p.poll() is None, p.stderr.read()[-4000:]
         time.sleep(0.2)

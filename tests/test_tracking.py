@@ -114,7 +114,7 @@ def test_server_killed_mid_campaign_then_sync_and_compare(tiny, tmp_path, server
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
     t0 = time.time()
     while time.time() - t0 < 300:  # wait until some measurements are logged to the server
-        if (store / "records.csv").exists() and sum(bool(r["mlflow_run_id"]) for r in Store(store).records()) >= 2:
+        if (store / "STORE.json").exists() and sum(bool(r["mlflow_run_id"]) for r in Store(store).records()) >= 2:
             break
         time.sleep(0.1)
     server.kill()  # the tracking server dies mid-campaign

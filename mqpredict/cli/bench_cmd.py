@@ -173,3 +173,33 @@ def scale(
     out.print(t)
     out.print(f"wall time 1 → {workers} workers: {res.median_wall(1):.1f} s → {res.median_wall(workers):.1f} s "
               f"= {res.speedup(workers):.2f}× faster (medians, measured in this run)", highlight=False)  # fmt: skip
+
+
+@app.command()
+def store(
+    records: Annotated[int, typer.Option("--records", help="Records in each store when the timing starts.")] = 10_000,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed rounds, alternating which format goes first.")] = 5,
+    json: JsonOpt = False,
+) -> None:
+    """The records store at community size, SQLite and CSV side by side in one run: appending the
+    --records-th record (by a process that has not read the store yet, and by one that has) and loading
+    the whole store (first read, and again unchanged). Medians; nothing touches llama.cpp."""
+    from mqpredict.bench.store import run
+
+    if records < 2 or repeats < 1:
+        raise InputError("--records must be at least 2 and --repeats at least 1")
+    with progress_bar(not json) as progress:
+        res = run(records, repeats, progress)
+    if json:
+        emit_json(res.to_json())
+        return
+    t = Table(title=f"records store with {res.n_records:,} records · median of {res.repeats} rounds", show_edge=False)
+    for c in ("format", "append one (s)", "append one, store read before (s)", "load all (s)", "load again (s)",
+              "table size (MB)"):  # fmt: skip
+        t.add_column(c, justify="left" if c == "format" else "right")
+    for f in res.formats:
+        t.add_row(f.fmt, f"{f.append_s:.4f}", f"{f.append_warm_s:.4f}", f"{f.load_s:.3f}", f"{f.load_again_s:.4f}",
+                  f"{f.table_bytes / 1e6:.1f}")  # fmt: skip
+    out.print(t)
+    out.print(f"CSV / SQLite: appending {res.append_ratio:.0f}× slower, loading {res.load_ratio:.1f}× slower "
+              "(measured side by side in this run)", highlight=False)  # fmt: skip

@@ -23,7 +23,8 @@ StoreOpt = Annotated[
     Path | None,
     typer.Option("--store", help="Records store folder (default: $MQPREDICT_STORE, else ./records)."),
 ]
-FormatOpt = Annotated[str, typer.Option("--format", help="Format of a new store: csv (default) or parquet.")]
+FormatOpt = Annotated[str | None, typer.Option("--format", help="Format of a new store: sqlite (default), csv (diffs in "
+                                               "git, rewritten on every append) or parquet.")]
 
 
 def _store(path: Path | None, fmt: str | None = None, create: bool = True):
@@ -91,13 +92,14 @@ def import_(
     gguf: Annotated[Path | None, typer.Option("--gguf", help="llama-perplexity output: the quantized GGUF it ran on.")] = None,
     corpus: Annotated[Path | None, typer.Option("--corpus", help="llama-perplexity output: the text it ran on.")] = None,
     author: Annotated[str | None, typer.Option("--author", help="Who measured it (provenance).")] = None,
+    fmt: FormatOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Import measurements. Every row is validated first; any malformed row rejects the file (row numbers
     and reasons) and nothing is written. Nothing in the file is executed."""
     from mqpredict.records.exchange import import_csv, import_llama_perplexity
 
-    st = _store(store)
+    st = _store(store, fmt)
     head = table.read_text(encoding="utf-8", errors="replace")[:4096] if table.is_file() else ""
     if not table.is_file():
         raise InputError(f"{table}: no such file")
@@ -159,6 +161,26 @@ def validate(store: StoreOpt = None, json: JsonOpt = False) -> None:
         err.print(f"{st.root}: {len(st.records())} records, no problems")
     if problems:
         raise typer.Exit(1)
+
+
+@app.command()
+def migrate(
+    folder: Annotated[Path | None, typer.Argument(help="The store to migrate (default: --store, $MQPREDICT_STORE, "
+                                                     "else ./records).")] = None,  # fmt: skip
+    store: StoreOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Make a CSV or Parquet store an SQLite store, in place and once (appends then cost the same whatever
+    the store holds). Every row is validated first; the old table is kept beside it as *.migrated.
+    CSV stores keep working without it (the shipped dataset stays CSV: it diffs in git)."""
+    from mqpredict.records.migrate import migrate as run
+    from mqpredict.records.store import default_store
+
+    m = run(folder or store or default_store())
+    if json:
+        emit_json(m.to_json())
+    else:
+        err.print(m.message, highlight=False, soft_wrap=True)
 
 
 def seed(

@@ -3,7 +3,9 @@
 Each job is one Ray task with its resources declared (``num_cpus`` = the engine's threads, ``num_gpus``,
 ``memory``), so Ray places it on a node that has them and runs as many at once as the cluster holds.
 The driver stays the single writer of the records store and MLflow: a task returns its measurement and
-per-token scores, and the driver stores them.
+per-token scores, and the driver stores them. What a staged confirmation is judged against (a decision's
+:class:`~mqpredict.search.confirm.Reference`: the line and the per-token vectors of the measured configs)
+goes into Ray's object store once per decision (``ray.put``); its tasks carry only the handle.
 
 Faults. A worker (or its node) that dies mid-task makes Ray run the task again elsewhere, at most
 ``retries`` more times; after that the job comes back as an error and the campaign records it as
@@ -14,17 +16,22 @@ store does not hold.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mqpredict.errors import InputError
 from mqpredict.execute.executor import Executor
 from mqpredict.execute.job import Job, JobResult, land, run_job, worker_name
 from mqpredict.execute.worker import EngineRecipe, engine_for
 from mqpredict.llama.engine import Engine
+
+if TYPE_CHECKING:
+    from mqpredict.search.confirm import Reference
 
 SHIP_LIMIT = 256 * 2**20  # files up to this size also travel through the object store
 
@@ -47,22 +54,25 @@ class Resources:
         return n
 
 
-def _remote_call(recipe: EngineRecipe, fn, args: tuple):
-    """The task body, on a worker: ``fn(engine, *args)`` on this recipe's warm engine. Errors meant for the
-    user (a base missing on this node, a corpus too short) come back as values, never retried as crashes."""
+def _remote_call(recipe: EngineRecipe, fn, args: tuple, *shared):
+    """The task body, on a worker: ``fn(engine, *args, *shared)`` on this recipe's warm engine (``shared``:
+    object-store references, which Ray resolves before the call). Errors meant for the user (a base missing
+    on this node, a corpus too short) come back as values, never retried as crashes."""
     import ray
 
     from mqpredict.errors import MqError
 
     try:
-        return ("ok", fn(engine_for(recipe, fetch=ray.get), *args))
+        return ("ok", fn(engine_for(recipe, fetch=ray.get), *args, *shared))
     except MqError as e:
         return (type(e).__name__, e.message, e.hint, worker_name())
 
 
-def _measure(engine, job: Job) -> JobResult:
-    """A measurement job on a worker: its per-token scores travel back with the result."""
-    return run_job(engine, job, carry_scores=True)
+def _measure(engine, job: Job, reference: Reference | None = None) -> JobResult:
+    """A measurement job on a worker, its reference (if any) from the object store: its per-token scores travel
+    back with the result, the reference does not (the driver has it)."""
+    full = dataclasses.replace(job, reference=reference) if reference is not None else job
+    return dataclasses.replace(run_job(engine, full, carry_scores=True), job=job)
 
 
 class RayExecutor(Executor):
@@ -108,6 +118,8 @@ class RayExecutor(Executor):
         self.overhead = 0.0  # driver seconds spent submitting and landing results
         self.waited = 0.0  # driver seconds blocked waiting for a result
         self.tasks = 0
+        self.reference_puts = 0  # references put in the object store (one per decision, not one per task)
+        self._reference: tuple[Reference, object] | None = None  # the last one put, and its object ref
         self._described: dict = {}
         self.describe()
         if self._cluster_slots() == 0:
@@ -126,10 +138,25 @@ class RayExecutor(Executor):
 
     def submit(self, job: Job) -> None:
         t0 = time.perf_counter()
-        ref = self._measure.remote(self.recipe, _measure, (job,))
+        if job.reference is None:
+            ref = self._measure.remote(self.recipe, _measure, (job,))
+        else:  # the reference (per-token vectors) goes in the object store once; each task carries its handle
+            ref = self._measure.remote(self.recipe, _measure, (dataclasses.replace(job, reference=None),),
+                                       self._put_reference(job.reference))  # fmt: skip
         self._pending[ref] = (job, time.time())
         self.tasks += 1
         self.overhead += time.perf_counter() - t0
+
+    def _put_reference(self, reference: Reference):
+        """The object-store handle of ``reference``: put once, when a decision makes a new one (the campaign
+        builds one Reference per decision and hands it to every job of that decision). Only the last is
+        kept here; Ray frees an older one when its last task is done."""
+        import ray
+
+        if self._reference is None or self._reference[0] is not reference:
+            self._reference = (reference, ray.put(reference))
+            self.reference_puts += 1
+        return self._reference[1]
 
     def wait(self) -> JobResult:
         import ray
@@ -150,7 +177,7 @@ class RayExecutor(Executor):
         finally:
             self.waited += time.perf_counter() - t0
         t0 = time.perf_counter()
-        res = land(self._unwrap(got), self.engine)
+        res = land(dataclasses.replace(self._unwrap(got), job=job), self.engine)  # the job as submitted
         self.overhead += time.perf_counter() - t0
         return res
 

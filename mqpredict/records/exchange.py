@@ -98,7 +98,7 @@ def import_csv(path: str | Path, store: Store, base: str | Path | None = None) -
 
 
 def _parse_records(path: Path, header: list[str], rows: list[dict]) -> list[Record]:
-    missing = [c for c in COLUMN_NAMES if c not in header]
+    missing = [c for c in COLUMN_NAMES if c not in header and c != "scoring"]  # schema-1 rows have none (upgraded)
     if missing:
         raise ImportRejected(f"{path}: missing column(s) {', '.join(missing)}", "export it with `mqpredict data export`")
     out, errors = [], []
