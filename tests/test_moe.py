@@ -123,3 +123,164 @@ def test_llama_cpp_moe_rules_are_what_the_sizes_follow(built):
     hyb = built["tools", "e4", "Q4_K_M,moe_experts_up_gate=Q3_K"].types
     assert hyb["blk.0.ffn_gate_exps.weight"] == hyb["blk.1.ffn_up_exps.weight"] == T.Q3_K
     assert hyb["blk.0.ffn_gate_inp.weight"] == T.F32  # the router stays as it is
+
+
+# ------------------------------------------------------------------------------ measured
+HYBRID = "default=Q8_0,moe_experts_up_gate=Q4_K,moe_experts_down=Q4_K,moe_shexp=Q4_K"
+
+
+def test_real_kld_orders_expert_hybrids_and_both_engines_agree(moe_engines):
+    """In process and with the real tools (llama-quantize's file, llama-perplexity) the KLD of a MoE's
+    expert hybrid sits between Q8_0 and Q2_K, and the two engines agree."""
+    got = {(kind, c): moe_engines[kind, "e4s"].measure(Config.parse(c)).stats
+           for kind in ("inprocess", "tools") for c in ("Q8_0", HYBRID)}  # fmt: skip
+    q2 = moe_engines["inprocess", "e4s"].measure(Config.parse("Q2_K")).stats
+    assert 0 < got["inprocess", "Q8_0"].kld_mean < got["inprocess", HYBRID].kld_mean < q2.kld_mean
+    for c in ("Q8_0", HYBRID):
+        a, b = got["inprocess", c], got["tools", c]
+        assert a.n_tokens == b.n_tokens == 4 * 63
+        assert a.kld_mean == pytest.approx(b.kld_mean, rel=0.01) and a.ppl_base == pytest.approx(b.ppl_base, rel=1e-4)
+
+
+def test_every_expert_group_is_used_by_llama_cpp(moe_engines):
+    """The graph really runs routed and shared experts: each expert group at Q2_K alone costs KLD, one layer's
+    routed experts less than all layers'."""
+    eng = moe_engines["inprocess", "e4s"]
+    kld = lambda c: eng.measure(Config.parse(c)).stats.kld_mean  # noqa: E731
+    ref = kld("Q8_0")
+    one = kld(r"default=Q8_0,tensor:blk\.0\.ffn_down_exps=Q2_K")
+    assert ref < one < kld("default=Q8_0,moe_experts_down=Q2_K")
+    assert kld("default=Q8_0,moe_shexp=Q2_K") > 2 * ref and kld("default=Q8_0,moe_experts_up_gate=Q2_K") > 2 * ref
+
+
+# ------------------------------------------------------------------ records, surrogate, campaign
+DATA_SPEC = EvalSpec(ctx=128, n_chunks=2)
+
+
+@pytest.fixture(scope="module")
+def moe_data(moe, corpus, tmp_path_factory):
+    """Two MoE families really measured: e4 seeded by the CLI (presets + the published recipes), e4s by the
+    library (presets + isolation probes + hybrids); their weight-error tables."""
+    import numpy as np
+
+    from mqpredict.llama.inprocess import InProcessEngine
+    from mqpredict.records import seed as seeding
+    from mqpredict.records.identity import identify
+    from mqpredict.records.schema import Source
+    from mqpredict.records.store import Store
+    from mqpredict.search.space import CandidateSpace
+    from mqpredict.surrogate.weight_error import error_table
+
+    root = tmp_path_factory.mktemp("moe-data")
+    store, tables = root / "records", root / "tables"
+    p = mq("seed", moe["e4"], "--store", store, "--recipes", "datasets/recipes", "--corpus", corpus, "--ctx", 128,
+           "--tokens", 126, "--no-track", "--json", "-t", 2, check=True)  # fmt: skip
+    seeded = json.loads(p.stdout)
+    for name in ("e4", "e4s"):
+        with InProcessEngine(moe[name], corpus, DATA_SPEC, threads=2) as eng:
+            mid = identify(eng.model).model_id
+            error_table(eng, mid).save(tables / f"{mid}.json")
+            if name == "e4s":
+                space = CandidateSpace(eng.model)
+                cands = seeding.preset_candidates()
+                cands += seeding.config_candidates(space.sample(6, np.random.default_rng(0)), Source.hybrid)
+                seeding.seed(eng, Store(store), cands, keep_vectors=False)
+    return {"store": store, "tables": tables, "seeded": seeded}
+
+
+def test_seed_measures_presets_and_published_moe_recipes(moe_data):
+    """The recipes' expert patterns land on the experts, per layer where the recipe says so."""
+    from mqpredict.records.store import Store
+
+    s = moe_data["seeded"]
+    assert not s["failed"] and len(s["measured"]) >= 16 + 5
+    recs = Store(moe_data["store"]).load()
+    glm = recs[recs["provenance_file"].fillna("").str.endswith("thireus-glm-4.7-flash-3.48bpw.txt")].iloc[0]
+    assert glm["fractions"]["moe_experts_down"].get("IQ4_NL", 0) >= 0.5  # ^blk\.(1|[7-8])\.ffn_down_exps…=iq4_nl
+    q2kl = recs[recs["provenance_file"].fillna("").str.endswith("unsloth-q2_k_l-generic.txt")].iloc[0]
+    assert q2kl["fractions"]["moe_experts_down"] == {"Q3_K": 1.0}  # its \\.ffn_down_exps=Q3_K pattern
+    assert q2kl["fractions"]["moe_experts_up_gate"] == {"Q2_K": 1.0} and q2kl["n_expert"] == 4
+
+
+def test_moe_features_and_the_vectorized_screen_agree(moe, moe_data):
+    """Expert slots, active share, expert ratio and the active-weighted error: the vectorized screen of a
+    MoE's candidate space equals the per-config features, and exact sizes too."""
+    import numpy as np
+
+    from mqpredict.quant.derive import type_fractions
+    from mqpredict.quant.resolve import resolve
+    from mqpredict.records.identity import identify
+    from mqpredict.search.space import CandidateSpace
+    from mqpredict.search.vectorized import Featurizer, Space
+    from mqpredict.surrogate import features as F
+    from mqpredict.surrogate.data import load_tables
+
+    m = ModelInfo.load(moe["e4s"])
+    table = load_tables(moe_data["tables"])[identify(m).model_id]
+    assert table.active == {"moe_experts_up_gate": 0.5, "moe_experts_down": 0.5}
+    cs = CandidateSpace(m)
+    sp = Space.build(m, {g: cs.allowed(g) for g in m.groups})
+    A = sp.enumerate(5000)
+    size, bpw = sp.sizes(A)
+    fz = Featurizer(sp, table)
+    X = fz.matrix(A, bpw)
+    for i in np.random.default_rng(1).choice(len(A), 12, replace=False):
+        types = resolve(m, sp.config(A[i]))
+        rep = size_of(m, types)
+        assert rep.size_bytes == size[i]
+        ref = F.row(type_fractions(m, types), table, m.descriptors(), rep.bpw, fz.ref_fr)
+        assert np.allclose(X[i], [ref[k] for k in F.FEATURES], atol=1e-9)
+    col = {k: X[0, F.FEATURES.index(k)] for k in F.FEATURES}
+    assert col["active_share"] == pytest.approx(m.n_params_active / m.n_params) and col["expert_ratio"] == 0.5
+    assert col["share_moe_experts_down"] == pytest.approx(table.shares["moe_experts_down"]) and col["share_ffn_down"] == 0
+    # experts at Q2_K: the active-weighted error rises less than the plain one (a token uses half the experts)
+    q8 = Config.parse("default=Q8_0")
+    lo = Config.parse("default=Q8_0,moe_experts_up_gate=Q2_K,moe_experts_down=Q2_K")
+    r8, rl = (F.row(type_fractions(m, resolve(m, c)), table, m.descriptors(), 8.5, fz.ref_fr) for c in (q8, lo))
+    assert rl["dlwerr"] > rl["dlwerr_active"] > r8["dlwerr_active"] == pytest.approx(0)
+
+
+def test_train_and_predict_on_a_moe_it_never_saw(moe, moe_data, tmp_path):
+    from mqpredict.quant.resolve import resolve
+    from mqpredict.surrogate.service import train
+
+    s, meta = train(moe_data["store"], moe_data["tables"], n_estimators=80, n_jobs=1)
+    s.save(tmp_path / "surr", meta)
+    saved = json.loads((tmp_path / "surr" / "metadata.json").read_text())
+    assert {"active_share", "lwerr_active", "share_moe_experts_down"} <= set(saved["features"])
+    assert len(saved["train_families"]) == 2
+    rows = json.loads(mq("predict", moe["e4g"], "-c", "Q8_0", "-c", HYBRID, "-c", "Q2_K", "--surrogate", tmp_path / "surr",
+                         "--json", check=True).stdout)  # fmt: skip
+    assert rows[0]["kld_pred"] < rows[1]["kld_pred"] < rows[2]["kld_pred"]
+    m = ModelInfo.load(moe["e4g"])
+    assert rows[1]["size_bytes"] == size_of(m, resolve(m, Config.parse(HYBRID))).size_bytes
+
+
+def test_a_short_campaign_on_a_moe(moe, moe_data, corpus, tmp_path):
+    """Seed → fit (the dataset without the model's family + its own records) → propose expert hybrids → confirm for real; everything recorded
+    once. The campaign runs on e4s, whose presets the dataset already holds (seeds are free), over a reduced
+    type set (the space is enumerated rather than searched: seconds, not minutes)."""
+    import shutil
+
+    from mqpredict.llama.inprocess import InProcessEngine
+    from mqpredict.records.store import Store
+    from mqpredict.search.campaign import Campaign, Probes, Settings
+
+    shutil.copytree(moe_data["store"], tmp_path / "store")
+    store = Store(tmp_path / "store")
+    before = len(store.load())
+    settings = Settings(budget=3, batch=2, probes=Probes.no, types=("Q8_0", "Q5_K", "Q4_K", "Q2_K"))
+    with InProcessEngine(moe["e4s"], corpus, DATA_SPEC, threads=2) as eng:
+        c = Campaign.start(eng, store, tmp_path / "out", settings, train_store=moe_data["store"],
+                           train_tables=moe_data["tables"])  # fmt: skip
+        res = c.run()
+        # of its own family, the surrogate learnt only from this model's records (the dataset's copy is left out)
+        assert {m for m, f, _ in c.surrogate_.train_models_ if f == c.ident.family} == {c.ident.model_id}
+    recs = store.load()
+    mine = recs[recs["provenance_file"].fillna("").str.startswith("campaign:")]
+    assert 1 <= res.spent == len(mine) <= 3 and len(recs) > before
+    search = mine[mine["chunk_offset"] == 0]
+    assert len(search) >= 1 and search["types_key"].is_unique
+    assert (search["source"] == "proposed").all() and (search["n_expert"] == 4).all()
+    preds = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert {p["types_key"] for p in preds} >= set(search["types_key"])  # each was proposed with a prediction
