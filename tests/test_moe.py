@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import pytest
 
@@ -284,3 +285,66 @@ def test_a_short_campaign_on_a_moe(moe, moe_data, corpus, tmp_path):
     assert (search["source"] == "proposed").all() and (search["n_expert"] == 4).all()
     preds = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert {p["types_key"] for p in preds} >= set(search["types_key"])  # each was proposed with a prediction
+
+
+# ------------------------------------------------------------------ a real MoE's shapes
+SKELETON_CONFIGS = [
+    "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K", "IQ4_XS", "MXFP4_MOE",
+    "default=Q8_0,moe_experts_up_gate=Q3_K,moe_experts_down=Q4_K",
+    "default=Q6_K,moe_experts_up_gate=IQ4_XS,moe_experts_down=Q5_K,embeddings=Q4_K",
+    r"default=Q4_K,tensor:blk\.(0|1|47)\.ffn_down_exps=Q8_0,attn_kv=Q8_0,lm_head=Q6_K",
+    "Q4_K_M,moe_experts_up_gate=Q3_K",
+]  # fmt: skip
+
+
+def _llama_quantize_dry_run(model: ModelInfo, config: Config, tmp_path) -> tuple[dict, float]:
+    """The real llama-quantize binary's --dry-run: per-tensor types and the 'quant size' it prints (MiB)."""
+    import re
+    import subprocess
+
+    from mqpredict.llama.quantize import parse_dry_run
+    from mqpredict.llama.tools import find_tool
+    from mqpredict.quant.resolve import quantize_command, tensor_type_lines
+
+    tt = tmp_path / "types.txt"
+    tt.write_text("\n".join(tensor_type_lines(model, config)) + "\n")
+    cmd = quantize_command(model, config, "/dev/null", str(tt))
+    p = subprocess.run([str(find_tool("llama-quantize")), "--dry-run", *cmd[1:]], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = (p.stdout + p.stderr).splitlines()
+    mib = float(re.search(r"quant size\s*=\s*([\d.]+) MiB", p.stdout + p.stderr).group(1))
+    return parse_dry_run(lines), mib
+
+
+def test_qwen3_30b_a3b_skeleton_sizes_exactly(tmp_path):
+    """The published shapes of Qwen3-30B-A3B (48 layers, 128 experts of which 8 active, hidden 2048, expert FFN
+    768) as a sparse skeleton: presets and expert hybrids get llama-quantize's own per-tensor types (its dry run,
+    the real binary) and the tensor bytes it reports — without 30 B weights on disk."""
+    from mqpredict.base.skeleton import write_skeleton
+    from mqpredict.llama.quantize import dry_run_types
+    from mqpredict.quant.resolve import resolve
+
+    path = write_skeleton(tmp_path / "qwen3-30b-a3b.gguf", "qwen3-30b-a3b")
+    m = ModelInfo.load(path)
+    assert os.stat(path).st_blocks * 512 < 1 << 20 < m.header.file_size  # a hole, not 61 GB of zeros
+    assert (m.n_layers, m.n_expert, m.n_expert_used, m.n_embd) == (48, 128, 8, 2048)
+    assert m.header.tensor_map["blk.7.ffn_down_exps.weight"].shape == (768, 2048, 128)
+    assert 30.4e9 < m.n_params < 30.6e9 and 3.3e9 < m.n_params_active < 3.4e9  # "30B-A3B"
+    sizes = {}
+    for text in SKELETON_CONFIGS:
+        c = Config.parse(text)
+        types = resolve(m, c, dry_run_types)  # explicit configs: from the header alone
+        theirs, mib = _llama_quantize_dry_run(m, c, tmp_path)
+        assert types == theirs, text
+        rep = size_of(m, types)
+        assert abs(rep.tensor_bytes / 2**20 - mib) <= 0.005, (text, rep.tensor_bytes / 2**20, mib)
+        sizes[text] = rep.size_bytes
+    assert sizes["Q2_K"] < sizes["Q4_K_M"] < sizes["Q5_K_M"] < sizes["Q6_K"] < sizes["Q8_0"]
+    # llama.cpp's MoE rules at full scale: MXFP4_MOE's experts are MXFP4; Q4_K_M bumps some experts' down projections
+    q4 = resolve(m, Config.parse("Q4_K_M"), dry_run_types)
+    assert {q4[f"blk.{i}.ffn_down_exps.weight"] for i in range(48)} == {T.Q4_K, T.Q6_K}
+    mx = resolve(m, Config.parse("MXFP4_MOE"), dry_run_types)
+    assert mx["blk.0.ffn_up_exps.weight"] == T.MXFP4 and mx["blk.0.attn_q.weight"] == T.Q8_0
+    doc = json.loads(mq("size", path, "-c", "Q4_K_M", "--json", check=True).stdout)
+    assert doc["size_bytes"] == sizes["Q4_K_M"]
+    assert mq("build", path, "-c", "Q4_K_M", "-o", tmp_path / "x.gguf").returncode != 0  # no weights to build from
