@@ -194,7 +194,8 @@ def test_seed_measures_presets_and_published_moe_recipes(moe_data):
     from mqpredict.records.store import Store
 
     s = moe_data["seeded"]
-    assert not s["failed"] and len(s["measured"]) >= 16 + 5
+    assert not s["failed"] and len(s["measured"]) >= 17 + 5
+    assert "preset=MXFP4_MOE" in s["measured"]  # a mixture of experts also gets llama.cpp's MoE preset
     recs = Store(moe_data["store"]).load()
     glm = recs[recs["provenance_file"].fillna("").str.endswith("thireus-glm-4.7-flash-3.48bpw.txt")].iloc[0]
     assert glm["fractions"]["moe_experts_down"].get("IQ4_NL", 0) >= 0.5  # ^blk\.(1|[7-8])\.ffn_down_exps…=iq4_nl
@@ -219,6 +220,7 @@ def test_moe_features_and_the_vectorized_screen_agree(moe, moe_data):
     m = ModelInfo.load(moe["e4s"])
     table = load_tables(moe_data["tables"])[identify(m).model_id]
     assert table.active == {"moe_experts_up_gate": 0.5, "moe_experts_down": 0.5}
+    assert 0 < table.mse("moe_experts_down", "Q8_0") < table.mse("moe_experts_down", "MXFP4") < table.mse("moe_experts_down", "Q2_K")
     cs = CandidateSpace(m)
     sp = Space.build(m, {g: cs.allowed(g) for g in m.groups})
     A = sp.enumerate(5000)

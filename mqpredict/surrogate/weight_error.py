@@ -32,6 +32,8 @@ from mqpredict.util.atomic import atomic_write_text
 ERROR_TYPES: tuple[QuantType, ...] = (
     T.F16, T.Q8_0, T.Q6_K, T.Q5_K, T.Q5_1, T.Q5_0, T.Q4_K, T.Q4_1, T.Q4_0, T.IQ4_NL, T.IQ4_XS, T.Q3_K, T.IQ3_S, T.Q2_K,
 )  # fmt: skip
+#: … and on a mixture of experts MXFP4 too (the MXFP4_MOE preset writes its routed experts as MXFP4)
+MOE_ERROR_TYPES: tuple[QuantType, ...] = (T.MXFP4,)
 MAX_ELEMENTS = 1 << 21  # rows sampled per tensor beyond this many elements
 TABLE_VERSION = 1
 
@@ -145,8 +147,14 @@ def cached_table(path: Path) -> ErrorTable | None:
     return None
 
 
-def error_table(engine, model_id: str, types=ERROR_TYPES, cache: Path | None = None, progress=None) -> ErrorTable:
-    """The (cached) table of the engine's base model: one pure quantization and one pass per type.
+def error_types(model: ModelInfo) -> tuple[QuantType, ...]:
+    """The types whose errors a model's table holds."""
+    return ERROR_TYPES + (MOE_ERROR_TYPES if model.n_expert else ())
+
+
+def error_table(engine, model_id: str, types=None, cache: Path | None = None, progress=None) -> ErrorTable:
+    """The (cached) table of the engine's base model: one pure quantization and one pass per type
+    (``types``, default :func:`error_types`).
 
     The pure quantizations come from the in-process engine's cache; with another engine (the tools
     engine on a user's GPU build) an in-process engine on the same base computes them (CPU only)."""
@@ -159,7 +167,7 @@ def error_table(engine, model_id: str, types=ERROR_TYPES, cache: Path | None = N
 
         with InProcessEngine(engine.model.path, None, engine.spec) as cpu:
             return error_table(cpu, model_id, types, path.parent, progress)
-    pure = {qt: engine.pure_header(qt) for qt in types}
+    pure = {qt: engine.pure_header(qt) for qt in types or error_types(engine.model)}
     table = compute(engine.model, model_id, pure, progress)
     table.save(path)
     return table
