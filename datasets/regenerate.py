@@ -89,7 +89,7 @@ def model_imatrix(path: Path):
 
 
 def run_model(path: Path, store: Store, hybrids: int, seed: int, spec: EvalSpec, imatrix=None,
-              presets_only: bool = False) -> None:  # fmt: skip
+              presets_only: bool = False, probes: bool = True) -> None:  # fmt: skip
     if imatrix is None and not presets_only:
         table(path)
     model = ModelInfo.load(path)
@@ -98,9 +98,10 @@ def run_model(path: Path, store: Store, hybrids: int, seed: int, spec: EvalSpec,
         space = CandidateSpace(model)
         recipes, _ = load_recipes(DATASETS / "recipes")
         cands += seeding.recipe_candidates(recipes)
-        probes = list(space.probes())  # marks the probes' files seen: the sample below never repeats them
+        isolation = list(space.probes())  # marks the probes' files seen: the sample below never repeats them
         cands += seeding.config_candidates(space.sample(hybrids, np.random.default_rng(seed)), Source.hybrid)
-        cands += seeding.config_candidates(probes, Source.probe)  # last: an interrupted run keeps the hybrids
+        if probes:  # last: an interrupted run keeps the hybrids
+            cands += seeding.config_candidates(isolation, Source.probe)
     what = f"{path.name}{' with imatrix ' + imatrix.id if imatrix else ''}"
     say(f"{what}: {len(cands)} candidates on {spec.n_chunks}×{spec.ctx}")
     with InProcessEngine(path, DEFAULT_CORPUS, spec, imatrix=imatrix, threads=THREADS) as eng:
@@ -118,6 +119,7 @@ def main() -> None:
     ap.add_argument("--imatrix", choices=("both", "only", "none"), default="both",
                     help="measure without an imatrix, with one (the shipped calibration text), or both")
     ap.add_argument("--presets-only", action="store_true", help="only the seed presets (the lines)")
+    ap.add_argument("--no-probes", action="store_true", help="no isolation probes (a first pass over many models)")
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads (1 on a busy machine)")
     a = ap.parse_args()
     global THREADS
@@ -132,7 +134,8 @@ def main() -> None:
 
     def run(path: Path, hybrids: int, seed: int, spec: EvalSpec = SPEC) -> None:
         for with_im in modes:
-            run_model(path, store, hybrids, seed, spec, model_imatrix(path) if with_im else None, a.presets_only)
+            run_model(path, store, hybrids, seed, spec, model_imatrix(path) if with_im else None, a.presets_only,
+                      not a.no_probes)
 
     for name, shapes in (("synthetic", SYNTHETIC), ("synthetic-moe", SYNTHETIC_MOE)):
         if name not in want:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -126,6 +127,34 @@ def test_llama_cpp_moe_rules_are_what_the_sizes_follow(built):
     assert hyb["blk.0.ffn_gate_inp.weight"] == T.F32  # the router stays as it is
 
 
+def test_imatrix_on_a_moe_weights_each_expert_and_builds_equal_llama_quantize(moe, tmp_path):
+    """llama-imatrix keeps one weight vector per expert; quantized with it, presets and expert hybrids (low-bit
+    types that need the weights) are sized exactly and stitched byte-identical to llama-quantize --imatrix."""
+    from mqpredict.llama.inprocess import InProcessEngine
+    from mqpredict.llama.tools import ToolsEngine
+    from mqpredict.quant.imatrix import Imatrix
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text((Path(__file__).parents[1] / "README.md").read_text() * 3)  # not the evaluation text
+    im_path = tmp_path / "moe.imatrix.gguf"
+    mq("imatrix", moe["e4s"], "--corpus", calib, "-o", im_path, "--chunks", 8, "--ctx", 128, "--json", check=True)
+    im = Imatrix.load(im_path)
+    w = im.entries["blk.0.ffn_down_exps.weight"]
+    assert w.shape == (256 * 4,) and (w > 0).all()  # row length × experts
+    assert im.entries["blk.1.ffn_up_shexp.weight"].shape == (256,)
+    cfgs = ["IQ3_M", "default=Q4_K,moe_experts_up_gate=IQ2_XS,moe_experts_down=IQ3_XXS,moe_shexp=Q5_K"]
+    out = {}
+    for cls in (InProcessEngine, ToolsEngine):
+        with cls(moe["e4s"], None, SPEC, threads=2, imatrix=im_path) as eng:
+            for i, c in enumerate(cfgs):
+                b = eng.build(Config.parse(c), tmp_path / f"{cls.__name__}-{i}.gguf")
+                assert b.path.stat().st_size == eng.size(Config.parse(c)).size_bytes, c
+                out[cls, c] = b
+    for c in cfgs:
+        assert _sha(out[InProcessEngine, c].path) == _sha(out[ToolsEngine, c].path), c
+    assert out[InProcessEngine, cfgs[1]].types["blk.1.ffn_gate_exps.weight"] == T.IQ2_XS
+
+
 # ------------------------------------------------------------------------------ measured
 HYBRID = "default=Q8_0,moe_experts_up_gate=Q4_K,moe_experts_down=Q4_K,moe_shexp=Q4_K"
 
@@ -175,7 +204,7 @@ def moe_data(moe, corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("moe-data")
     store, tables = root / "records", root / "tables"
     p = mq("seed", moe["e4"], "--store", store, "--recipes", "datasets/recipes", "--corpus", corpus, "--ctx", 128,
-           "--tokens", 126, "--no-track", "--json", "-t", 2, check=True)  # fmt: skip
+           "--tokens", 126, "--no-imatrix", "--no-track", "--json", "-t", 2, check=True)  # fmt: skip
     seeded = json.loads(p.stdout)
     for name in ("e4", "e4s"):
         with InProcessEngine(moe[name], corpus, DATA_SPEC, threads=2) as eng:
