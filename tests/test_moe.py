@@ -128,8 +128,8 @@ def test_llama_cpp_moe_rules_are_what_the_sizes_follow(built):
 
 
 def test_imatrix_on_a_moe_weights_each_expert_and_builds_equal_llama_quantize(moe, tmp_path):
-    """llama-imatrix keeps one weight vector per expert; quantized with it, presets and expert hybrids (low-bit
-    types that need the weights) are sized exactly and stitched byte-identical to llama-quantize --imatrix."""
+    """llama-imatrix keeps one weight vector per expert; quantized with it, an expert hybrid with low-bit types that
+    need those weights is sized exactly and stitched byte-identical to llama-quantize --imatrix."""
     from mqpredict.llama.inprocess import InProcessEngine
     from mqpredict.llama.tools import ToolsEngine
     from mqpredict.quant.imatrix import Imatrix
@@ -142,7 +142,7 @@ def test_imatrix_on_a_moe_weights_each_expert_and_builds_equal_llama_quantize(mo
     w = im.entries["blk.0.ffn_down_exps.weight"]
     assert w.shape == (256 * 4,) and (w > 0).all()  # row length × experts
     assert im.entries["blk.1.ffn_up_shexp.weight"].shape == (256,)
-    cfgs = ["IQ3_M", "default=Q4_K,moe_experts_up_gate=IQ2_XS,moe_experts_down=IQ3_XXS,moe_shexp=Q5_K"]
+    cfgs = ["default=Q4_K,moe_experts_up_gate=IQ2_XS,moe_experts_down=IQ3_XXS,moe_shexp=Q5_K"]
     out = {}
     for cls in (InProcessEngine, ToolsEngine):
         with cls(moe["e4s"], None, SPEC, threads=2, imatrix=im_path) as eng:
@@ -152,7 +152,7 @@ def test_imatrix_on_a_moe_weights_each_expert_and_builds_equal_llama_quantize(mo
                 out[cls, c] = b
     for c in cfgs:
         assert _sha(out[InProcessEngine, c].path) == _sha(out[ToolsEngine, c].path), c
-    assert out[InProcessEngine, cfgs[1]].types["blk.1.ffn_gate_exps.weight"] == T.IQ2_XS
+    assert out[InProcessEngine, cfgs[0]].types["blk.1.ffn_gate_exps.weight"] == T.IQ2_XS
 
 
 # ------------------------------------------------------------------------------ measured

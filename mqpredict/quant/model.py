@@ -90,7 +90,7 @@ class ModelInfo:
     def active_fraction(self, t: TensorInfo) -> float:
         """The fraction of a tensor's parameters one token uses: ``expert_used_count / expert_count`` for
         routed experts (``*_exps``), else 1 (an embedding row is counted like any other weight)."""
-        if self.n_expert and is_routed_expert(t.name):
+        if self.n_expert and self.n_expert_used and is_routed_expert(t.name):
             return min(self.n_expert_used, self.n_expert) / self.n_expert
         return 1.0
 
