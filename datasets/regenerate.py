@@ -3,8 +3,9 @@
     .venv/bin/python datasets/regenerate.py                 # everything (hours on 2 cores; resumable)
     .venv/bin/python datasets/regenerate.py --only smollm2  # one model family
     .venv/bin/python datasets/regenerate.py --only qwen2.5-coder-1.5b --imatrix only --presets-only
+    .venv/bin/python datasets/regenerate.py --only synthetic-moe --store /tmp/moe-records   # the tiny MoEs
 
-For each model: the 16 seed presets, the recipes in datasets/recipes, isolation probes (one group
+For each model: the 16 seed presets (+ MXFP4_MOE on a mixture of experts), the recipes in datasets/recipes, isolation probes (one group
 changed on a Q8_0 carrier) and a seeded sample of hybrids, deduplicated by the files they make,
 measured in process on the bundled corpus (8 windows of 512, 2040 tokens; the 1.5B: 4 windows).
 ``--imatrix`` (default ``both``) also measures every model quantized with its importance matrix on the
@@ -55,6 +56,12 @@ SYNTHETIC = [  # (shape, seeds, hybrids)
     (TinyShape(384, 1024, 6), (0,), 60),
     (TinyShape(512, 1536, 2, tied=True), (0,), 60),
 ]
+SYNTHETIC_MOE = [  # mixtures of experts: qwen3moe, granitemoe (shared expert), qwen2moe (gated shared expert)
+    (TinyShape(256, 256, 4, n_expert=8, n_expert_used=2), (0,), 30),  # 8 experts: llama.cpp's 8-expert preset rules
+    (TinyShape(256, 512, 4, n_expert=4, n_expert_used=2, shared_expert=True), (0,), 30),
+    (TinyShape(512, 256, 2, n_expert=16, n_expert_used=4, shared_expert=True, shared_expert_gate=True), (0,), 30),
+    (TinyShape(384, 512, 4, n_expert=8, n_expert_used=2), (0,), 30),  # 384 wide: K-quants only in experts' down
+]
 
 
 def say(msg: str) -> None:
@@ -82,18 +89,19 @@ def model_imatrix(path: Path):
 
 
 def run_model(path: Path, store: Store, hybrids: int, seed: int, spec: EvalSpec, imatrix=None,
-              presets_only: bool = False) -> None:  # fmt: skip
+              presets_only: bool = False, probes: bool = True) -> None:  # fmt: skip
     if imatrix is None and not presets_only:
         table(path)
     model = ModelInfo.load(path)
-    cands = seeding.preset_candidates(seeding.seed_presets(imatrix is not None))
+    cands = seeding.preset_candidates(seeding.seed_presets(imatrix is not None, moe=bool(model.n_expert)))
     if not presets_only:
         space = CandidateSpace(model)
         recipes, _ = load_recipes(DATASETS / "recipes")
         cands += seeding.recipe_candidates(recipes)
-        probes = list(space.probes())  # marks the probes' files seen: the sample below never repeats them
+        isolation = list(space.probes())  # marks the probes' files seen: the sample below never repeats them
         cands += seeding.config_candidates(space.sample(hybrids, np.random.default_rng(seed)), Source.hybrid)
-        cands += seeding.config_candidates(probes, Source.probe)  # last: an interrupted run keeps the hybrids
+        if probes:  # last: an interrupted run keeps the hybrids
+            cands += seeding.config_candidates(isolation, Source.probe)
     what = f"{path.name}{' with imatrix ' + imatrix.id if imatrix else ''}"
     say(f"{what}: {len(cands)} candidates on {spec.n_chunks}×{spec.ctx}")
     with InProcessEngine(path, DEFAULT_CORPUS, spec, imatrix=imatrix, threads=THREADS) as eng:
@@ -105,11 +113,13 @@ def run_model(path: Path, store: Store, hybrids: int, seed: int, spec: EvalSpec,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--store", default=str(DATASETS / "records"))
-    ap.add_argument("--only", nargs="*", help="model names (smollm2, gemma3-270m, qwen2.5-0.5b, synthetic)")
+    ap.add_argument("--only", nargs="*", help="model names (smollm2, gemma3-270m, qwen2.5-0.5b, synthetic, "
+                    "synthetic-moe)")  # fmt: skip
     ap.add_argument("--tables-only", action="store_true", help="only (re)compute missing weight-error tables")
     ap.add_argument("--imatrix", choices=("both", "only", "none"), default="both",
                     help="measure without an imatrix, with one (the shipped calibration text), or both")
     ap.add_argument("--presets-only", action="store_true", help="only the seed presets (the lines)")
+    ap.add_argument("--no-probes", action="store_true", help="no isolation probes (a first pass over many models)")
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads (1 on a busy machine)")
     a = ap.parse_args()
     global THREADS
@@ -120,17 +130,20 @@ def main() -> None:
         return
     # a new store is CSV, as the shipped dataset is (it diffs in git); an existing one keeps its format
     store = Store(a.store, None if (Path(a.store) / "STORE.json").exists() else "csv")
-    want = set(a.only or ["synthetic", *REAL])
+    want = set(a.only or ["synthetic", "synthetic-moe", *REAL])
     modes = {"both": (False, True), "only": (True,), "none": (False,)}[a.imatrix]
 
     def run(path: Path, hybrids: int, seed: int, spec: EvalSpec = SPEC) -> None:
         for with_im in modes:
-            run_model(path, store, hybrids, seed, spec, model_imatrix(path) if with_im else None, a.presets_only)
+            run_model(path, store, hybrids, seed, spec, model_imatrix(path) if with_im else None, a.presets_only,
+                      not a.no_probes)
 
-    if "synthetic" in want:
-        for shape, seeds, n in SYNTHETIC:
+    for name, shapes in (("synthetic", SYNTHETIC), ("synthetic-moe", SYNTHETIC_MOE)):
+        if name not in want:
+            continue
+        for shape, seeds, n in shapes:
             for s in seeds:
-                p = cache_dir() / "synthetic" / f"tiny-{shape.n_embd}x{shape.n_layers}-s{s}.gguf"
+                p = cache_dir() / "synthetic" / f"{shape.kind}-s{s}.gguf"
                 if not p.exists():
                     write_test_model(p, s, shape)
                 run(p, n, s)

@@ -151,7 +151,7 @@ def test_unknown_preset(tiny):
 
 
 def test_group_the_model_lacks(tiny, tiny576):
-    _fails(mq("size", tiny, "-c", "default=Q4_K,moe_experts=Q6_K"), "moe_experts", "tiny.gguf")
+    _fails(mq("size", tiny, "-c", "default=Q4_K,moe_experts_down=Q6_K"), "moe_experts_down", "tiny.gguf")
     _fails(mq("size", tiny576, "-c", "default=Q4_K,lm_head=Q8_0"), "lm_head", "ties its embeddings")
 
 

@@ -92,8 +92,8 @@ def test_bad_toml_names_the_file(tmp_path):
 
 def test_config_against_a_model(tiny, tiny576):
     m = ModelInfo.load(tiny)
-    with pytest.raises(ConfigError, match="moe_experts"):
-        resolve(m, Config.parse("default=Q4_K,moe_experts=Q6_K"))
+    with pytest.raises(ConfigError, match="moe_experts_down"):
+        resolve(m, Config.parse("default=Q4_K,moe_experts_down=Q6_K"))
     with pytest.raises(ConfigError, match="needs an importance matrix"):
         resolve(m, Config.parse("default=Q4_K,ffn_down=IQ2_XXS"))
     with pytest.raises(ConfigError, match="never quantizes"):

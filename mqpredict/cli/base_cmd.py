@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +13,8 @@ from mqpredict.base.prepare import Restore
 from mqpredict.cli.common import JsonOpt, emit_json, err, out, progress_bar
 from mqpredict.errors import InputError
 
-app = typer.Typer(help="Prepare bases: restore an F32 model from a packaged quantized GGUF.", no_args_is_help=True)
+app = typer.Typer(help="Prepare bases: restore an F32 model from a packaged quantized GGUF; skeletons of real models' "
+                  "shapes.", no_args_is_help=True)  # fmt: skip
 
 
 @app.command()
@@ -50,6 +52,28 @@ def prepare(
         emit_json(doc)
     else:
         err.print(f"base ready: {path} · origin {m.base_origin} · {m.n_params / 1e6:.1f}M params", highlight=False)
+
+
+@app.command()
+def skeleton(
+    name: Annotated[str, typer.Argument(help="Whose published shapes: qwen3-30b-a3b.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the sparse GGUF.")],
+    json: JsonOpt = False,
+) -> None:
+    """Write a sparse skeleton GGUF of a real model: its published shapes, no weights (the data section is a
+    hole). `inspect` and `size` work on it (presets by llama.cpp's own dry run); building or measuring it
+    is refused."""
+    from mqpredict.base.skeleton import write_skeleton
+    from mqpredict.quant.model import ModelInfo
+
+    m = ModelInfo.load(write_skeleton(output, name))
+    used = os.stat(m.path).st_blocks * 512
+    doc = {"path": str(m.path), "apparent_size_bytes": m.header.file_size, "disk_bytes": used, **m.descriptors()}
+    if json:
+        emit_json(doc)
+    else:
+        err.print(f"wrote {m.path}: {m.name} · {m.n_params / 1e9:.2f} B params ({m.n_params_active / 1e9:.2f} B active) · "
+                  f"{m.header.file_size / 1e9:.1f} GB apparent, {used / 1e3:,.0f} kB on disk", highlight=False)  # fmt: skip
 
 
 @app.command("list")

@@ -236,7 +236,8 @@ def seed(
         path = _base(base, progress)
         im = imatrix_or_default(path, imatrix, no_imatrix, threads, progress)
         if presets:
-            cands = seeding.preset_candidates(seeding.seed_presets(im is not None)) + cands
+            moe = bool(ModelInfo.load(path).n_expert)  # a mixture of experts also gets MXFP4_MOE
+            cands = seeding.preset_candidates(seeding.seed_presets(im is not None, moe)) + cands
         eng = make_engine(path, corpus, spec, engine, llama_bin, threads, allow_quantized_base, progress, tools_kld, im)
         tracker = make_tracker(no_track, tracking_uri, experiment)
         with eng:

@@ -54,11 +54,15 @@ def _resolver(config, imatrix=None):
 
 
 def inspect(model: Annotated[Path, typer.Argument(help="A GGUF file.")], json: JsonOpt = False) -> None:
-    """Architecture, tensor groups found, parameters and type(s) per group, bits per weight."""
+    """Architecture, tensor groups found, parameters and type(s) per group, bits per weight.
+
+    For a mixture of experts, each group's "active" is the fraction of its parameters one token uses
+    (experts used / experts for the routed experts, 1 elsewhere)."""
     from mqpredict.quant.model import ModelInfo
     from mqpredict.quant.types import bpw
 
     m = ModelInfo.load(model)
+    active = m.group_active()
     groups = []
     for g, ts in m.groups.items():
         n = sum(t.n_elements for t in ts)
@@ -70,6 +74,7 @@ def inspect(model: Annotated[Path, typer.Argument(help="A GGUF file.")], json: J
                 "n_tensors": len(ts),
                 "n_params": n,
                 "share": n / m.n_params,
+                "active": active[g],
                 "types": {t.name: c for t, c in sorted(mix.items(), key=lambda x: -x[1])},
                 "bpw": sum(bpw(t) * c for t, c in mix.items()) / n,
                 "row_lengths": rows,
@@ -98,13 +103,24 @@ def inspect(model: Annotated[Path, typer.Argument(help="A GGUF file.")], json: J
         f" · base origin: {d['base_origin']}",
         highlight=False,
     )
+    moe = bool(m.n_expert)
+    if moe:
+        out.print(
+            f"mixture of experts: {m.n_expert} routed experts per layer, {m.n_expert_used} used per token · "
+            f"{m.n_params_active / 1e6:,.2f}M of {m.n_params / 1e6:,.2f}M params active per token "
+            f"({m.n_params_active / m.n_params:.1%})",
+            highlight=False,
+        )
     t = Table(show_edge=False)
-    for c in ("group", "tensors", "params", "share", "types (by params)", "bpw", "K-quants"):
-        t.add_column(c, justify="right" if c in ("tensors", "params", "share", "bpw") else "left")
+    cols = ("group", "tensors", "params", "share", *(("active",) if moe else ()), "types (by params)", "bpw", "K-quants")
+    for c in cols:
+        t.add_column(c, justify="right" if c in ("tensors", "params", "share", "active", "bpw") else "left")
     for g in groups:
         types = ", ".join(f"{k} {v / g['n_params']:.0%}" if len(g["types"]) > 1 else k for k, v in g["types"].items())
         kq = "yes" if g["k_quants"] else "falls back"
-        t.add_row(g["group"], str(g["n_tensors"]), f"{g['n_params']:,}", f"{g['share']:.1%}", types, f"{g['bpw']:.2f}", kq)
+        act = (f"{g['active']:.0%}",) if moe else ()
+        t.add_row(g["group"], str(g["n_tensors"]), f"{g['n_params']:,}", f"{g['share']:.1%}", *act, types,
+                  f"{g['bpw']:.2f}", kq)  # fmt: skip
     out.print(t)
     out.print(
         f"fixed (never quantized by llama.cpp): {len(fixed)} tensors, {doc['fixed']['n_params']:,} params "
@@ -229,16 +245,30 @@ def testmodel(
     output: Annotated[Path, typer.Argument(help="Where to write the tiny GGUF.")],
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     n_embd: Annotated[int, typer.Option("--n-embd", help="Hidden size (256 is K-quant friendly; 576 is SmolLM2's).")] = 256,
-    n_ff: Annotated[int, typer.Option("--n-ff", help="Feed-forward size.")] = 768,
+    n_ff: Annotated[int | None, typer.Option("--n-ff", help="Feed-forward size (with --experts: of each expert). "
+                                             "Default: 768, with experts 256.")] = None,  # fmt: skip
     layers: Annotated[int, typer.Option("--layers", help="Transformer blocks.")] = 4,
     n_vocab: Annotated[int, typer.Option("--n-vocab", help="Vocabulary size (bytes + characters + pieces).")] = 512,
     tied: Annotated[bool, typer.Option("--tied", help="Tie the output projection to the embeddings.")] = False,
+    experts: Annotated[int, typer.Option("--experts", help="Routed experts per layer: a mixture-of-experts model "
+                                         "(qwen3moe) instead of a dense llama one.")] = 0,  # fmt: skip
+    experts_used: Annotated[int, typer.Option("--experts-used", help="Experts each token is routed to.")] = 2,
+    shared_expert: Annotated[bool, typer.Option("--shared-expert", help="Add an always-on shared expert to every "
+                                                "layer (granitemoe).")] = False,  # fmt: skip
+    shared_expert_gate: Annotated[bool, typer.Option("--shared-expert-gate", help="Put the shared expert behind a "
+                                                     "sigmoid gate of its own (qwen2moe).")] = False,  # fmt: skip
 ) -> None:
-    """Write a deterministic tiny llama GGUF (F32, working tokenizer) for tests and experiments."""
+    """Write a deterministic tiny GGUF (F32, working tokenizer) for tests and experiments: a llama model, or
+    with --experts a mixture of experts llama.cpp runs as one (router, 3-D expert tensors, optional shared expert)."""
     from mqpredict.base.testmodel import TinyShape, write_test_model
 
-    p = write_test_model(output, seed, TinyShape(n_embd, n_ff, layers, n_vocab, tied=tied))
-    err.print(f"wrote {p} ({fmt_mb(p.stat().st_size)} MB)")
+    if not experts and (shared_expert or shared_expert_gate):
+        raise InputError("--shared-expert needs --experts", "e.g. --experts 4 --experts-used 2 --shared-expert")
+    moe = {"n_expert": experts, "n_expert_used": experts_used, "shared_expert": shared_expert or shared_expert_gate,
+           "shared_expert_gate": shared_expert_gate} if experts else {}  # fmt: skip
+    shape = TinyShape(n_embd, n_ff or (256 if experts else 768), layers, n_vocab, tied=tied, **moe)
+    p = write_test_model(output, seed, shape)
+    err.print(f"wrote {p} ({fmt_mb(p.stat().st_size)} MB, {shape.arch})")
 
 
 def register(app: typer.Typer) -> None:

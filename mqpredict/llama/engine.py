@@ -169,6 +169,9 @@ class Engine(ABC):
     # ------------------------------------------------------------- checks
     @staticmethod
     def check_base(model: ModelInfo, allow_quantized: bool) -> None:
+        if model.base_origin == "skeleton":
+            raise InputError(f"{model.path} is a skeleton (published shapes, no weights): it cannot be built or measured",
+                             "use it with `mqpredict inspect` and `mqpredict size` (presets included)")  # fmt: skip
         q = model.quantized_tensors
         if q and not allow_quantized:
             raise InputError(

@@ -1,7 +1,7 @@
 """Tensor name → tensor group, and which tensors llama.cpp quantizes at all.
 
 A **tensor group** is a family of tensors that a config gives one quant type. The standard groups
-cover llama-family, Qwen2/3, Gemma 2/3, MoE (``*_exps``, ``*_shexp``) and SSM models; any other
+cover llama-family, Qwen2/3, Gemma 2/3, MoE and SSM models; any other
 quantizable tensor gets a **dynamic group** named after it with the layer index and ``.weight``
 stripped (``blk.7.attn_q_a.weight`` → ``attn_q_a``), so an unlisted architecture still works.
 
@@ -9,6 +9,12 @@ Tensors llama.cpp never quantizes (1-D norms and biases, ``ffn_gate_inp``, ``ssm
 **fixed**: they belong to no group and keep their type. The rule is ``tensor_allows_quantization``
 from llama.cpp's ``src/llama-quant.cpp`` (pinned commit), checked against llama.cpp's dry run by
 the tests.
+
+Mixture-of-experts models get three groups: the routed experts' up/gate projections
+(``ffn_{up,gate,gate_up}_exps`` → ``moe_experts_up_gate``) and their down projections (``ffn_down_exps``
+→ ``moe_experts_down``) — apart, as every published MoE recipe treats them, since their sensitivity
+differs — and the shared experts (``ffn_*_shexp`` → ``moe_shexp``). The router (``ffn_gate_inp``) and a
+shared expert's gate (``ffn_gate_inp_shexp``, 1-D) are fixed: llama.cpp never quantizes them.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ class StandardGroup(StrEnum):
     ATTN_OUTPUT = "attn_output"
     FFN_UP_GATE = "ffn_up_gate"
     FFN_DOWN = "ffn_down"
-    MOE_EXPERTS = "moe_experts"
+    MOE_EXPERTS_UP_GATE = "moe_experts_up_gate"
+    MOE_EXPERTS_DOWN = "moe_experts_down"
     MOE_SHEXP = "moe_shexp"
     SSM = "ssm"
 
@@ -43,10 +50,10 @@ _STEM_GROUP: dict[str, StandardGroup] = {
     "ffn_up": StandardGroup.FFN_UP_GATE,
     "ffn_gate": StandardGroup.FFN_UP_GATE,
     "ffn_down": StandardGroup.FFN_DOWN,
-    "ffn_up_exps": StandardGroup.MOE_EXPERTS,
-    "ffn_gate_exps": StandardGroup.MOE_EXPERTS,
-    "ffn_down_exps": StandardGroup.MOE_EXPERTS,
-    "ffn_gate_up_exps": StandardGroup.MOE_EXPERTS,
+    "ffn_up_exps": StandardGroup.MOE_EXPERTS_UP_GATE,
+    "ffn_gate_exps": StandardGroup.MOE_EXPERTS_UP_GATE,
+    "ffn_gate_up_exps": StandardGroup.MOE_EXPERTS_UP_GATE,
+    "ffn_down_exps": StandardGroup.MOE_EXPERTS_DOWN,
     "ffn_up_shexp": StandardGroup.MOE_SHEXP,
     "ffn_gate_shexp": StandardGroup.MOE_SHEXP,
     "ffn_down_shexp": StandardGroup.MOE_SHEXP,
@@ -101,6 +108,12 @@ def group_of(name: str, n_dims: int) -> str | None:
         return StandardGroup.SSM.value
     dynamic = re.sub(r"[^a-z0-9_]+", "_", s.lower()).strip("_")
     return dynamic if _GROUP_NAME.match(dynamic) else f"t_{dynamic}"
+
+
+def is_routed_expert(name: str) -> bool:
+    """Whether a tensor holds routed experts (llama.cpp's ``*_exps`` tensors: one slice per expert, of
+    which a token uses ``expert_used_count``)."""
+    return stem(name).endswith("_exps")
 
 
 def is_group_name(text: str) -> bool:

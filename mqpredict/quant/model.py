@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from mqpredict.quant.groups import STANDARD_GROUPS, group_of
+from mqpredict.quant.groups import STANDARD_GROUPS, group_of, is_routed_expert
 from mqpredict.quant.header import GGUFHeader, TensorInfo, read_header
 from mqpredict.quant.types import QuantType, is_quantized
 
@@ -87,6 +87,23 @@ class ModelInfo:
     def group_params(self) -> dict[str, int]:
         return {g: sum(t.n_elements for t in ts) for g, ts in self.groups.items()}
 
+    def active_fraction(self, t: TensorInfo) -> float:
+        """The fraction of a tensor's parameters one token uses: ``expert_used_count / expert_count`` for
+        routed experts (``*_exps``), else 1 (an embedding row is counted like any other weight)."""
+        if self.n_expert and self.n_expert_used and is_routed_expert(t.name):
+            return min(self.n_expert_used, self.n_expert) / self.n_expert
+        return 1.0
+
+    def group_active(self) -> dict[str, float]:
+        """group → the fraction of its parameters one token uses (1 but for routed experts)."""
+        return {g: sum(t.n_elements * self.active_fraction(t) for t in ts) / max(sum(t.n_elements for t in ts), 1)
+                for g, ts in self.groups.items()}  # fmt: skip
+
+    @cached_property
+    def n_params_active(self) -> int:
+        """Parameters one token uses (all of them for a dense model; MoE: only its routed experts' share)."""
+        return round(sum(t.n_elements * self.active_fraction(t) for t in self.tensors))
+
     def k_quant_groups(self) -> tuple[list[str], list[str]]:
         """(groups whose row lengths fit 256-blocks, groups where K-quants fall back)."""
         fit, back = [], []
@@ -147,6 +164,10 @@ class ModelInfo:
     def n_expert(self) -> int:
         return int(self._arch_kv("expert_count", 0) or 0)
 
+    @property
+    def n_expert_used(self) -> int:
+        return int(self._arch_kv("expert_used_count", 0) or 0)
+
     @cached_property
     def n_vocab(self) -> int:
         kv = self.header.kvs.get("tokenizer.ggml.tokens")
@@ -181,6 +202,8 @@ class ModelInfo:
             "n_head": self.n_head,
             "n_head_kv": self.n_head_kv,
             "n_expert": self.n_expert,
+            "n_expert_used": self.n_expert_used,
+            "n_params_active": self.n_params_active,
             "n_vocab": self.n_vocab,
             "tied_embeddings": self.tied_embeddings,
             "base_origin": self.base_origin,

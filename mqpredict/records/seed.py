@@ -64,9 +64,10 @@ def config_candidates(configs: list[Config], source: Source) -> list[Candidate]:
     return [Candidate(c, source) for c in configs]
 
 
-def seed_presets(imatrix: bool) -> tuple[Preset, ...]:
-    """The presets a seed measures: the 16 standard ones, and with an imatrix also the 11 made for one."""
-    return SEED_PRESETS + (IMATRIX_PRESETS if imatrix else ())
+def seed_presets(imatrix: bool, moe: bool = False) -> tuple[Preset, ...]:
+    """The presets a seed measures: the 16 standard ones, with an imatrix also the 11 made for one, and on a
+    mixture of experts llama.cpp's MoE preset (routed experts MXFP4, everything else Q8_0)."""
+    return SEED_PRESETS + (IMATRIX_PRESETS if imatrix else ()) + ((Preset.MXFP4_MOE,) if moe else ())
 
 
 def preset_candidates(presets=SEED_PRESETS) -> list[Candidate]:

@@ -351,7 +351,7 @@ class Campaign:
                 self.say(f"{ex.name} executor, asynchronous: which configs are proposed depends on which results come "
                          "back first, so records may differ from run to run (--sync reproduces the local path's)")  # fmt: skip
             self.say(f"campaign {st.id}: seeding the presets on {st.search.n_tokens} tokens")
-            seed(e, self.store, preset_candidates(seed_presets(e.imatrix is not None)), self.progress, self.say, tracker=self.tracker,
+            seed(e, self.store, preset_candidates(seed_presets(e.imatrix is not None, bool(e.model.n_expert))), self.progress, self.say, tracker=self.tracker,
                  own_run=False, executor=ex, spec=st.search)  # fmt: skip
             table = self._error_table()
             proposer = Proposer(e.model, table, self.types, seed=self.settings.seed)

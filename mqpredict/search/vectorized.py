@@ -130,7 +130,8 @@ class Featurizer:
         self.gi = gi
         const = F.row(ref_fr, table, self.desc, 0.0, ref_fr)
         self.const = {k: const[k] for k in ("log_params", "n_layers", "log2_embd", "ff_ratio", "log_vocab",
-                                            "vocab_share", "tied", "kv_ratio", "dithered")}  # fmt: skip
+                                            "vocab_share", "tied", "kv_ratio", "dithered", *F.model_features(table))}  # fmt: skip
+        self.active_w = F.active_weights(table)
         self.ref_slot_lerr = {s: const[f"lerr_{s}"] for s in F.SLOTS}
 
     def matrix(self, A: np.ndarray, bpw: np.ndarray) -> np.ndarray:
@@ -158,6 +159,9 @@ class Featurizer:
         cols["bpw"] = bpw
         cols["lwerr"] = np.log10(np.maximum(werr, F._FLOOR))
         cols["dlwerr"] = cols["lwerr"] - math.log10(max(werr_ref, F._FLOOR))
+        aw = self.active_w
+        cols["lwerr_active"] = np.log10(np.maximum(sum(aw[g] * mse[g] for g in groups), F._FLOOR))
+        cols["dlwerr_active"] = cols["lwerr_active"] - math.log10(max(sum(aw[g] * self.ref_mse[g] for g in groups), F._FLOOR))
         cols["lerr_max"] = np.max(np.stack([lg(mse[g]) for g in groups]), axis=0)
         cols["lerr_body"] = lg(sum(t.shares[g] * mse[g] for g in body) / body_share)
         cols["out_minus_body"] = cols["lerr_out"] - cols["lerr_body"] if self.slots["out"] else np.zeros(n)

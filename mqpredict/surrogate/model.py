@@ -35,9 +35,9 @@ from mqpredict.surrogate import features as F
 from mqpredict.surrogate.data import TARGETS, TrainingSet, model_weights
 from mqpredict.util.atomic import atomic_write_text
 
-SURROGATE_VERSION = 1
+SURROGATE_VERSION = 2  # 2: expert slots split (moe_experts_up_gate/_down), active-parameter features (MoE)
 REF_FEATURES = ("lwerr", "log_params", "vocab_share", "tied", "dithered", "log2_embd")
-RANGE_FEATURES = ("log_params", "log2_embd", "n_layers", "vocab_share", "bpw", "dlwerr")
+RANGE_FEATURES = ("log_params", "log2_embd", "n_layers", "vocab_share", "bpw", "dlwerr", "active_share")
 
 
 def _weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
@@ -205,10 +205,15 @@ class Surrogate(BaseEstimator):
         except (OSError, ValueError) as e:
             raise InputError(f"{folder} is not a surrogate folder ({e})", "train one with `mqpredict train --out DIR`") from None
         if meta.get("schema_version") != SURROGATE_VERSION or meta.get("features") != list(F.FEATURES):
+            had = meta.get("features") or []
+            new = [f for f in F.FEATURES if f not in had]
+            gone = [f for f in had if f not in F.FEATURES]
+            diff = "; ".join(x for x in (f"{len(new)} new (e.g. {', '.join(new[:3])})" if new else "",
+                                         f"{len(gone)} gone (e.g. {', '.join(gone[:3])})" if gone else "") if x)  # fmt: skip
             raise InputError(
                 f"{folder} was trained with another feature set (surrogate schema {meta.get('schema_version')}, "
-                f"this mqpredict uses {SURROGATE_VERSION})",
-                "retrain it with `mqpredict train --out " + str(folder) + "`",
+                f"this mqpredict uses {SURROGATE_VERSION}{': ' + diff if diff else ', features reordered'})",
+                f"retrain it on the shipped dataset: `mqpredict train --cv --out {folder}` (about 20 s)",
             )
         if meta["versions"]["lightgbm"].split(".")[0] != lgb.__version__.split(".")[0]:
             raise InputError(f"{folder} was written by LightGBM {meta['versions']['lightgbm']}, this is {lgb.__version__}",

@@ -50,7 +50,9 @@ def surrogate_for(identity: ModelIdentity, folder: Path = DEFAULT_SURROGATE, sto
     s, meta = Surrogate.load(folder)
     if identity.family not in s.train_families_ and identity.model_id not in {m for m, _, _ in s.train_models_}:
         return s, meta
-    digest = hashlib.sha256((json.dumps(meta.get("train_records", {}), sort_keys=True) + identity.family).encode())
+    # the feature set is part of the key: a cache entry of another mqpredict version is never reused
+    digest = hashlib.sha256((json.dumps(meta.get("train_records", {}), sort_keys=True) + identity.family
+                             + json.dumps(list(F.FEATURES))).encode())
     cached = cache_dir() / "surrogates" / digest.hexdigest()[:16]
     if (cached / "metadata.json").exists():
         s2, meta2 = Surrogate.load(cached)

@@ -7,7 +7,9 @@ energy-weighted mean over its tensors (``Σ‖W‖²·err / Σ‖W‖²``). Rows
 above :data:`MAX_ELEMENTS` per tensor, so a model costs about one pass over its weights per type.
 
 The result is a small table, ``group → {effective type: relative MSE}``, cached per model (JSON) — all
-the surrogate needs about a model's weights.
+the surrogate needs about a model's weights — with each group's share of the parameters and, for a
+mixture of experts, the fraction of each group one token uses (``active``: experts used / experts for
+the routed experts; tables written before it was kept read as dense, 1 everywhere).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,31 +32,39 @@ from mqpredict.util.atomic import atomic_write_text
 ERROR_TYPES: tuple[QuantType, ...] = (
     T.F16, T.Q8_0, T.Q6_K, T.Q5_K, T.Q5_1, T.Q5_0, T.Q4_K, T.Q4_1, T.Q4_0, T.IQ4_NL, T.IQ4_XS, T.Q3_K, T.IQ3_S, T.Q2_K,
 )  # fmt: skip
+#: … and on a mixture of experts MXFP4 too (the MXFP4_MOE preset writes its routed experts as MXFP4)
+MOE_ERROR_TYPES: tuple[QuantType, ...] = (T.MXFP4,)
 MAX_ELEMENTS = 1 << 21  # rows sampled per tensor beyond this many elements
 TABLE_VERSION = 1
 
 
 @dataclass(frozen=True)
 class ErrorTable:
-    """group → {type name: relative MSE}; plus each group's share of the parameters."""
+    """group → {type name: relative MSE}; plus each group's share of the parameters and the fraction of
+    it one token uses (groups missing from ``active`` are used whole)."""
 
     model_id: str
     errors: dict[str, dict[str, float]]
     shares: dict[str, float]
     seconds: float = 0.0
+    active: dict[str, float] = field(default_factory=dict)
 
     def mse(self, group: str, qtype: str) -> float | None:
         return self.errors.get(group, {}).get(qtype)
 
+    def active_of(self, group: str) -> float:
+        """The fraction of the group's parameters one token uses (1 but for a mixture's routed experts)."""
+        return self.active.get(group, 1.0)
+
     def to_json(self) -> dict:
         return {"version": TABLE_VERSION, "model_id": self.model_id, "errors": self.errors, "shares": self.shares,
-                "seconds": self.seconds}  # fmt: skip
+                "active": self.active, "seconds": self.seconds}  # fmt: skip
 
     @classmethod
     def from_json(cls, d: dict) -> ErrorTable:
         if d.get("version") != TABLE_VERSION:
             raise ValueError(f"weight-error table version {d.get('version')} (expected {TABLE_VERSION})")
-        return cls(d["model_id"], d["errors"], d["shares"], d.get("seconds", 0.0))
+        return cls(d["model_id"], d["errors"], d["shares"], d.get("seconds", 0.0), d.get("active", {}))
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
@@ -123,7 +133,8 @@ def compute(model: ModelInfo, model_id: str, pure: dict[QuantType, GGUFHeader], 
                 den[e] = den.get(e, 0.0) + energy[name]
         errors[g] = {e: num[e] / den[e] for e in num}
     shares = {g: v / model.n_params for g, v in model.group_params().items()}
-    return ErrorTable(model_id, errors, shares, time.perf_counter() - t0)
+    active = {g: a for g, a in model.group_active().items() if a != 1.0}
+    return ErrorTable(model_id, errors, shares, time.perf_counter() - t0, active)
 
 
 def cached_table(path: Path) -> ErrorTable | None:
@@ -136,8 +147,14 @@ def cached_table(path: Path) -> ErrorTable | None:
     return None
 
 
-def error_table(engine, model_id: str, types=ERROR_TYPES, cache: Path | None = None, progress=None) -> ErrorTable:
-    """The (cached) table of the engine's base model: one pure quantization and one pass per type.
+def error_types(model: ModelInfo) -> tuple[QuantType, ...]:
+    """The types whose errors a model's table holds."""
+    return ERROR_TYPES + (MOE_ERROR_TYPES if model.n_expert else ())
+
+
+def error_table(engine, model_id: str, types=None, cache: Path | None = None, progress=None) -> ErrorTable:
+    """The (cached) table of the engine's base model: one pure quantization and one pass per type
+    (``types``, default :func:`error_types`).
 
     The pure quantizations come from the in-process engine's cache; with another engine (the tools
     engine on a user's GPU build) an in-process engine on the same base computes them (CPU only)."""
@@ -150,7 +167,7 @@ def error_table(engine, model_id: str, types=ERROR_TYPES, cache: Path | None = N
 
         with InProcessEngine(engine.model.path, None, engine.spec) as cpu:
             return error_table(cpu, model_id, types, path.parent, progress)
-    pure = {qt: engine.pure_header(qt) for qt in types}
+    pure = {qt: engine.pure_header(qt) for qt in types or error_types(engine.model)}
     table = compute(engine.model, model_id, pure, progress)
     table.save(path)
     return table
