@@ -5,8 +5,8 @@
 
 For each model: the 16 seed presets, the recipes in datasets/recipes, isolation probes (one group
 changed on a Q8_0 carrier) and a seeded sample of hybrids, deduplicated by the files they make,
-measured in process on the bundled corpus (8 windows of 512, 2040 tokens). Re-running skips what the
-store holds, so an interrupted run just continues. Per-token vectors are not kept (the store stays
+measured in process on the bundled corpus (8 chunks of 512: 2048 tokens streamed, or 2040 with
+--scoring windows). Re-running skips what the store holds, so an interrupted run just continues. Per-token vectors are not kept (the store stays
 small enough for git).
 """
 
@@ -23,7 +23,7 @@ from mqpredict.base.embedded import prepare_embedded
 from mqpredict.base.testmodel import TinyShape, write_test_model
 from mqpredict.base.truncate import truncate
 from mqpredict.llama.inprocess import InProcessEngine
-from mqpredict.measure.corpus import EvalSpec
+from mqpredict.measure.corpus import EvalSpec, Scoring
 from mqpredict.quant.model import ModelInfo
 from mqpredict.records import seed as seeding
 from mqpredict.records.identity import identify
@@ -62,7 +62,7 @@ def table(path: Path) -> None:
             error_table(eng, mid).save(out)
 
 
-def run_model(path: Path, store: Store, hybrids: int, seed: int) -> None:
+def run_model(path: Path, store: Store, hybrids: int, seed: int, scoring: Scoring = Scoring.stream) -> None:
     table(path)
     model = ModelInfo.load(path)
     space = CandidateSpace(model)
@@ -72,7 +72,8 @@ def run_model(path: Path, store: Store, hybrids: int, seed: int) -> None:
     cands += seeding.config_candidates(space.sample(hybrids, np.random.default_rng(seed)), Source.hybrid)
     cands += seeding.config_candidates(probes, Source.probe)  # last: an interrupted run keeps the hybrids
     say(f"{path.name}: {len(cands)} candidates")
-    with InProcessEngine(path, DEFAULT_CORPUS, SPEC) as eng:
+    spec = EvalSpec(SPEC.ctx, SPEC.n_chunks, scoring=scoring)
+    with InProcessEngine(path, DEFAULT_CORPUS, spec) as eng:
         rep = seeding.seed(eng, store, cands, say=lambda s: None, keep_vectors=False)
     say(f"{path.name}: measured {len(rep.measured)}, failed {len(rep.failed)}, same file {len(rep.same_file)}, "
         f"skipped {len(rep.skipped)}")
@@ -83,6 +84,8 @@ def main() -> None:
     ap.add_argument("--store", default=str(DATASETS / "records"))
     ap.add_argument("--only", nargs="*", help="model names (smollm2, gemma3-270m, qwen2.5-0.5b, synthetic)")
     ap.add_argument("--tables-only", action="store_true", help="only (re)compute missing weight-error tables")
+    ap.add_argument("--scoring", choices=[s.value for s in Scoring], default=Scoring.stream.value,
+                    help="stream (default: one KV-cache pass) or windows (llama-perplexity's windows)")
     a = ap.parse_args()
     if a.tables_only:
         for p in sorted((cache_dir() / "synthetic").glob("*.gguf")) + sorted((cache_dir() / "bases").glob("*.gguf")):
@@ -96,17 +99,17 @@ def main() -> None:
                 p = cache_dir() / "synthetic" / f"tiny-{shape.n_embd}x{shape.n_layers}-s{s}.gguf"
                 if not p.exists():
                     write_test_model(p, s, shape)
-                run_model(p, store, n, s)
+                run_model(p, store, n, s, Scoring(a.scoring))
     real = [name for name in REAL if name in want]
     for name in real:  # every family first (what leave-one-family-out needs most), then the truncations
-        run_model(prepare_embedded(name), store, REAL[name][0], 0)
+        run_model(prepare_embedded(name), store, REAL[name][0], 0, Scoring(a.scoring))
     for name in real:
         base = prepare_embedded(name)
         for k in REAL[name][1]:
             p = cache_dir() / "bases" / f"{name}-first{k}.gguf"
             if not p.exists():
                 truncate(base, p, k)
-            run_model(p, store, REAL[name][2], k)
+            run_model(p, store, REAL[name][2], k, Scoring(a.scoring))
     say("done")
 
 

@@ -12,8 +12,8 @@ import typer
 from rich.table import Table
 
 from mqpredict.cli.common import (
-    DEFAULTS, CtxOpt, EngineName, EngineOpt, ExperimentOpt, JsonOpt, LlamaBinOpt, NoTrackOpt, ThreadsOpt,
-    TrackingUriOpt, emit_json, err, make_engine, make_tracker, out, progress_bar,
+    DEFAULTS, CtxOpt, EngineName, EngineOpt, ExperimentOpt, JsonOpt, LlamaBinOpt, NoTrackOpt, ScoringOpt, ThreadsOpt,
+    TrackingUriOpt, emit_json, err, make_engine, make_tracker, out, progress_bar, scoring_for,
 )  # fmt: skip
 from mqpredict.cli.model_cmds import BaseArg, _base
 from mqpredict.errors import InputError
@@ -135,6 +135,7 @@ def run(
     z: Annotated[float, typer.Option("--z", help="Paired standard errors for 'significantly' below/above.")] = 2.0,
     stage: Annotated[float, typer.Option("--stage", help="First stage of a confirmation, as a share of the search slice.")] = 0.25,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the search and the surrogate.")] = 0,
+    scoring: ScoringOpt = None,
     engine: EngineOpt = EngineName.inprocess,
     llama_bin: LlamaBinOpt = None,
     threads: ThreadsOpt = 0,
@@ -176,7 +177,7 @@ def run(
     except ValueError:
         raise InputError(f"--probes {probes!r} is not one of: auto, yes, no") from None
     settings = Settings(budget=budget, batch=batch, stage_fraction=stage, z=z, probes=pm, seed=seed)
-    spec = EvalSpec.from_tokens(tokens, ctx)
+    spec = EvalSpec.from_tokens(tokens, ctx, scoring=scoring_for(scoring, engine))
     rules, bud = Rules(spacing, min_gain, z), _budget(target_size, target_bpw, vram, vram_ctx)
     xo = _executor_options(executor, address, task_cpus, task_gpus, task_memory, retries, sync, ship, llama_bin)
     with progress_bar(not json) as progress:
@@ -284,6 +285,7 @@ def propose(
     store: StoreOpt = None,
     ctx: CtxOpt = DEFAULTS["ctx"],
     tokens: Annotated[int, typer.Option("--tokens", help="Scored tokens of your measurements.")] = CAMPAIGN_TOKENS,
+    scoring: ScoringOpt = None,
     threads: ThreadsOpt = 0,
     json: JsonOpt = False,
 ) -> None:
@@ -301,7 +303,7 @@ def propose(
     from mqpredict.surrogate.weight_error import error_table
     from mqpredict.util.atomic import atomic_write_text
 
-    spec = EvalSpec.from_tokens(tokens, ctx)
+    spec = EvalSpec.from_tokens(tokens, ctx, scoring=scoring_for(scoring))
     with progress_bar(not json) as progress:
         path = _base(base, progress)
         eng = make_engine(path, corpus, spec, EngineName.inprocess, None, threads, False, progress)
@@ -310,14 +312,15 @@ def propose(
 
             ident = identify(eng.model)
             st = State("propose", str(path), eng.corpus.id, str(corpus), eng.name, spec.ctx, spec.n_chunks, 0,
-                       ident.model_id, ident.family, Settings(), "")  # fmt: skip
+                       ident.model_id, ident.family, Settings(), "", spec.scoring.value)  # fmt: skip
             out_dir.mkdir(parents=True, exist_ok=True)
             c = Campaign(eng, _store(store), out_dir, st, None, lambda s: err.print(s, highlight=False), progress)
             c.all_sources = True
             ok = c._records(spec)
             if ok.empty or not (ok["config"] == "preset=Q8_0").any():
-                raise InputError(f"{store or 'the store'} holds no measured Q8_0 of {path.name} on this corpus and slice",
-                                 f"seed it first: mqpredict seed {path} --corpus {corpus} --tokens {tokens}")  # fmt: skip
+                raise InputError(f"{store or 'the store'} holds no measured Q8_0 of {path.name} on this corpus, slice and "
+                                 f"scoring ({spec.scoring.value})", f"seed it first: mqpredict seed {path} --corpus "
+                                 f"{corpus} --tokens {tokens} --scoring {spec.scoring.value}")  # fmt: skip
             import math
 
             table = error_table(eng, ident.model_id, progress=progress)
@@ -383,8 +386,9 @@ def clone(
         raise InputError(f"{table_path} holds no win, no chosen survivor and no hybrid", "give --survivor NAME")
     check_layout(ModelInfo.load(st.base), ModelInfo.load(variant))
     recs = _store(store).load()
-    pres = recs[(recs["model_id"] == st.model_id) & (recs["source"] == "preset") & (recs["status"] == "ok")
-                & (recs["ctx"] == st.ctx) & (recs["n_chunks"] == st.n_chunks) & (recs["chunk_offset"] == st.chunk_offset)]  # fmt: skip
+    same = (recs["ctx"] == st.ctx) & (recs["n_chunks"] == st.n_chunks) & (recs["chunk_offset"] == st.chunk_offset)
+    same &= recs["scoring"].fillna("windows") == st.scoring
+    pres = recs[(recs["model_id"] == st.model_id) & (recs["source"] == "preset") & (recs["status"] == "ok") & same]
     line = Line.from_presets([Point(float(r.bpw), float(r.kld_mean), r.config) for r in pres.itertuples()])
     spec = st.search
     results = []

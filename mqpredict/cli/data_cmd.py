@@ -10,8 +10,8 @@ from rich.table import Table
 
 from mqpredict.cli.common import (
     DEFAULTS, CorpusOpt, CtxOpt, EngineName, EngineOpt, ExperimentOpt, JsonOpt, LlamaBinOpt, NoTrackOpt,
-    QuantizedBaseOpt, ThreadsOpt, TokensOpt, ToolsKLDOpt, TrackingUriOpt, base_notes, emit_json, err, make_engine,
-    make_tracker, out, progress_bar, spec_from,
+    QuantizedBaseOpt, ScoringOpt, ThreadsOpt, TokensOpt, ToolsKLDOpt, TrackingUriOpt, base_notes, emit_json, err,
+    make_engine, make_tracker, out, progress_bar, scoring_for, spec_from,
 )  # fmt: skip
 from mqpredict.cli.model_cmds import BaseArg, _base
 from mqpredict.errors import InputError
@@ -172,6 +172,7 @@ def seed(
     presets: Annotated[bool, typer.Option("--presets/--no-presets", help="Measure the standard presets.")] = True,
     ctx: CtxOpt = DEFAULTS["ctx"],
     tokens: TokensOpt = DEFAULTS["tokens"],
+    scoring: ScoringOpt = None,
     engine: EngineOpt = EngineName.inprocess,
     llama_bin: LlamaBinOpt = None,
     tools_kld: ToolsKLDOpt = "statistics",
@@ -205,7 +206,7 @@ def seed(
     if not cands:
         raise InputError("nothing to seed", "keep --presets, or give --recipes / --from-gguf")
     st = _store(store, fmt)
-    spec = spec_from(ctx, tokens, 0)
+    spec = spec_from(ctx, tokens, 0, scoring_for(scoring, engine))
     with progress_bar(not json) as progress:
         path = _base(base, progress)
         eng = make_engine(path, corpus, spec, engine, llama_bin, threads, allow_quantized_base, progress, tools_kld)
@@ -225,7 +226,7 @@ def seed(
         return
     from mqpredict.cli.measure_cmd import print_table
 
-    print_table(rows, f"{path.name} · {spec.n_chunks}×{spec.ctx} · records in {st.root}", line=True)
+    print_table(rows, f"{path.name} · {spec.n_chunks}×{spec.ctx} {spec.scoring.value} · records in {st.root}", line=True)
     out.print(base_notes(ModelInfo.load(path)), highlight=False)
     for n in rep.notes:
         err.print(f"note: {n}", highlight=False)
@@ -236,13 +237,14 @@ def seed(
 
 
 def _model_rows(st, model_id: str, spec, eng) -> list[dict]:
-    """This model's ok records on this corpus and slice, as table rows (smallest first)."""
+    """This model's ok records in this context (corpus, slice, scoring, imatrix), as table rows (smallest first)."""
+    from mqpredict.records.context import Context
+
+    context = Context.of(eng, model_id, spec)
     rows = []
     for r in st.records():
         v = r.values
-        if (v["model_id"], v["corpus"], v["ctx"], v["n_chunks"], v["chunk_offset"]) != (
-            model_id, eng.corpus.id, spec.ctx, spec.n_chunks, spec.chunk_offset
-        ) or v["status"] != "ok":
+        if not context.matches(v) or v["status"] != "ok":
             continue
         label = Path(v["provenance_file"]).name if v["source"] in ("recipe", "community") and v["provenance_file"] else None
         rows.append({**v, "seconds_eval": None, "label": f"{v['source']}:{label}" if label else None})

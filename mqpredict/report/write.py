@@ -107,6 +107,7 @@ def write_recipe(folder: Path, model: ModelInfo, row: Row, tensor_types: dict[st
         "fractions": v.get("fractions"),
         "llama_cpp": {"version": v["llama_version"], "commit": v["llama_commit"], "build": v["build"], "engine": v["engine"]},
         "corpus": v["corpus"], "ctx": v["ctx"], "n_chunks": v["n_chunks"], "chunk_offset": v["chunk_offset"],
+        "scoring": v.get("scoring") or "windows",
         "statistics": {k: v.get(k) for k in STATS + ("kld_p90", "kld_p95", "ln_ppl_ratio")},
         "margin_to_line": None if row.margin is None else {"ln": row.margin.diff, "se": row.margin.se},
         "heldout_margin_to_line": None if row.heldout is None else {"ln": row.heldout.diff, "se": row.heldout.se},
@@ -115,7 +116,7 @@ def write_recipe(folder: Path, model: ModelInfo, row: Row, tensor_types: dict[st
             "llama_quantize": " ".join(quantize_command(model, cfg, out_name, tt.name)),
             "mqpredict": f"mqpredict build {model.path} --config '{v['config']}' -o {out_name}",
             "verify": f"mqpredict measure {model.path} --gguf {out_name} --corpus CORPUS --ctx {v['ctx']} "
-                      f"--tokens {v['n_tokens']} --chunk-offset {v['chunk_offset']}",
+                      f"--tokens {v['n_tokens']} --chunk-offset {v['chunk_offset']} --scoring {v.get('scoring') or 'windows'}",
         },
         **manifest_extra,
     }  # fmt: skip
