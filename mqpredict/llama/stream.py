@@ -40,9 +40,10 @@ _CHUNK = re.compile(r"-c(\d{5})\.kv$")
 class StreamEvaluator:
     """A llama.cpp context walking the stream (see the module doc); logits are views valid until the next call."""
 
-    def __init__(self, model, ctx: int, threads: int) -> None:
+    def __init__(self, model, ctx: int, threads: int, keep: int = 1) -> None:
         lib = runtime.lib()
         self.lib, self.model, self.n_ctx, self.h = lib, model, ctx, ctx // 2
+        self.keep = keep  # cells never dropped (1: the attention sink; 0 only to show why it stays)
         cp = lib.llama_context_default_params()
         cp.n_ctx = ctx
         cp.n_batch = ctx
@@ -103,10 +104,10 @@ class StreamEvaluator:
 
     def advance(self, tokens: np.ndarray, logits: bool) -> np.ndarray | None:
         """Any later chunk: drop the h oldest cells after the first, shift, decode ``tokens`` (h of them)."""
-        h, n = self.h, self.n_ctx
-        if not self.lib.llama_memory_seq_rm(self.mem, 0, 1, 1 + h):
+        h, n, k = self.h, self.n_ctx, self.keep
+        if not self.lib.llama_memory_seq_rm(self.mem, 0, k, k + h):
             raise LlamaError(f"llama.cpp could not remove cells from the KV cache of {self.model.path}")
-        self.lib.llama_memory_seq_add(self.mem, 0, 1 + h, n, -h)
+        self.lib.llama_memory_seq_add(self.mem, 0, k + h, n, -h)
         return self._decode(tokens, n - h, 0 if logits else None)
 
     def save(self) -> bytes:
