@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json as js
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from mqpredict.cli.common import (
 )  # fmt: skip
 from mqpredict.cli.model_cmds import BaseArg, _base
 from mqpredict.errors import InputError
+from mqpredict.measure.corpus import Scoring
 
 app = typer.Typer(help="The main job: propose likely nonlinear wins, confirm them for real, report the survivors.",
                   no_args_is_help=True)  # fmt: skip
@@ -353,6 +355,8 @@ def clone(
     corpus: Annotated[Path | None, typer.Option("--corpus", help="Evaluation text (default: the campaign's).")] = None,
     keep: Annotated[Path | None, typer.Option("--out", "-o", help="Folder to keep the built GGUFs in.")] = None,
     store: StoreOpt = None,
+    scoring: Annotated[Scoring | None, typer.Option("--scoring", help="stream or windows (default: the campaign's).",
+                                                    case_sensitive=False)] = None,  # fmt: skip
     threads: ThreadsOpt = 0,
     json: JsonOpt = False,
 ) -> None:
@@ -390,7 +394,7 @@ def clone(
     same &= recs["scoring"].fillna("windows") == st.scoring
     pres = recs[(recs["model_id"] == st.model_id) & (recs["source"] == "preset") & (recs["status"] == "ok") & same]
     line = Line.from_presets([Point(float(r.bpw), float(r.kld_mean), r.config) for r in pres.itertuples()])
-    spec = st.search
+    spec = st.search if scoring is None else dataclasses.replace(st.search, scoring=Scoring(scoring))
     results = []
     with progress_bar(not json) as progress:
         eng = make_engine(variant, corpus or Path(st.corpus_path), spec, EngineName.inprocess, None, threads, False, progress)
