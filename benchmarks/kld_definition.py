@@ -19,7 +19,7 @@ import numpy as np
 from mqpredict.base.embedded import prepare_embedded
 from mqpredict.llama.inprocess import Evaluator, InProcessEngine, LoadedModel
 from mqpredict.measure.corpus import EvalSpec
-from mqpredict.measure.kld import score_rows
+from mqpredict.measure.kld import score_rows, score_sparse
 from mqpredict.measure.logprobs import compress
 from mqpredict.quant.config import Config
 from mqpredict.util.paths import DEFAULT_CORPUS
@@ -53,7 +53,7 @@ def main() -> None:
     spec = EvalSpec(ctx=512, n_chunks=a.chunks)
     eng = InProcessEngine(base, DEFAULT_CORPUS, spec, threads=a.threads)
     lp = eng.base_logprobs(spec)
-    windows = np.asarray(lp.tokens)
+    windows = lp.tokens[: a.chunks * spec.ctx].reshape(a.chunks, spec.ctx)
     from mqpredict.llama.inprocess import LoadedModel as _LM
 
     vocab = _LM(eng.model.path, vocab_only=True)
@@ -71,7 +71,7 @@ def main() -> None:
         llama, exact, cut = [], [], []
         for i, (b, x) in enumerate(zip(base_logits, q)):
             lb, lq = _log_softmax(b), _log_softmax(x)
-            llama.append(score_rows(x, lp.rows[i], windows[i, spec.first + 1 :]).kld)
+            llama.append(score_sparse(x, lp.get(i), windows[i, spec.first + 1 :]).kld)
             exact.append((np.exp(lb) * (lb - lq)).sum(1))
             cut.append((np.exp(lb) * (lb - lq) * (lb > -16)).sum(1))
         qs = _logits(built.path, spec, shifted, eng.threads)

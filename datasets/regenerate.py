@@ -7,17 +7,18 @@
 
 For each model: the 16 seed presets (+ MXFP4_MOE on a mixture of experts), the recipes in datasets/recipes, isolation probes (one group
 changed on a Q8_0 carrier) and a seeded sample of hybrids, deduplicated by the files they make,
-measured in process on the bundled corpus (8 windows of 512, 2040 tokens; the 1.5B: 4 windows).
-``--imatrix`` (default ``both``) also measures every model quantized with its importance matrix on the
-shipped calibration text (computed once, cached): the 27 presets (the 11 imatrix presets join), the
-recipes, probes and hybrids whose types include the imatrix-only ones. Re-running skips what the store
-holds, so an interrupted run just continues. Per-token vectors are not kept (the store stays small
-enough for git).
+measured in process on the bundled corpus (8 chunks of 512: 2048 tokens streamed, or 2040 with
+``--scoring windows``; the 1.5B: 4 chunks). ``--imatrix`` (default ``both``) also measures every model
+quantized with its importance matrix on the shipped calibration text (computed once, cached): the 27 presets
+(the 11 imatrix presets join), the recipes, probes and hybrids whose types include the imatrix-only ones.
+Re-running skips what the store holds, so an interrupted run just continues. Per-token vectors are not kept
+(the store stays small enough for git).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from mqpredict.base.testmodel import TinyShape, write_test_model
 from mqpredict.base.truncate import truncate
 from mqpredict.llama.imatrix import ImatrixSettings, compute_imatrix
 from mqpredict.llama.inprocess import InProcessEngine
-from mqpredict.measure.corpus import EvalSpec
+from mqpredict.measure.corpus import EvalSpec, Scoring
 from mqpredict.quant.model import ModelInfo
 from mqpredict.records import seed as seeding
 from mqpredict.records.identity import identify
@@ -121,6 +122,8 @@ def main() -> None:
     ap.add_argument("--presets-only", action="store_true", help="only the seed presets (the lines)")
     ap.add_argument("--no-probes", action="store_true", help="no isolation probes (a first pass over many models)")
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads (1 on a busy machine)")
+    ap.add_argument("--scoring", choices=[s.value for s in Scoring], default=Scoring.stream.value,
+                    help="stream (default: one KV-cache pass) or windows (llama-perplexity's windows)")
     a = ap.parse_args()
     global THREADS
     THREADS = a.threads
@@ -134,6 +137,7 @@ def main() -> None:
     modes = {"both": (False, True), "only": (True,), "none": (False,)}[a.imatrix]
 
     def run(path: Path, hybrids: int, seed: int, spec: EvalSpec = SPEC) -> None:
+        spec = dataclasses.replace(spec, scoring=Scoring(a.scoring))
         for with_im in modes:
             run_model(path, store, hybrids, seed, spec, model_imatrix(path) if with_im else None, a.presets_only,
                       not a.no_probes)

@@ -2,12 +2,17 @@
 
 * **evaluate**: seconds per config for ``InProcessEngine.evaluate`` vs ``llama-perplexity --kl-divergence``
   reading its saved base-logits file — same GGUF files, model, corpus, ctx and threads, runs interleaved
-  (in-process, tool, in-process, tool …) so machine noise hits both alike; the median of each is compared.
+  (in-process, tool, in-process stream, in-process, tool, in-process stream …) so machine noise hits all
+  alike; the median of each is compared.
+* **stream**: the in-process engine's stream scoring on the same files, same number of chunks: seconds per
+  *scored token* against llama-perplexity's (``stream_ratio``; target ≤ 0.55 — windows mode scores
+  ``ctx/2 - 1`` tokens per ``ctx`` forward tokens, a stream ``ctx/2`` per ``ctx/2``), and the ratio of
+  mean KLD stream / windows per config (the two modes score different tokens; see docs/measurement.md).
 * **build**: seconds to build one hybrid by stitching (pure quantizations cached) vs
   ``llama-quantize --pure --tensor-type-file`` for the same config, interleaved likewise.
 
 Base log-probs and pure quantizations are prepared before timing (their one-off cost is reported).
-Targets (from the foundation issue): evaluate ≤ 1.0× (aim 0.8×), build ≤ 0.1×.
+Targets: evaluate ≤ 1.0× (aim 0.8×), build ≤ 0.1× (foundation issue); stream ≤ 0.55× per scored token (issue 13).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 
 from mqpredict.llama.inprocess import InProcessEngine
 from mqpredict.llama.tools import ToolsEngine, run_tool
-from mqpredict.measure.corpus import EvalSpec
+from mqpredict.measure.corpus import EvalSpec, Scoring
 from mqpredict.quant.config import Config
 from mqpredict.quant.resolve import quantize_command, tensor_type_lines
 
@@ -39,10 +44,16 @@ class BenchResult:
     eval_tool_s: float
     eval_ratio: float
     kld_agreement: float  # max relative difference of mean KLD between the two, over the configs
+    eval_stream_s: float  # median seconds per config, stream scoring (in-process)
+    tokens_windows: int  # tokens scored per config: windows (both engines) …
+    tokens_stream: int  # … and stream
+    stream_ratio: float  # stream seconds per scored token / llama-perplexity's
+    kld_stream_vs_windows: dict[str, float]  # mean KLD stream / windows, per config
     build_stitch_s: float
     build_tool_s: float
     build_ratio: float
     setup_base_logprobs_s: float
+    setup_stream_base_s: float
     setup_pure_cache_s: float
 
     def to_json(self) -> dict:
@@ -54,10 +65,14 @@ def run(base: Path, corpus: Path, spec: EvalSpec, threads: int, repeats: int, pr
     inproc = InProcessEngine(base, corpus, spec, threads=threads)
     tools = ToolsEngine(base, corpus, spec, threads=threads)
     try:
+        stream = EvalSpec(spec.ctx, spec.n_chunks, spec.chunk_offset, scoring=Scoring.stream)
         t0 = time.perf_counter()
         inproc.base_logprobs(spec)
         tool_base = tools.base_logprobs(spec)
         t_base = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        inproc.base_logprobs(stream)
+        t_stream_base = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         files = {c: inproc.build(Config.parse(c)).path for c in EVAL_CONFIGS}  # fills the pure cache
@@ -67,7 +82,9 @@ def run(base: Path, corpus: Path, spec: EvalSpec, threads: int, repeats: int, pr
 
         t_in: list[float] = []
         t_tool: list[float] = []
+        t_stream: list[float] = []
         agree = 0.0
+        kld_ratio: dict[str, float] = {}
         total = repeats * len(files)
         for r in range(repeats):
             for i, (c, path) in enumerate(files.items()):
@@ -76,9 +93,13 @@ def run(base: Path, corpus: Path, spec: EvalSpec, threads: int, repeats: int, pr
                 mi = inproc.evaluate(path).stats
                 t_in.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                mt = tools._evaluate(path, spec)[0]
+                mt = tools._evaluate(path, spec).stats
                 t_tool.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                ms = inproc.evaluate(path, stream).stats
+                t_stream.append(time.perf_counter() - t0)
                 agree = max(agree, abs(mi.kld_mean / mt.kld_mean - 1))
+                kld_ratio[c] = ms.kld_mean / mi.kld_mean
         progress("evaluate (side by side)", total, total)
 
         tt = inproc.workdir / "bench.tensor-types.txt"
@@ -103,7 +124,7 @@ def run(base: Path, corpus: Path, spec: EvalSpec, threads: int, repeats: int, pr
             out.unlink()
         progress("build (side by side)", n_build, n_build)
         assert Path(tool_base).exists()
-        m_in, m_tool = statistics.median(t_in), statistics.median(t_tool)
+        m_in, m_tool, m_stream = statistics.median(t_in), statistics.median(t_tool), statistics.median(t_stream)
         s_st, s_tool = statistics.median(b_st), statistics.median(b_tool)
         return BenchResult(
             model=inproc.model.path.name,
@@ -115,10 +136,16 @@ def run(base: Path, corpus: Path, spec: EvalSpec, threads: int, repeats: int, pr
             eval_tool_s=m_tool,
             eval_ratio=m_in / m_tool,
             kld_agreement=agree,
+            eval_stream_s=m_stream,
+            tokens_windows=spec.n_tokens,
+            tokens_stream=stream.n_tokens,
+            stream_ratio=(m_stream / stream.n_tokens) / (m_tool / spec.n_tokens),
+            kld_stream_vs_windows=kld_ratio,
             build_stitch_s=s_st,
             build_tool_s=s_tool,
             build_ratio=s_st / s_tool,
             setup_base_logprobs_s=t_base,
+            setup_stream_base_s=t_stream_base,
             setup_pure_cache_s=t_pure,
         )
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json as js
 import sys
 from pathlib import Path
@@ -13,11 +14,12 @@ from rich.table import Table
 
 from mqpredict.cli.common import (
     DEFAULTS, CtxOpt, EngineName, EngineOpt, ExperimentOpt, ImatrixOpt, JsonOpt, LlamaBinOpt, NoImatrixOpt, NoTrackOpt,
-    ThreadsOpt, TrackingUriOpt, emit_json, err, imatrix_or_default, load_imatrix, make_engine, make_tracker, out,
-    progress_bar,
+    ScoringOpt, ThreadsOpt, TrackingUriOpt, emit_json, err, imatrix_or_default, load_imatrix, make_engine,
+    make_tracker, out, progress_bar, scoring_for,
 )  # fmt: skip
 from mqpredict.cli.model_cmds import BaseArg, _base
 from mqpredict.errors import InputError
+from mqpredict.measure.corpus import Scoring
 
 app = typer.Typer(help="The main job: propose likely nonlinear wins, confirm them for real, report the survivors.",
                   no_args_is_help=True)  # fmt: skip
@@ -152,6 +154,7 @@ def run(
     z: Annotated[float, typer.Option("--z", help="Paired standard errors for 'significantly' below/above.")] = 2.0,
     stage: Annotated[float, typer.Option("--stage", help="First stage of a confirmation, as a share of the search slice.")] = 0.25,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the search and the surrogate.")] = 0,
+    scoring: ScoringOpt = None,
     engine: EngineOpt = EngineName.inprocess,
     llama_bin: LlamaBinOpt = None,
     threads: ThreadsOpt = 0,
@@ -197,7 +200,7 @@ def run(
     except ValueError:
         raise InputError(f"--probes {probes!r} is not one of: auto, yes, no") from None
     settings = Settings(budget=budget, batch=batch, stage_fraction=stage, z=z, probes=pm, seed=seed)
-    spec = EvalSpec.from_tokens(tokens, ctx)
+    spec = EvalSpec.from_tokens(tokens, ctx, scoring=scoring_for(scoring, engine))
     rules, bud = Rules(spacing, min_gain, z), _budget(target_size, target_bpw, vram, vram_ctx)
     xo = _executor_options(executor, address, task_cpus, task_gpus, task_memory, retries, sync, ship, llama_bin)
     with progress_bar(not json) as progress:
@@ -310,6 +313,7 @@ def propose(
     tokens: Annotated[int, typer.Option("--tokens", help="Scored tokens of your measurements.")] = CAMPAIGN_TOKENS,
     imatrix: Annotated[Path | None, typer.Option("--imatrix", help="The importance matrix your builds use (records "
                                                  "with another one, or none, are not used).")] = None,  # fmt: skip
+    scoring: ScoringOpt = None,
     threads: ThreadsOpt = 0,
     json: JsonOpt = False,
 ) -> None:
@@ -327,7 +331,7 @@ def propose(
     from mqpredict.surrogate.weight_error import error_table
     from mqpredict.util.atomic import atomic_write_text
 
-    spec = EvalSpec.from_tokens(tokens, ctx)
+    spec = EvalSpec.from_tokens(tokens, ctx, scoring=scoring_for(scoring))
     with progress_bar(not json) as progress:
         path = _base(base, progress)
         im = load_imatrix(imatrix)
@@ -337,15 +341,17 @@ def propose(
 
             ident = identify(eng.model)
             st = State("propose", str(path), eng.corpus.id, str(corpus), eng.name, spec.ctx, spec.n_chunks, 0,
-                       ident.model_id, ident.family, Settings(), "", str(im.path) if im else "", im.id if im else "")  # fmt: skip
+                       ident.model_id, ident.family, Settings(), "", str(im.path) if im else "", im.id if im else "",
+                       spec.scoring.value)  # fmt: skip
             out_dir.mkdir(parents=True, exist_ok=True)
             c = Campaign(eng, _store(store), out_dir, st, None, lambda s: err.print(s, highlight=False), progress)
             c.all_sources = True
             ok = c._records(spec)
             if ok.empty or not (ok["config"] == "preset=Q8_0").any():
                 raise InputError(f"{store or 'the store'} holds no measured Q8_0 of {path.name} on this corpus, slice and "
-                                 f"{'imatrix' if im else 'no imatrix'}",
-                                 f"seed it first: mqpredict seed {path} --corpus {corpus} --tokens {tokens}"
+                                 f"{'imatrix' if im else 'no imatrix'} and scoring ({spec.scoring.value})",
+                                 f"seed it first: mqpredict seed {path} --corpus {corpus} --tokens {tokens} "
+                                 f"--scoring {spec.scoring.value}"
                                  + (f" --imatrix {imatrix}" if im else " --no-imatrix"))  # fmt: skip
             import math
 
@@ -381,6 +387,8 @@ def clone(
                                                  "campaign's, if it quantized with one — same tensors and shapes).")] = None,  # fmt: skip
     keep: Annotated[Path | None, typer.Option("--out", "-o", help="Folder to keep the built GGUFs in.")] = None,
     store: StoreOpt = None,
+    scoring: Annotated[Scoring | None, typer.Option("--scoring", help="stream or windows (default: the campaign's).",
+                                                    case_sensitive=False)] = None,  # fmt: skip
     threads: ThreadsOpt = 0,
     json: JsonOpt = False,
 ) -> None:
@@ -420,7 +428,7 @@ def clone(
                   st.search.scoring.value, st.imatrix_id or None)  # fmt: skip
     pres = recs[ctx.mask(recs) & (recs["source"] == "preset") & (recs["status"] == "ok")]
     line = Line.from_presets([Point(float(r.bpw), float(r.kld_mean), r.config) for r in pres.itertuples()])
-    spec = st.search
+    spec = st.search if scoring is None else dataclasses.replace(st.search, scoring=Scoring(scoring))
     results = []
     with progress_bar(not json) as progress:
         im = load_imatrix(imatrix) if imatrix is not None else (load_imatrix(Path(st.imatrix)) if st.imatrix_id else None)

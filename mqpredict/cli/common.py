@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mqpredict.errors import InputError
 from mqpredict.llama.factory import EngineName, make_engine  # noqa: F401  (re-exported: the CLI builds engines by name)
-from mqpredict.measure.corpus import DEFAULT_CTX, DEFAULT_TOKENS, EvalSpec
+from mqpredict.measure.corpus import DEFAULT_CTX, DEFAULT_TOKENS, EvalSpec, Scoring
 from mqpredict.util.paths import DEFAULT_CORPUS
 
 # results (tables); JSON goes through emit_json. Piped output gets a wide console, not rich's 80 columns.
@@ -50,6 +50,13 @@ TokensOpt = Annotated[
 OffsetOpt = Annotated[
     int, typer.Option("--chunk-offset", help="First window to score (later windows stay free for held-out runs).")
 ]
+ScoringOpt = Annotated[
+    Scoring | None,
+    typer.Option("--scoring", help="stream: one pass through the KV cache, every token after the first half window "
+                 "scored once (about half the forward passes; the default); windows: llama-perplexity's independent "
+                 "windows, its exact numbers (the only mode of --engine tools, and its default).",
+                 case_sensitive=False),
+]  # fmt: skip
 EngineOpt = Annotated[
     EngineName,
     typer.Option("--engine", help="inprocess: llama-cpp-python, stitched builds; tools: llama-quantize/llama-perplexity."),
@@ -142,8 +149,15 @@ def make_tracker(no_track: bool, uri: str | None, experiment: str | None):
 DEFAULTS = {"corpus": DEFAULT_CORPUS, "ctx": DEFAULT_CTX, "tokens": DEFAULT_TOKENS}
 
 
-def spec_from(ctx: int, tokens: int, offset: int) -> EvalSpec:
-    return EvalSpec.from_tokens(tokens, ctx, offset)
+def scoring_for(scoring: Scoring | None, engine: EngineName = EngineName.inprocess) -> Scoring:
+    """--scoring as given, else the default: stream, or windows for the tools engine (which cannot stream)."""
+    if scoring is not None:
+        return Scoring(scoring)
+    return Scoring.windows if engine == EngineName.tools else Scoring.stream
+
+
+def spec_from(ctx: int, tokens: int, offset: int, scoring: Scoring = Scoring.windows) -> EvalSpec:
+    return EvalSpec.from_tokens(tokens, ctx, offset, scoring)
 
 
 # ------------------------------------------------------------------------------------ output

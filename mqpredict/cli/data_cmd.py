@@ -10,8 +10,8 @@ from rich.table import Table
 
 from mqpredict.cli.common import (
     DEFAULTS, CorpusOpt, CtxOpt, EngineName, EngineOpt, ExperimentOpt, ImatrixOpt, JsonOpt, LlamaBinOpt, NoImatrixOpt,
-    NoTrackOpt, QuantizedBaseOpt, ThreadsOpt, TokensOpt, ToolsKLDOpt, TrackingUriOpt, base_notes, emit_json, err,
-    imatrix_or_default, make_engine, make_tracker, out, progress_bar, spec_from,
+    NoTrackOpt, QuantizedBaseOpt, ScoringOpt, ThreadsOpt, TokensOpt, ToolsKLDOpt, TrackingUriOpt, base_notes, emit_json,
+    err, imatrix_or_default, make_engine, make_tracker, out, progress_bar, scoring_for, spec_from,
 )  # fmt: skip
 from mqpredict.cli.model_cmds import BaseArg, _base
 from mqpredict.errors import InputError
@@ -197,6 +197,7 @@ def seed(
     no_imatrix: NoImatrixOpt = False,
     ctx: CtxOpt = DEFAULTS["ctx"],
     tokens: TokensOpt = DEFAULTS["tokens"],
+    scoring: ScoringOpt = None,
     engine: EngineOpt = EngineName.inprocess,
     llama_bin: LlamaBinOpt = None,
     tools_kld: ToolsKLDOpt = "statistics",
@@ -231,7 +232,7 @@ def seed(
     if not cands and not presets:
         raise InputError("nothing to seed", "keep --presets, or give --recipes / --from-gguf")
     st = _store(store, fmt)
-    spec = spec_from(ctx, tokens, 0)
+    spec = spec_from(ctx, tokens, 0, scoring_for(scoring, engine))
     with progress_bar(not json) as progress:
         path = _base(base, progress)
         im = imatrix_or_default(path, imatrix, no_imatrix, threads, progress)
@@ -255,7 +256,7 @@ def seed(
         return
     from mqpredict.cli.measure_cmd import print_table
 
-    print_table(rows, f"{path.name} · {spec.n_chunks}×{spec.ctx} · records in {st.root}", line=True)
+    print_table(rows, f"{path.name} · {spec.n_chunks}×{spec.ctx} {spec.scoring.value} · records in {st.root}", line=True)
     out.print(base_notes(ModelInfo.load(path)), highlight=False)
     for n in rep.notes:
         err.print(f"note: {n}", highlight=False)

@@ -21,6 +21,7 @@ from mqpredict.cli.common import (
     LlamaBinOpt,
     OffsetOpt,
     QuantizedBaseOpt,
+    ScoringOpt,
     ExperimentOpt,
     NoTrackOpt,
     ThreadsOpt,
@@ -36,6 +37,7 @@ from mqpredict.cli.common import (
     make_tracker,
     out,
     progress_bar,
+    scoring_for,
     spec_from,
 )
 from mqpredict.cli.model_cmds import BaseArg, _base
@@ -136,6 +138,7 @@ def measure(
     ctx: CtxOpt = DEFAULTS["ctx"],
     tokens: TokensOpt = DEFAULTS["tokens"],
     chunk_offset: OffsetOpt = 0,
+    scoring: ScoringOpt = None,
     engine: EngineOpt = EngineName.inprocess,
     llama_bin: LlamaBinOpt = None,
     tools_kld: ToolsKLDOpt = "statistics",
@@ -149,9 +152,10 @@ def measure(
 ) -> None:
     """Measure configs for real with llama.cpp: exact size + KLD statistics against the base, one row per config.
 
-    Statistics follow llama-perplexity --kl-divergence (same tokens, same formulas): mean KLD ± error,
-    median, p90/p95/p99/p99.9, max, same-top (fraction), Δp, PPL of both models, ln(PPL ratio).
-    Rows come back in the order the configs were given; per-token KLD vectors are kept (per_token_path).
+    Statistics follow llama-perplexity --kl-divergence (same formulas): mean KLD ± error, median,
+    p90/p95/p99/p99.9, max, same-top (fraction), Δp, PPL of both models, ln(PPL ratio). --scoring windows
+    scores llama-perplexity's very tokens; stream (default) one pass through the KV cache at about half the
+    cost. Rows come back in the order the configs were given; per-token KLD vectors are kept (per_token_path).
     """
     from mqpredict.quant.config import Config
     from mqpredict.quant.presets import IMATRIX_PRESETS, STANDARD_PRESETS
@@ -163,7 +167,7 @@ def measure(
     files = list(gguf or [])
     if not configs and not files:
         raise InputError("nothing to measure", "give --config CFG (repeatable), --presets or --gguf FILE")
-    spec = spec_from(ctx, tokens, chunk_offset)
+    spec = spec_from(ctx, tokens, chunk_offset, scoring_for(scoring, engine))
     with progress_bar() as progress:
         path = _base(base, progress)
         eng = make_engine(path, corpus, spec, engine, llama_bin, threads, allow_quantized_base, progress, tools_kld,
@@ -175,13 +179,14 @@ def measure(
     else:
         from mqpredict.quant.model import ModelInfo
 
-        title = f"{path.name} · {spec.n_chunks}×{spec.ctx} ({spec.n_tokens} tokens scored) · {engine.value}"
+        title = f"{path.name} · {spec.n_chunks}×{spec.ctx} {spec.scoring.value} ({spec.n_tokens} tokens scored) · {engine.value}"
         print_table(rows, title, line=sum(r["config"].startswith("preset=") for r in rows) >= 2)
         out.print(base_notes(ModelInfo.load(path)), highlight=False)
 
 
 def demo(
     engine: EngineOpt = EngineName.inprocess,
+    scoring: ScoringOpt = None,
     threads: ThreadsOpt = 0,
     tracking_uri: TrackingUriOpt = None,
     experiment: ExperimentOpt = None,
@@ -204,7 +209,7 @@ def demo(
     from mqpredict.util.paths import DEFAULT_CORPUS
 
     configs = [Config.from_preset(p) for p in STANDARD_PRESETS] + [Config.parse(h) for h in DEMO_HYBRIDS]
-    spec = spec_from(DEFAULTS["ctx"], DEFAULTS["tokens"], 0)
+    spec = spec_from(DEFAULTS["ctx"], DEFAULTS["tokens"], 0, scoring_for(scoring, engine))
     with progress_bar() as progress:
         path = _base("smollm2", progress)
         eng = make_engine(path, DEFAULT_CORPUS, spec, engine, None, threads, False, progress)
@@ -217,7 +222,8 @@ def demo(
         emit_json(rows)
         return
     m = ModelInfo.load(path)
-    print_table(rows, f"SmolLM2-135M · {spec.n_chunks}×{spec.ctx} ({spec.n_tokens} tokens scored) · {engine.value}", True)
+    print_table(rows, f"SmolLM2-135M · {spec.n_chunks}×{spec.ctx} {spec.scoring.value} ({spec.n_tokens} tokens scored) · "
+                      f"{engine.value}", True)  # fmt: skip
     out.print(f"{base_notes(m)}. Source: {EMBEDDED['smollm2'].package} ({EMBEDDED['smollm2'].licence}).",
               highlight=False)  # fmt: skip
     out.print(f"wrote {out_dir / 'measurements.json'}", highlight=False)

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from mqpredict.cli.common import (
     ConfigsOpt, ExperimentOpt, JsonOpt, NoTrackOpt, TrackingUriOpt, emit_json, err, fmt_mb, make_tracker, out,
-    progress_bar, spec_from, DEFAULTS, CtxOpt, TokensOpt, ThreadsOpt,
+    progress_bar, spec_from, DEFAULTS, CtxOpt, TokensOpt, ThreadsOpt, ScoringOpt, scoring_for,
 )  # fmt: skip
 from mqpredict.cli.model_cmds import BaseArg, _base
 from mqpredict.errors import InputError
@@ -111,6 +111,7 @@ def predict(
     surrogate: SurrogateOpt = None,
     ctx: CtxOpt = DEFAULTS["ctx"],
     tokens: TokensOpt = DEFAULTS["tokens"],
+    scoring: ScoringOpt = None,
     threads: ThreadsOpt = 0,
     json: JsonOpt = False,
 ) -> None:
@@ -136,7 +137,7 @@ def predict(
         raise InputError("nothing to predict", "give --config CFG (repeatable), or --target-size / --target-bpw")
     with progress_bar(not json) as progress:
         path = _base(base, progress)
-        spec = spec_from(ctx, tokens, 0)
+        spec = spec_from(ctx, tokens, 0, scoring_for(scoring))
         eng = InProcessEngine(path, corpus, spec, threads=threads, progress=progress)
         with eng:
             ident = identify(eng.model)
@@ -195,11 +196,13 @@ def _reference(eng, ident, store: Path | None, spec) -> tuple[float, dict]:
     from mqpredict.quant.config import Config
     from mqpredict.records.store import Store
 
+    from mqpredict.records.context import Context
+
+    context = Context.of(eng, ident.model_id, spec)
     if store is not None and (store / "STORE.json").exists():
         for r in Store(store).records():
             v = r.values
-            if (v["model_id"], v["corpus"], v["ctx"], v["n_chunks"], v["chunk_offset"], v["config"], v["status"]) == (
-                    ident.model_id, eng.corpus.id, spec.ctx, spec.n_chunks, spec.chunk_offset, "preset=Q8_0", "ok"):
+            if context.matches(v) and (v["config"], v["status"]) == ("preset=Q8_0", "ok"):
                 return math.log(v["kld_mean"]), {"config": "preset=Q8_0", "size_bytes": v["size_bytes"], "bpw": v["bpw"],
                                                   "kld_pred": v["kld_mean"], "kld_lo": v["kld_mean"], "kld_hi": v["kld_mean"],
                                                   "mode": "reference", "reference": True, "out_of_range": []}  # fmt: skip

@@ -55,8 +55,9 @@ class Executor(ABC):
         its errors (InputError, LlamaError) are raised here."""
 
     def prepare(self, specs: list[EvalSpec]) -> None:
-        """Check the corpus covers ``specs`` and warm the base log-probabilities (raises InputError)."""
-        for s in specs:
+        """Check the corpus covers ``specs`` and warm the base log-probabilities (raises InputError); the
+        slice reaching furthest first, so that an engine whose base runs from window 0 runs it once."""
+        for s in sorted(specs, key=lambda s: -s.end):
             self.call(warm, s)
 
     def drain(self):

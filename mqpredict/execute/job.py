@@ -71,7 +71,7 @@ def run_job(engine: Engine, job: Job, carry_scores: bool = False) -> JobResult:
             o = confirm(engine, job.config, job.spec, job.reference, job.fraction, job.z)
         else:
             m = engine.measure(job.config, spec=job.spec)
-            o = Outcome(m, True, None, None, job.spec.n_chunks * job.spec.ctx)
+            o = Outcome(m, True, None, None, m.forward_tokens)
     except LlamaError as e:
         return JobResult(job, None, e.message, worker=worker_name(), seconds=time.perf_counter() - t0)
     scores = None
@@ -97,7 +97,7 @@ def land(result: JobResult, engine: Engine) -> JobResult:
                          "at the same base file")  # fmt: skip
     if result.scores is None:
         return result
-    spec = EvalSpec(m.ctx, m.n_chunks, m.chunk_offset, result.job.spec.n_batch)
+    spec = result.job.spec.part(m.chunk_offset, m.n_chunks)
     path = engine.per_token_path(m.types_key, spec)
     save_scores(path, result.scores)
     local = dataclasses.replace(m, per_token_path=str(path))

@@ -67,6 +67,17 @@ class Evaluation:
     scores: TokenScores | None  # per-token scores, when the engine can produce them
     seconds: float
     source: str  # what the numbers were computed from (e.g. "llama-perplexity statistics")
+    forward_tokens: int = 0  # tokens the quantized model really ran through (replays included)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What an engine's ``_evaluate`` returns."""
+
+    stats: KLDStats
+    scores: TokenScores | None
+    source: str
+    forward_tokens: int
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,7 @@ class Measurement:
     imatrix_id: str | None = None
     imatrix_corpus: str | None = None
     scoring: str = "windows"
+    forward_tokens: int = 0  # tokens the quantized model ran through for this measurement
 
     def to_json(self, with_types: bool = True) -> dict:
         d = {
@@ -119,6 +131,7 @@ class Measurement:
             "per_token_path": self.per_token_path,
             "seconds_build": self.seconds_build,
             "seconds_eval": self.seconds_eval,
+            "forward_tokens": self.forward_tokens,
         }
         if with_types:
             d["types"] = self.types
@@ -159,6 +172,7 @@ class Engine(ABC):
         self.progress = progress or _no_progress
         self.base_sha = file_sha256(self.model.path)
         self._workdir: Path | None = None
+        self._built: dict[Path, str] = {}  # files this engine built → what names their content
 
     @property
     def corpus(self) -> Corpus:
@@ -220,11 +234,24 @@ class Engine(ABC):
         self.close()
 
     def logprob_path(self, spec: EvalSpec) -> Path:
+        """The base log-prob cache of ``spec``'s evaluation: one per (base, corpus, scoring mode, ctx, batch
+        layout, engine, build), whatever the token slice."""
         return (
             self.cache
             / "logprobs"
-            / f"{self.base_sha[:16]}-{self.corpus.sha256[:12]}-{spec.key}-{self.name}-{self.build_id()}.kld"
+            / f"{self.base_sha[:16]}-{self.corpus.sha256[:12]}-{spec.context_key}-{self.name}-{self.build_id()}"
         )
+
+    def file_key(self, path: Path) -> str:
+        """Names the content of a GGUF to evaluate: its effective types for a file this engine built (with the
+        build and imatrix it depends on), else its sha256."""
+        key = self._built.get(path.resolve())
+        return key if key is not None else f"sha-{file_sha256(path)[:24]}"
+
+    @property
+    def keeps_vectors(self) -> bool:
+        """Whether evaluations come with per-token scores (paired comparisons need them)."""
+        return True
 
     @property
     def imatrix_id(self) -> str | None:
@@ -257,8 +284,8 @@ class Engine(ABC):
     def _build(self, config: Config, types: EffectiveTypes, out: Path) -> None: ...
 
     @abstractmethod
-    def _evaluate(self, path: Path, spec: EvalSpec) -> tuple[KLDStats, TokenScores | None, str]:
-        """(statistics, per-token scores or None, what they were computed from)."""
+    def _evaluate(self, path: Path, spec: EvalSpec) -> EvalResult:
+        """Statistics, per-token scores (or None), what they were computed from, forward tokens run."""
 
     @abstractmethod
     def base_logprobs(self, spec: EvalSpec):
@@ -289,6 +316,7 @@ class Engine(ABC):
                 f"{self.name} wrote {diff} as {actual.get(diff)} but {types[diff].name} was predicted",
                 "the llama.cpp build differs from the one mqpredict was tested with; please report it",
             )
+        self._built[out.resolve()] = f"{self.quant_context}-{tkey}"
         return Built(out, config, types, tkey, self.size_of(types), time.perf_counter() - t0)
 
     def evaluate(self, path: str | os.PathLike, spec: EvalSpec | None = None) -> Evaluation:
@@ -299,8 +327,8 @@ class Engine(ABC):
 
     def _timed_evaluate(self, path: Path, spec: EvalSpec) -> Evaluation:
         t0 = time.perf_counter()
-        stats, scores, source = self._evaluate(path, spec)
-        return Evaluation(stats, scores, time.perf_counter() - t0, source)
+        r = self._evaluate(path, spec)
+        return Evaluation(r.stats, r.scores, time.perf_counter() - t0, r.source, r.forward_tokens)
 
     def release(self, path: Path) -> None:
         """Forget anything held for ``path`` (it is about to be deleted)."""
@@ -368,6 +396,7 @@ def _measurement(engine: Engine, config: str, types: EffectiveTypes, size: int, 
         imatrix_id=engine.imatrix_id,
         imatrix_corpus=engine.imatrix.corpus_id if engine.imatrix is not None else None,
         scoring=spec.scoring.value,
+        forward_tokens=ev.forward_tokens,
     )
 
 

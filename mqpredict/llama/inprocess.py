@@ -24,12 +24,13 @@ import numpy as np
 
 from mqpredict.errors import InputError, LlamaError
 from mqpredict.llama import runtime
-from mqpredict.llama.engine import Engine
+from mqpredict.llama.engine import Engine, EvalResult
 from mqpredict.llama.quantize import dry_run_types, pure_quantize
 from mqpredict.llama.stitch import index_sources, stitch
 from mqpredict.measure.corpus import EvalSpec
-from mqpredict.measure.kld import TokenScores, score_rows_parallel
-from mqpredict.measure.logprobs import LogProbFile, LogProbWriter, compress
+from mqpredict.llama.stream import StateStore, StreamEvaluator, Walk, state_folder, walk
+from mqpredict.measure.baselogprobs import BaseLogProbs, CacheMeta, SparseRows
+from mqpredict.measure.kld import TokenScores, score_parallel
 from mqpredict.measure.stats import KLDStats
 from mqpredict.quant.config import Config
 from mqpredict.quant.header import GGUFHeader, read_header
@@ -77,6 +78,20 @@ class LoadedModel:
         if n < 0:
             raise LlamaError(f"llama.cpp could not tokenize the corpus ({n})")
         return np.ctypeslib.as_array(buf)[:n].astype(np.int32)
+
+    def detokenize(self, tokens: np.ndarray) -> str:
+        """The text of ``tokens`` (special tokens left out), as llama.cpp renders it."""
+        lib = runtime.lib()
+        toks = (lib.llama_token * len(tokens))(*[int(t) for t in tokens])
+        n_max = 16 * len(tokens) + 16
+        buf = ctypes.create_string_buffer(n_max)
+        n = lib.llama_detokenize(self.vocab, toks, len(tokens), buf, n_max, False, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = lib.llama_detokenize(self.vocab, toks, len(tokens), buf, -n, False, False)
+        if n < 0:
+            raise LlamaError(f"llama.cpp could not detokenize {len(tokens)} tokens ({n})")
+        return buf.raw[:n].decode("utf-8", errors="surrogateescape")
 
 
 class Evaluator:
@@ -249,51 +264,82 @@ class InProcessEngine(Engine):
         stitch(self.model, types, index_sources(headers), order, int(FTYPE[export_preset(config)]), out, self.imatrix)
 
     # ---------------------------------------------------------- evaluate
-    def base_logprobs(self, spec: EvalSpec) -> LogProbFile:
-        """The base's log-probs on ``spec``'s chunks: computed once, cached on disk."""
-        path = self.logprob_path(spec)
-        if path.exists():
+    def _base_cache(self, spec: EvalSpec) -> BaseLogProbs:
+        """The cache folder of ``spec``'s evaluation setup (its corpus tokens made on first use)."""
+        meta = CacheMeta(self.base_sha, self.corpus.sha256, self.model.n_vocab, spec.ctx, spec.n_batch, spec.scoring.value)
+
+        def tokenize() -> np.ndarray:
+            vocab = LoadedModel(self.model.path, vocab_only=True)
             try:
-                return LogProbFile.open(path)
-            except InputError:
-                path.unlink(missing_ok=True)
+                return vocab.tokenize(self.corpus.text)
+            finally:
+                vocab.close()
+
+        return BaseLogProbs.open(self.logprob_path(spec), meta, tokenize)
+
+    def _states(self, spec: EvalSpec) -> StateStore:
+        """Saved stream states of this base, corpus and ctx (candidates' and the base's)."""
+        return StateStore(state_folder(self.cache, self.base_sha, self.corpus.sha256, spec.ctx, self.name, self.build_id()))
+
+    def base_logprobs(self, spec: EvalSpec) -> BaseLogProbs:
+        """The base's log-probs covering ``spec``'s chunks: each chunk computed once for every slice (a stream
+        is extended from the base's saved state), cached on disk."""
+        bl = self._base_cache(spec)
+        spec.check_corpus(len(bl.tokens), self.corpus.path)
+        chunks = range(spec.chunk_offset, spec.end)
+        missing = bl.missing(chunks)
+        if not missing:
+            return bl
         base = LoadedModel(self.model.path)
         try:
-            tokens = base.tokenize(self.corpus.text)
-            spec.check_corpus(len(tokens), self.corpus.path)
-            start = spec.chunk_offset * spec.ctx
-            windows = tokens[start : start + spec.n_chunks * spec.ctx].reshape(spec.n_chunks, spec.ctx)
-            writer = LogProbWriter(path, spec.ctx, base.n_vocab, windows)
-            ok = False
-            try:
-                ev = Evaluator(base, spec, self.threads)
-                try:
+            if spec.stream:
+                run = spec.part(missing[0], spec.end - missing[0])
+                with StreamEvaluator(base, spec.ctx, self.threads) as ev:
+                    for c, logits in walk(ev, bl.tokens, run, self._states(spec), "base"):
+                        if not bl.has(c):
+                            bl.put(c, SparseRows.from_logits(logits, bl.tokens[spec.stream_targets(c)]))
+                        self.progress("base log-probs", c + 1 - run.chunk_offset, run.n_chunks)
+            else:
+                windows = _windows(bl.tokens, spec, missing)
+                with evaluator(self.model.path, spec, self.threads, base) as ev:
                     for i, logits in ev.run(windows):
-                        rows, _ = compress(logits)
-                        writer.write(rows)
-                        self.progress("base log-probs", i + 1, spec.n_chunks)
-                finally:
-                    ev.close()
-                ok = True
-            finally:
-                writer.close(ok)
+                        bl.put(missing[i], SparseRows.from_logits(logits, windows[i, spec.first + 1 :]))
+                        self.progress("base log-probs", i + 1, len(missing))
         finally:
             base.close()
-        return LogProbFile.open(path)
+        return bl
 
-    def _evaluate(self, path: Path, spec: EvalSpec) -> tuple[KLDStats, TokenScores, str]:
-        lp = self.base_logprobs(spec)
-        first = spec.first
+    def _evaluate(self, path: Path, spec: EvalSpec) -> EvalResult:
+        bl = self.base_logprobs(spec)
         parts: list[TokenScores] = []
-        with evaluator(path, spec, self.threads, self.loaded(path)) as ev, ThreadPoolExecutor(self.threads) as pool:
-            if ev.model.n_vocab != lp.n_vocab:
-                raise InputError(f"{path} has {ev.model.n_vocab} tokens in its vocabulary, the base {lp.n_vocab}")
-            for i, logits in ev.run(np.asarray(lp.tokens)):
-                nxt = np.asarray(lp.tokens[i, first + 1 :])
-                parts.append(score_rows_parallel(logits, lp.rows[i], nxt, pool))
-                self.progress(f"evaluate {path.name}", i + 1, spec.n_chunks)
+        model = self.loaded(path)
+        if model.n_vocab != bl.meta.n_vocab:
+            raise InputError(f"{path} has {model.n_vocab} tokens in its vocabulary, the base {bl.meta.n_vocab}")
+        done = 0
+        with ThreadPoolExecutor(self.threads) as pool:
+            if spec.stream:
+                counter = Walk()
+                with StreamEvaluator(model, spec.ctx, self.threads) as ev:
+                    for c, logits in walk(ev, bl.tokens, spec, self._states(spec), self.file_key(path), counter):
+                        parts.append(score_parallel(logits, bl.get(c), bl.tokens[spec.stream_targets(c)], pool))
+                        done += 1
+                        self.progress(f"evaluate {path.name}", done, spec.n_chunks)
+                forward = counter.forward_tokens
+            else:
+                windows = _windows(bl.tokens, spec, list(range(spec.chunk_offset, spec.end)))
+                with evaluator(path, spec, self.threads, model) as ev:
+                    for i, logits in ev.run(windows):
+                        parts.append(score_parallel(logits, bl.get(spec.chunk_offset + i), windows[i, spec.first + 1 :], pool))
+                        self.progress(f"evaluate {path.name}", i + 1, spec.n_chunks)
+                forward = spec.n_chunks * spec.ctx
         scores = TokenScores.concat(parts)
-        return KLDStats.from_scores(scores), scores, "llama-cpp-python logits"
+        return EvalResult(KLDStats.from_scores(scores), scores, "llama-cpp-python logits", forward)
+
+
+def _windows(tokens: np.ndarray, spec: EvalSpec, chunks: list[int]) -> np.ndarray:
+    """The windows ``chunks`` of the corpus tokens, (len(chunks), ctx)."""
+    ctx = spec.ctx
+    return np.stack([tokens[c * ctx : (c + 1) * ctx] for c in chunks]).astype(np.int32)
 
 
 def default_threads() -> int:

@@ -22,6 +22,7 @@ Two ways to get the KLD (``kld_source``):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -37,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from mqpredict.errors import InputError, LlamaError
-from mqpredict.llama.engine import Engine
+from mqpredict.llama.engine import Engine, EvalResult
 from mqpredict.llama.quantize import parse_dry_run
 from mqpredict.measure.corpus import EvalSpec
 from mqpredict.measure.kld import TokenScores, score_stored
@@ -161,6 +162,7 @@ class ToolsEngine(Engine):
         self.quantize_bin = find_tool("llama-quantize", llama_bin)
         self.perplexity_bin = find_tool("llama-perplexity", llama_bin)
         super().__init__(*args, **kw)
+        self._check_windows(self.spec)
 
     @cached_property
     def _version_text(self) -> str:
@@ -212,41 +214,61 @@ class ToolsEngine(Engine):
     def _common(self, spec: EvalSpec) -> list[str]:
         return ["-c", str(spec.ctx), "-b", str(spec.n_batch), "-t", str(self.threads), *self.tool_args]
 
-    def base_logprobs(self, spec: EvalSpec) -> Path:
-        """llama-perplexity's base file for ``spec``'s chunks (cached; sliced when offset > 0)."""
-        path = self.logprob_path(spec)
-        if path.exists():
+    def _check_windows(self, spec: EvalSpec) -> None:
+        if spec.stream:
+            raise InputError("the tools engine cannot score a stream: llama-perplexity has no streamed scoring",
+                             "use --scoring windows (or the in-process engine)")  # fmt: skip
+
+    def logprob_path(self, spec: EvalSpec) -> Path:
+        """llama-perplexity's base file: one per (base, corpus, ctx, batch layout, build), every slice reads it."""
+        return super().logprob_path(spec).with_suffix(".kld")
+
+    def _full_base(self, spec: EvalSpec) -> LogProbFile:
+        """The cached base file, holding at least chunks ``0 … spec.end-1`` (llama-perplexity can only start at
+        window 0, so a file too short for a later slice is computed again, once, up to it)."""
+        self._check_windows(spec)
+        full = self.logprob_path(spec)
+        if full.exists():
             try:
-                LogProbFile.open(path)
-                return path
+                lp = LogProbFile.open(full)
+                if lp.n_chunk >= spec.end:
+                    return lp
             except InputError:
-                path.unlink(missing_ok=True)
-        total = spec.chunk_offset + spec.n_chunks
-        full = self.logprob_path(EvalSpec(spec.ctx, total, 0, spec.n_batch))
-        if not full.exists():
-            with atomic_path(full, fsync=False) as tmp:
-                cmd = [str(self.perplexity_bin), "-m", str(self.model.path), "-f", str(self.corpus.path),
-                       "--kl-divergence-base", str(tmp), "--chunks", str(total), *self._common(spec)]  # fmt: skip
-                run_tool(cmd, f"llama-perplexity (base log-probs of {self.model.path.name})")
-                try:
-                    LogProbFile.open(tmp)
-                except (InputError, OSError):
-                    raise InputError(
-                        f"llama-perplexity wrote no log-probs for {self.corpus.path}",
-                        f"the corpus may be shorter than two windows of {spec.ctx} tokens",
-                    ) from None
-        lp = LogProbFile.open(full)
-        if lp.n_chunk < total:
+                pass
             full.unlink(missing_ok=True)
+        with atomic_path(full, fsync=False) as tmp:
+            cmd = [str(self.perplexity_bin), "-m", str(self.model.path), "-f", str(self.corpus.path),
+                   "--kl-divergence-base", str(tmp), "--chunks", str(spec.end), *self._common(spec)]  # fmt: skip
+            run_tool(cmd, f"llama-perplexity (base log-probs of {self.model.path.name})")
+            try:
+                LogProbFile.open(tmp)
+            except (InputError, OSError):
+                raise InputError(
+                    f"llama-perplexity wrote no log-probs for {self.corpus.path}",
+                    f"the corpus may be shorter than two windows of {spec.ctx} tokens",
+                ) from None
+        lp = LogProbFile.open(full)
+        if lp.n_chunk < spec.end:
             raise InputError(
-                f"{self.corpus.path} holds {lp.n_chunk} windows of {spec.ctx} tokens; {total} were asked for",
+                f"{self.corpus.path} holds {lp.n_chunk} windows of {spec.ctx} tokens; chunks {spec.chunk_offset}"
+                f"…{spec.end - 1} were asked for",
                 "lower --tokens / --chunk-offset or give a longer corpus",
             )
-        if full != path:
-            lp.slice(path, spec.chunk_offset, spec.n_chunks)
-        return path
+        return lp
 
-    def _evaluate(self, path: Path, spec: EvalSpec) -> tuple[KLDStats, TokenScores | None, str]:
+    def base_logprobs(self, spec: EvalSpec) -> Path:
+        """A base file holding exactly ``spec``'s windows (what ``--kl-divergence`` evaluates): the cached file
+        itself, or a slice of it in the engine's work folder."""
+        lp = self._full_base(spec)
+        if spec.chunk_offset == 0 and lp.n_chunk == spec.n_chunks:
+            return lp.path
+        part = self.workdir / f"base-{spec.key}.kld"
+        if not part.exists():
+            lp.slice(part, spec.chunk_offset, spec.n_chunks)
+        return part
+
+    def _evaluate(self, path: Path, spec: EvalSpec) -> EvalResult:
+        self._check_windows(spec)
         if self.kld_source == KLDSource.statistics:
             base = self.base_logprobs(spec)
             cmd = [str(self.perplexity_bin), "-m", str(path), "--kl-divergence-base", str(base), "--kl-divergence",
@@ -254,37 +276,76 @@ class ToolsEngine(Engine):
             for attempt in range(self.retries + 1):
                 out = run_tool(cmd, f"llama-perplexity --kl-divergence on {path.name}")
                 try:
-                    return parse_kld_output(out, spec.n_tokens, str(path)), None, "llama-perplexity statistics"
+                    stats = parse_kld_output(out, spec.n_tokens, str(path))
+                    return EvalResult(stats, None, "llama-perplexity statistics", (attempt + 1) * spec.forward_tokens)
                 except LlamaError as e:
                     warnings.warn(f"llama-perplexity exited 0 without its statistics for {path.name} ({e.message})",
                                   stacklevel=2)  # fmt: skip
             warnings.warn(f"switching to llama-perplexity's saved log-probs for {path.name}", stacklevel=2)
+            r = self._evaluate_logits(path, spec)
+            return dataclasses.replace(r, forward_tokens=r.forward_tokens + (self.retries + 1) * spec.forward_tokens)
         return self._evaluate_logits(path, spec)
 
-    def _evaluate_logits(self, path: Path, spec: EvalSpec) -> tuple[KLDStats, TokenScores, str]:
+    @property
+    def keeps_vectors(self) -> bool:
+        return self.kld_source == KLDSource.logits
+
+    def _windows_text(self, base: LogProbFile, spec: EvalSpec) -> Path | None:
+        """A text whose tokenization starts with exactly the windows of ``spec`` (one more window of text after
+        them, where the corpus has it, so that the cut falls beyond them), for llama-perplexity's save mode,
+        which tokenizes a text and cannot start at a later window. None when the windows do not survive a
+        round trip through text (the tokenizer merges across the cut): then the save mode runs from window 0."""
+        from mqpredict.llama.inprocess import LoadedModel
+
+        o, n = spec.chunk_offset, spec.n_chunks
+        k = min(n + 1, base.n_chunk - o)
+        if k < 2:  # llama-perplexity wants two windows of text
+            return None
+        want = np.asarray(base.tokens[o : o + k]).reshape(-1)
+        vocab = LoadedModel(self.model.path, vocab_only=True)
+        try:
+            text = vocab.detokenize(want[1:] if vocab.add_bos else want)
+            again = vocab.tokenize(text)
+        finally:
+            vocab.close()
+        m = n * spec.ctx
+        if len(again) < m or not np.array_equal(again[1:m], want[1:m]) or (not vocab.add_bos and again[0] != want[0]):
+            return None
+        out = self.workdir / f"windows-{o}-{n}.txt"
+        out.write_text(text + "\n", encoding="utf-8", errors="surrogateescape")  # -f drops one trailing newline
+        return out
+
+    def _evaluate_logits(self, path: Path, spec: EvalSpec) -> EvalResult:
+        """llama-perplexity's save mode on the quantized model, scored against the base: only the slice's
+        windows when a text of them round-trips (or the slice starts at window 0), else windows 0 … end-1."""
         base = LogProbFile.open(self.base_logprobs(spec))
-        total = spec.chunk_offset + spec.n_chunks
+        text = None if spec.chunk_offset == 0 else self._windows_text(self._full_base(spec), spec)
+        if spec.chunk_offset == 0 or text is not None:
+            source, start, chunks = text or self.corpus.path, 0, spec.n_chunks
+        else:
+            source, start, chunks = self.corpus.path, spec.chunk_offset, spec.end
         dump = self.workdir / f"{path.stem}.logits.kld"
-        cmd = [str(self.perplexity_bin), "-m", str(path), "-f", str(self.corpus.path), "--kl-divergence-base",
-               str(dump), "--chunks", str(total), *self._common(spec)]  # fmt: skip
+        cmd = [str(self.perplexity_bin), "-m", str(path), "-f", str(source), "--kl-divergence-base", str(dump),
+               "--chunks", str(chunks), *self._common(spec)]  # fmt: skip
         try:
             run_tool(cmd, f"llama-perplexity (log-probs of {path.name})")
             try:
                 q = LogProbFile.open(dump)
             except (InputError, OSError):
                 raise LlamaError(f"llama-perplexity wrote no usable log-probs for {path}", "run with --debug") from None
-            window = slice(spec.chunk_offset, total)
-            if q.n_chunk < total or q.n_vocab != base.n_vocab or not np.array_equal(q.tokens[window], base.tokens):
+            got, want = np.asarray(q.tokens[start : start + spec.n_chunks]), np.asarray(base.tokens)
+            same = got.shape == want.shape and np.array_equal(got[:, 1:], want[:, 1:]) and np.array_equal(got[1:, 0], want[1:, 0])
+            if q.n_vocab != base.n_vocab or not same or (text is None and got[0, 0] != want[0, 0]):
                 raise LlamaError(
                     f"llama-perplexity's log-probs for {path} do not cover the base's tokens",
                     "the model's tokenizer differs from the base's",
                 )
             first = spec.first
             parts = [
-                score_stored(q.rows[spec.chunk_offset + i], base.rows[i], np.asarray(base.tokens[i, first + 1 :]), q.n_vocab)
+                score_stored(q.rows[start + i], base.rows[i], np.asarray(base.tokens[i, first + 1 :]), q.n_vocab)
                 for i in range(spec.n_chunks)
             ]
         finally:
             dump.unlink(missing_ok=True)
         scores = TokenScores.concat(parts)
-        return KLDStats.from_scores(scores), scores, "llama-perplexity logits"
+        return EvalResult(KLDStats.from_scores(scores), scores, "llama-perplexity logits", chunks * spec.ctx)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mqpredict.measure.baselogprobs import SparseRows
+
 
 @dataclass
 class TokenScores:
@@ -35,85 +37,86 @@ class TokenScores:
         return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in names))
 
 
-def _decode_head(rows: np.ndarray, n_vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(scale, min_log_prob, 16-bit codes) of stored rows: log p = scale·code + min_log_prob."""
-    head = np.ascontiguousarray(rows[:, :4]).view(np.float32)
-    return head[:, 0], head[:, 1], rows[:, 4 : 4 + n_vocab]
-
-
-def _sparse_kld(base_rows: np.ndarray, n_vocab: int, diff) -> np.ndarray:
-    """Σ_{i: log p_i > -16} p_i · diff(row, i, log p_i) per row, over the base entries llama-perplexity keeps.
-
-    Those entries (about a fifth of a real vocabulary) are found on the 16-bit codes with a one-code
-    margin, then tested and summed with llama-perplexity's float32 arithmetic.
-    """
-    scale, min_lp, q = _decode_head(base_rows, n_vocab)
-    cut = np.float32(-16)
-    kld = np.empty(len(base_rows), dtype=np.float64)
-    for i in range(len(base_rows)):
-        s, m = scale[i], min_lp[i]
-        if s > 0:
-            thr = int(np.floor((cut - m) / s)) - 1
-            idx = np.flatnonzero(q[i] > thr) if thr < 65535 else np.empty(0, np.intp)
-        else:  # a flat row: every entry has log p = min_lp
-            idx = np.arange(n_vocab) if m > cut else np.empty(0, np.intp)
-        lp = s * q[i, idx].astype(np.float32) + m
-        keep = lp > cut
-        if not keep.all():
-            idx, lp = idx[keep], lp[keep]
-        kld[i] = (np.exp(lp) * diff(i, idx, lp)).sum(dtype=np.float64)
+def _kld_terms(base: SparseRows, diff) -> np.ndarray:
+    """Σ_{i: log p_i > -16} p_i · diff(pos, flat index, vocabulary index, log p_i) per position: float32 terms
+    summed in float64 (llama-perplexity's arithmetic), vectorised over every kept entry of every position."""
+    r, flat, c, lp = base.entries()
+    kld = np.zeros(len(base), dtype=np.float64)
+    if len(lp):
+        terms = (np.exp(lp) * diff(r, flat, c, lp)).astype(np.float64)
+        nz = base.nnz > 0
+        starts = np.concatenate([[0], np.cumsum(base.nnz[:-1], dtype=np.int64)])
+        kld[nz] = np.add.reduceat(terms, starts[nz])
     return kld
 
 
-def _scores(kld, nll, base_rows, n_vocab, next_tokens, top) -> TokenScores:
-    scale, min_lp, q = _decode_head(base_rows, n_vocab)
-    r = np.arange(len(base_rows))
-    nll_base = -(scale * q[r, next_tokens].astype(np.float32) + min_lp)
-    same_top = top == q.argmax(axis=1)  # log p increases with the code: the same first maximum
-    p_diff = np.exp(-nll) - np.exp(-nll_base)
-    return TokenScores(kld.astype(np.float32), p_diff.astype(np.float32), nll.astype(np.float32), nll_base, same_top)
+def _log_sum_exp(logits: np.ndarray, max_logit: np.ndarray, block: int = 16) -> np.ndarray:
+    """log Σ_j e^{l_j - max} per row: float32 exponentials summed in float64 (as llama-perplexity), a few
+    rows at a time so the temporary stays in cache."""
+    n = len(logits)
+    buf = np.empty((min(block, n), logits.shape[1]), dtype=np.float32)
+    out = np.empty(n, dtype=np.float64)
+    for a in range(0, n, block):
+        b = buf[: min(block, n - a)]
+        np.subtract(logits[a : a + block], max_logit[a : a + block, None], out=b)
+        np.exp(b, out=b)
+        out[a : a + block] = b.sum(axis=1, dtype=np.float64)
+    return np.log(out).astype(np.float32)
 
 
-def score_rows(logits: np.ndarray, base_rows: np.ndarray, next_tokens: np.ndarray) -> TokenScores:
-    """Score ``n`` positions: quantized ``logits`` (n, V) float32 vs ``base_rows`` (n, nv) uint16.
+def _scores(kld: np.ndarray, nll: np.ndarray, base: SparseRows, top: np.ndarray) -> TokenScores:
+    p_diff = np.exp(-nll) - np.exp(-base.nll_base)
+    return TokenScores(kld.astype(np.float32), p_diff.astype(np.float32), nll.astype(np.float32), base.nll_base,
+                       top == base.top)  # fmt: skip
 
-    The quantized side needs every logit (the normaliser); the base side only the kept entries.
+
+def score_sparse(logits: np.ndarray, base: SparseRows, next_tokens: np.ndarray) -> TokenScores:
+    """Score ``n`` positions: quantized ``logits`` (n, V) float32 against the base's :class:`SparseRows`.
+
+    The quantized side needs every logit (the normaliser); the base side only its kept entries.
     """
-    n, n_vocab = logits.shape
+    n = len(logits)
     r = np.arange(n)
     imax = logits.argmax(axis=1)
     max_logit = logits[r, imax]
-    tmp = np.empty_like(logits)
-    np.subtract(logits, max_logit[:, None], out=tmp)
-    np.exp(tmp, out=tmp)
-    log_sum_exp = np.log(tmp.sum(axis=1, dtype=np.float64)).astype(np.float32)
-    shift = max_logit + log_sum_exp
+    shift = max_logit + _log_sum_exp(logits, max_logit)
     nll = shift - logits[r, next_tokens]
-    kld = _sparse_kld(base_rows, n_vocab, lambda i, idx, lp: lp - logits[i, idx] + shift[i])
-    return _scores(kld, nll, base_rows, n_vocab, next_tokens, imax)
+    flat_logits = np.ascontiguousarray(logits).reshape(-1)
+    kld = _kld_terms(base, lambda rr, flat, cc, lp: lp - flat_logits[flat] + shift[rr])
+    return _scores(kld, nll, base, imax)
+
+
+def score_rows(logits: np.ndarray, base_rows: np.ndarray, next_tokens: np.ndarray) -> TokenScores:
+    """:func:`score_sparse` against llama-perplexity's 16-bit rows ``base_rows`` (n, nv) uint16."""
+    return score_sparse(logits, SparseRows.from_dense(base_rows, logits.shape[1], next_tokens), next_tokens)
 
 
 def score_stored(quant_rows: np.ndarray, base_rows: np.ndarray, next_tokens: np.ndarray, n_vocab: int) -> TokenScores:
     """Score positions whose quantized log-probs are themselves stored 16-bit rows (llama-perplexity's
     file, written by the tools engine's logits path). Agrees with scoring the float logits to 0.01-0.13 %."""
-    sq, mq, cq = _decode_head(quant_rows, n_vocab)
+    quant_rows = np.asarray(quant_rows)
+    base = SparseRows.from_dense(base_rows, n_vocab, next_tokens)
+    head = np.ascontiguousarray(quant_rows[:, :4]).view(np.float32)
+    sq, mq, cq = head[:, 0], head[:, 1], quant_rows[:, 4 : 4 + n_vocab]
     r = np.arange(len(quant_rows))
     nll = -(sq * cq[r, next_tokens].astype(np.float32) + mq)
-    kld = _sparse_kld(base_rows, n_vocab, lambda i, idx, lp: lp - (sq[i] * cq[i, idx].astype(np.float32) + mq[i]))
-    return _scores(kld, nll, base_rows, n_vocab, next_tokens, cq.argmax(axis=1))
+    nv = quant_rows.shape[1]
+    flat_q = np.ascontiguousarray(quant_rows).reshape(-1)
+    kld = _kld_terms(base, lambda rr, flat, cc, lp: lp - (sq[rr] * flat_q[rr * nv + 4 + cc].astype(np.float32) + mq[rr]))
+    return _scores(kld, nll, base, cq.argmax(axis=1))
 
 
-def score_rows_parallel(logits: np.ndarray, base_rows: np.ndarray, next_tokens: np.ndarray, pool) -> TokenScores:
-    """:func:`score_rows` split over the threads of ``pool`` (numpy releases the GIL in its kernels).
+def score_parallel(logits: np.ndarray, base: SparseRows, next_tokens: np.ndarray, pool) -> TokenScores:
+    """:func:`score_sparse` split over the threads of ``pool`` (numpy releases the GIL in its kernels).
 
     Scoring runs between forward passes, when llama.cpp's threads are idle, so it may use every core.
     """
     k = getattr(pool, "_max_workers", 1)
     if k < 2 or len(logits) < 64:
-        return score_rows(logits, base_rows, next_tokens)
+        return score_sparse(logits, base, next_tokens)
     cuts = np.linspace(0, len(logits), k + 1).astype(int)
-    jobs = [(logits[a:b], base_rows[a:b], next_tokens[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
-    return TokenScores.concat(list(pool.map(lambda j: score_rows(*j), jobs)))
+    jobs = [(logits[a:b], base.part(a, b), next_tokens[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    return TokenScores.concat(list(pool.map(lambda j: score_sparse(*j), jobs)))
 
 
 def dense_kld(lg: np.ndarray, rows: np.ndarray, n_vocab: int) -> np.ndarray:

@@ -10,7 +10,8 @@ Formats (documented in datasets/README.md):
 * **community table** — one measurement per row, measured by someone else on a base you also have:
   ``model, config, size_bytes, corpus, ctx, tool, tool_version`` and ``kld_mean`` and/or ``ppl``, plus
   any statistic columns of ``measure --json`` and optional ``chunk_offset, n_chunks, n_tokens, n_batch,
-  imatrix_id, imatrix_corpus, provenance_url, provenance_author``. Imported against that base
+  scoring`` (``windows``, llama-perplexity's, when absent; or ``stream``) ``, imatrix_id, imatrix_corpus,
+  provenance_url, provenance_author``. Imported against that base
   (``--base``): each config is resolved on it, its exact size must match ``size_bytes``.
 * **llama-perplexity output** — the text a ``llama-perplexity --kl-divergence`` run printed, with the
   base and the quantized GGUF it ran on (``--base``, ``--gguf``) and the corpus (``--corpus``).
@@ -176,6 +177,9 @@ def _parse_community(path: Path, header: list[str], rows: list[dict], base: str 
             chunks = _number(row, "n_chunks", int) or 0
             offset = _number(row, "chunk_offset", int) or 0
             n_batch = _number(row, "n_batch", int) or 2048  # llama-perplexity's default
+            scoring = (row.get("scoring") or "windows").strip()  # llama-perplexity's unless the row says
+            if scoring not in ("windows", "stream"):
+                reasons.append(f"scoring={scoring!r} is not one of: windows, stream")
         except (ValueError, KeyError) as e:
             errors.append((n, reasons + [str(e)]))
             continue
@@ -191,7 +195,7 @@ def _parse_community(path: Path, header: list[str], rows: list[dict], base: str 
             rec = make(
                 schema_version=SCHEMA_VERSION,
                 key=record_key(ident.model_id, row["corpus"], ctx, n_batch, offset, chunks, tkey, build,
-                               row.get("imatrix_id") or None),  # fmt: skip
+                               row.get("imatrix_id") or None, scoring),  # fmt: skip
                 **ident.columns(),
                 config=cfg.key,
                 effective_config=config_from_types(model, types).key,
@@ -206,7 +210,7 @@ def _parse_community(path: Path, header: list[str], rows: list[dict], base: str 
                 n_batch=n_batch,
                 chunk_offset=offset,
                 n_chunks=chunks or 1,
-                scoring="windows",  # community tables come from llama-perplexity
+                scoring=scoring,
                 imatrix_id=row.get("imatrix_id") or None,
                 imatrix_corpus=row.get("imatrix_corpus") or None,
                 engine=row["tool"],

@@ -125,6 +125,7 @@ def seed(
     report = SeedReport()
     executor.prepare([spec])  # a corpus problem shows before any work
     params = {"corpus": engine.corpus.id, "ctx": spec.ctx, "n_chunks": spec.n_chunks, "chunk_offset": spec.chunk_offset,
+              "scoring": spec.scoring.value,
               "engine": engine.name, "llama_version": engine.version(), "candidates": len(candidates)}  # fmt: skip
     run = _Seeding(engine, store, candidates, progress, say, keep_vectors, tracker, spec, report, executor)
     if not own_run:

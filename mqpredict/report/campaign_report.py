@@ -79,8 +79,8 @@ def write_report(c: Campaign, rules: Rules = Rules(), budget: Budget = Budget(),
         rows[pick] = W.Row(**{**rows[pick].__dict__, "chosen": True})
     table = W.table_rows(rows)
     W.write_csv(out / "survivors.csv", table)
-    notes = [f"Base `{c.engine.model.path.name}` · corpus `{st.corpus}` · {st.n_chunks}×{st.ctx} search windows "
-             f"(offset {st.chunk_offset}) + {st.n_chunks} held-out · campaign `{st.id}`.",
+    notes = [f"Base `{c.engine.model.path.name}` · corpus `{st.corpus}` · {st.n_chunks}×{st.ctx} search chunks "
+             f"({st.scoring} scoring, offset {st.chunk_offset}) + {st.n_chunks} held-out · campaign `{st.id}`.",
              f"{len(ok)} configs fully measured on the search slice ({sum(1 for r in recs.values() if r['source'] == 'preset')} "
              f"presets); {len(wins)} re-confirmed nonlinear win(s).",
              f"Rules: Pareto front; a bigger survivor must gain > {rules.min_gain:.3f} ln KLD and > {rules.z:g} paired "

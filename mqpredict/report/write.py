@@ -114,7 +114,7 @@ def write_recipe(folder: Path, model: ModelInfo, row: Row, tensor_types: dict[st
         "fractions": v.get("fractions"),
         "llama_cpp": {"version": v["llama_version"], "commit": v["llama_commit"], "build": v["build"], "engine": v["engine"]},
         "corpus": v["corpus"], "ctx": v["ctx"], "n_chunks": v["n_chunks"], "chunk_offset": v["chunk_offset"],
-        "scoring": v.get("scoring"),
+        "scoring": v.get("scoring") or "windows",
         "imatrix": None if imatrix is None else {"id": imatrix.id, "file": imatrix.file_label,
                                                  "calibration": imatrix.corpus_id},
         "statistics": {k: v.get(k) for k in STATS + ("kld_p90", "kld_p95", "ln_ppl_ratio")},
@@ -127,7 +127,7 @@ def write_recipe(folder: Path, model: ModelInfo, row: Row, tensor_types: dict[st
             "mqpredict": f"mqpredict build {model.path} --config '{v['config']}' -o {out_name}"
                          + (f" --imatrix {imatrix.file_label}" if imatrix is not None else ""),
             "verify": f"mqpredict measure {model.path} --gguf {out_name} --corpus CORPUS --ctx {v['ctx']} "
-                      f"--tokens {v['n_tokens']} --chunk-offset {v['chunk_offset']}",
+                      f"--tokens {v['n_tokens']} --chunk-offset {v['chunk_offset']} --scoring {v.get('scoring') or 'windows'}",
         },
         **manifest_extra,
     }  # fmt: skip

@@ -34,7 +34,7 @@ from mqpredict.errors import InputError
 from mqpredict.execute.executor import Executor, LocalExecutor
 from mqpredict.execute.job import Job, JobKind, JobResult
 from mqpredict.llama.engine import Engine, load_scores
-from mqpredict.measure.corpus import EvalSpec
+from mqpredict.measure.corpus import EvalSpec, Scoring
 from mqpredict.records.context import Context
 from mqpredict.quant.config import Config
 from mqpredict.quant.resolve import types_key
@@ -98,14 +98,15 @@ class State:
     created: str
     imatrix: str = ""  # the importance matrix every build is quantized with ("" : none)
     imatrix_id: str = ""
+    scoring: str = Scoring.windows.value  # campaigns started before the scoring mode existed scored windows
 
     @property
     def search(self) -> EvalSpec:
-        return EvalSpec(self.ctx, self.n_chunks, self.chunk_offset)
+        return EvalSpec(self.ctx, self.n_chunks, self.chunk_offset, scoring=Scoring(self.scoring))
 
     @property
     def heldout(self) -> EvalSpec:
-        return EvalSpec(self.ctx, self.n_chunks, self.chunk_offset + self.n_chunks)
+        return self.search.part(self.chunk_offset + self.n_chunks, self.n_chunks)
 
     @property
     def tag(self) -> str:
@@ -214,16 +215,16 @@ class Campaign:
         spec = engine.spec
         if (out / STATE).exists():
             old = State.load(out)
-            if (old.model_id, old.corpus, old.ctx, old.n_chunks, old.imatrix_id or None) != (
-                    ident.model_id, engine.corpus.id, spec.ctx, spec.n_chunks, engine.imatrix_id):
-                raise InputError(f"{out} holds a campaign on another base, corpus, slice or imatrix ({old.base})",
-                                 "choose another --out, or 'campaign resume' that one")  # fmt: skip
+            if (old.model_id, old.corpus, old.ctx, old.n_chunks, old.imatrix_id or None, old.scoring) != (
+                    ident.model_id, engine.corpus.id, spec.ctx, spec.n_chunks, engine.imatrix_id, spec.scoring.value):
+                raise InputError(f"{out} holds a campaign on another base, corpus, slice, imatrix or scoring mode "
+                                 f"({old.base}, {old.scoring})", "choose another --out, or 'campaign resume' that one")  # fmt: skip
             return cls(engine, store, out, old, **kw)
         im = engine.imatrix
         state = State(uuid.uuid4().hex[:12], str(engine.model.path), engine.corpus.id, str(engine.corpus.path),
                       engine.name, spec.ctx, spec.n_chunks,
                       spec.chunk_offset, ident.model_id, ident.family, settings, time.strftime("%Y-%m-%dT%H:%M:%S"),
-                      str(im.path.resolve()) if im else "", im.id if im else "")  # fmt: skip
+                      str(im.path.resolve()) if im else "", im.id if im else "", spec.scoring.value)  # fmt: skip
         state.save(out)
         return cls(engine, store, out, state, **kw)
 
@@ -256,7 +257,9 @@ class Campaign:
         if isinstance(p, str) and p and (self.store.root / p).exists():
             v = np.load(self.store.root / p, allow_pickle=False)
         else:
-            spec = EvalSpec(int(row["ctx"]), int(row["n_chunks"]), int(row["chunk_offset"]))
+            scoring = row.get("scoring")
+            spec = EvalSpec(int(row["ctx"]), int(row["n_chunks"]), int(row["chunk_offset"]),
+                            scoring=Scoring(scoring if isinstance(scoring, str) and scoring else Scoring.windows))
             m = self.engine.measure(Config.parse(row["config"]), spec=spec)
             if m.per_token_path is None:
                 raise InputError(f"no per-token KLD for {row['config']}", "use the in-process engine or --tools-kld logits")
@@ -335,15 +338,15 @@ class Campaign:
         st, e = self.state, self.engine
         res = Result(st)
         ex = self.executor
-        ex.prepare([st.search])  # corpus problems show before any work
-        try:
-            ex.prepare([st.heldout])
+        try:  # the base of both slices in one go (corpus problems show before any work)
+            ex.prepare([st.search.part(st.chunk_offset, st.heldout.end - st.chunk_offset)])
         except InputError as err:
+            ex.prepare([st.search])  # the search slice itself does not fit: say that
             raise InputError(f"the corpus has no room for a held-out slice after the search slice: {err.message}",
                              "give fewer --tokens, a smaller --ctx or a longer corpus") from None  # fmt: skip
         params = {"campaign_id": st.id, "corpus": e.corpus.id, "ctx": st.ctx, "n_chunks": st.n_chunks,
                   "imatrix_id": e.imatrix_id, "imatrix_corpus": e.imatrix.corpus_id if e.imatrix else None,
-                  "engine": e.name, "llama_version": e.version(),
+                  "scoring": st.scoring, "engine": e.name, "llama_version": e.version(),
                   **{f"setting.{k}": v for k, v in asdict(self.settings).items() if k != "types"},
                   "setting.types": ",".join(self.settings.types), **ex.describe()}  # fmt: skip
         with self.tracker.parent("campaign", self.ident.columns(), params):
@@ -511,7 +514,7 @@ class Campaign:
     def _store_outcome(self, o: Outcome, c: Config, p: Proposal | None, source: Source, prov: Provenance,
                        res: Result, step: int, heldout: bool = False) -> None:  # fmt: skip
         st, e, m = self.state, self.engine, o.measurement
-        spec = EvalSpec(st.ctx, m.n_chunks, m.chunk_offset)
+        spec = st.search.part(m.chunk_offset, m.n_chunks)
         status = Status.ok if o.complete else Status.partial
         pt = None
         rec0 = from_measurement(e, self.ident, m, spec, source, prov, status=status, reason=o.reason)
@@ -545,8 +548,8 @@ class Campaign:
         # the presets of the line, on the held-out slice (seeds: they do not count against the budget)
         hull_keys = {p.name for p in line.hull}
         hull_cfgs = [Config.parse(r["config"]) for _, r in ok.iterrows() if r["key"] in hull_keys]
-        self.say(f"re-confirming on the held-out slice (windows {st.heldout.chunk_offset}…"
-                 f"{st.heldout.chunk_offset + st.heldout.n_chunks - 1}): the line's presets first")  # fmt: skip
+        self.say(f"re-confirming on the held-out slice ({st.scoring} chunks {st.heldout.chunk_offset}…"
+                 f"{st.heldout.end - 1}): the line's presets first")  # fmt: skip
         seed(e, self.store, [Candidate(c, Source.preset) for c in hull_cfgs], self.progress, self.say,
              tracker=self.tracker, own_run=False, executor=self.executor, spec=st.heldout)  # fmt: skip
         hline, hpresets = self._line(st.heldout)

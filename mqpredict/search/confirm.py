@@ -41,7 +41,7 @@ class Outcome:
     complete: bool  # False: stopped after stage 1 (a partial measurement)
     reason: str | None
     margin: Paired | None  # to the line, on the tokens scored
-    forward_tokens: int  # tokens run through the model (windows × ctx)
+    forward_tokens: int  # tokens the quantized model ran through (what the engines report)
 
 
 def stage_specs(spec: EvalSpec, fraction: float) -> tuple[EvalSpec, EvalSpec | None]:
@@ -49,9 +49,7 @@ def stage_specs(spec: EvalSpec, fraction: float) -> tuple[EvalSpec, EvalSpec | N
     n1 = max(1, round(spec.n_chunks * fraction))
     if n1 >= spec.n_chunks:
         return spec, None
-    first = EvalSpec(spec.ctx, n1, spec.chunk_offset, spec.n_batch)
-    rest = EvalSpec(spec.ctx, spec.n_chunks - n1, spec.chunk_offset + n1, spec.n_batch)
-    return first, rest
+    return spec.part(spec.chunk_offset, n1), spec.part(spec.chunk_offset + n1, spec.n_chunks - n1)
 
 
 def judge(x: np.ndarray, bpw: float, ref: Reference, z: float) -> tuple[Paired | None, str | None]:
@@ -70,13 +68,14 @@ def judge(x: np.ndarray, bpw: float, ref: Reference, z: float) -> tuple[Paired |
 def confirm(engine: Engine, config: Config, spec: EvalSpec, ref: Reference, fraction: float = 0.25,
             z: float = 2.0) -> Outcome:  # fmt: skip
     """Measure ``config`` on ``spec`` in two stages (see the module docstring)."""
-    first, rest = stage_specs(spec, fraction)
+    # without per-token vectors (tools engine, statistics mode) a first stage cannot be judged: one full run
+    first, rest = stage_specs(spec, fraction) if engine.keeps_vectors else (spec, None)
     m1 = engine.measure(config, spec=first)
-    tokens = first.n_chunks * spec.ctx
+    tokens = m1.forward_tokens
     if rest is None or m1.per_token_path is None:
-        if rest is not None:  # no per-token vector to judge on (tools engine, statistics mode): run it all
+        if rest is not None:  # no per-token vector after all: run it all
             m1 = engine.measure(config, spec=spec)
-            tokens += spec.n_chunks * spec.ctx
+            tokens += m1.forward_tokens
         x = load_scores(m1.per_token_path).kld if m1.per_token_path else None
         margin = judge(x, m1.bpw, ref, z)[0] if x is not None else None
         return Outcome(m1, True, None, margin, tokens)
@@ -84,8 +83,8 @@ def confirm(engine: Engine, config: Config, spec: EvalSpec, ref: Reference, frac
     margin, reason = judge(s1.kld, m1.bpw, ref, z)
     if reason is not None:
         return Outcome(m1, False, f"stopped early: {reason}", margin, tokens)
-    m2 = engine.measure(config, spec=rest)
-    tokens += rest.n_chunks * spec.ctx
+    m2 = engine.measure(config, spec=rest)  # a stream continues from where the first stage left it
+    tokens += m2.forward_tokens
     full = join(engine, m1, m2, spec)
     x = load_scores(full.per_token_path).kld
     return Outcome(full, True, None, judge(x, full.bpw, ref, z)[0], tokens)
@@ -99,4 +98,5 @@ def join(engine: Engine, m1: Measurement, m2: Measurement, spec: EvalSpec) -> Me
     return dataclasses.replace(m2, stats=KLDStats.from_scores(scores), chunk_offset=spec.chunk_offset,
                                n_chunks=spec.n_chunks, per_token_path=str(path),
                                seconds_build=m1.seconds_build + m2.seconds_build,
-                               seconds_eval=m1.seconds_eval + m2.seconds_eval)  # fmt: skip
+                               seconds_eval=m1.seconds_eval + m2.seconds_eval,
+                               forward_tokens=m1.forward_tokens + m2.forward_tokens)  # fmt: skip

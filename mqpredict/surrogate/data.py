@@ -22,7 +22,8 @@ import pandas as pd
 from mqpredict.surrogate import features as F
 from mqpredict.surrogate.weight_error import ErrorTable
 
-CONTEXT = ["model_id", "corpus", "ctx", "n_batch", "chunk_offset", "n_chunks", "build"]
+#: what makes records comparable: each row's target is relative to the reference measured in the same context
+CONTEXT = ["model_id", "corpus", "ctx", "n_batch", "chunk_offset", "n_chunks", "scoring", "build"]
 TARGETS = ("kld", "p99", "miss")
 REFERENCE = "preset=Q8_0"
 _MISS_FLOOR = 1e-4
@@ -63,6 +64,7 @@ def build(records: pd.DataFrame, tables: dict[str, ErrorTable], exclude_families
     df = records[(records["status"] == "ok") & records["kld_mean"].notna()]
     df = df[~df["family"].isin(exclude_families)]
     df = df[df["model_id"].isin(tables)]
+    df = df.assign(scoring=df["scoring"].fillna("windows")) if "scoring" in df else df.assign(scoring="windows")
     feats, ys, meta, refs, ref_feats = [], [], [], [], []
     for _, ctx in df.groupby(CONTEXT, sort=True):
         ref = ctx[ctx["config"] == REFERENCE]
