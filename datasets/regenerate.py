@@ -31,7 +31,7 @@ from mqpredict.records.ingest import load_recipes
 from mqpredict.records.schema import Source
 from mqpredict.records.store import Store
 from mqpredict.search.space import CandidateSpace
-from mqpredict.surrogate.weight_error import error_table
+from mqpredict.surrogate.weight_error import error_table, table_file
 from mqpredict.util.paths import DATASETS, DEFAULT_CORPUS, cache_dir
 
 SPEC = EvalSpec(ctx=512, n_chunks=8)
@@ -57,7 +57,7 @@ def table(path: Path) -> None:
     """The model's weight-error table, shipped in datasets/weight_errors/ (the surrogate's features)."""
     with InProcessEngine(path, None, SPEC) as eng:
         mid = identify(eng.model).model_id
-        out = TABLES / f"{mid}.json"
+        out = TABLES / table_file(mid, eng.imatrix_id)
         if not out.exists():
             error_table(eng, mid).save(out)
 
