@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from mqpredict.cli.common import (
-    DEFAULTS, CtxOpt, EngineName, EngineOpt, ExperimentOpt, JsonOpt, LlamaBinOpt, NoTrackOpt, ThreadsOpt,
+    DEFAULTS, CtxOpt, EngineName, EngineOpt, ExperimentOpt, ImatrixOpt, JsonOpt, load_imatrix, LlamaBinOpt, NoTrackOpt, ThreadsOpt,
     TrackingUriOpt, emit_json, err, make_engine, make_tracker, out, progress_bar,
 )  # fmt: skip
 from mqpredict.cli.model_cmds import BaseArg, _base
@@ -284,27 +284,31 @@ def propose(
     store: StoreOpt = None,
     ctx: CtxOpt = DEFAULTS["ctx"],
     tokens: Annotated[int, typer.Option("--tokens", help="Scored tokens of your measurements.")] = CAMPAIGN_TOKENS,
+    imatrix: ImatrixOpt = None,
     threads: ThreadsOpt = 0,
     json: JsonOpt = False,
 ) -> None:
     """Export the next batch as llama-quantize recipes + commands, for measuring on your own GPU machines;
     bring the results back with `mqpredict data import` and propose again.
 
-    Needs this model's presets measured in --store (seed them with `mqpredict seed`, or import yours);
-    nothing is measured here.
+    Needs this model's presets measured in --store (seed them with `mqpredict seed`, or import yours) in the
+    same context: with --imatrix, measured with that imatrix (then the candidates may take the types that need
+    one, and the commands quantize with it). Nothing is measured here.
     """
     from mqpredict.measure.corpus import EvalSpec
     from mqpredict.search.campaign import Campaign, Settings, State
     from mqpredict.quant.resolve import quantize_command, tensor_type_lines
     from mqpredict.search.acquisition import frontier
     from mqpredict.search.proposer import Proposer
+    from mqpredict.search.space import space_types
     from mqpredict.surrogate.weight_error import error_table
     from mqpredict.util.atomic import atomic_write_text
 
     spec = EvalSpec.from_tokens(tokens, ctx)
+    im = load_imatrix(imatrix)
     with progress_bar(not json) as progress:
         path = _base(base, progress)
-        eng = make_engine(path, corpus, spec, EngineName.inprocess, None, threads, False, progress)
+        eng = make_engine(path, corpus, spec, EngineName.inprocess, None, threads, False, progress, imatrix=im)
         with eng:
             from mqpredict.records.identity import identify
 
@@ -316,21 +320,23 @@ def propose(
             c.all_sources = True
             ok = c._records(spec)
             if ok.empty or not (ok["config"] == "preset=Q8_0").any():
-                raise InputError(f"{store or 'the store'} holds no measured Q8_0 of {path.name} on this corpus and slice",
-                                 f"seed it first: mqpredict seed {path} --corpus {corpus} --tokens {tokens}")  # fmt: skip
+                with_im = f" with imatrix {im.path.name}" if im is not None else " without an imatrix"
+                raise InputError(f"{store or 'the store'} holds no measured Q8_0 of {path.name} on this corpus and slice"
+                                 f"{with_im}", f"seed it first: mqpredict seed {path} --corpus {corpus} --tokens {tokens}"
+                                 + (f" --imatrix {imatrix}" if im is not None else ""))  # fmt: skip
             import math
 
             table = error_table(eng, ident.model_id, progress=progress)
             s = c._fit(table)
             ln_ref = math.log(float(ok[ok["config"] == "preset=Q8_0"]["kld_mean"].iloc[0]))
-            props = Proposer(eng.model, table).ask(n, s, ln_ref, float(s.halfwidth_[0]), frontier(c._points(ok)),
-                                                   set(ok["types_key"]), s.coverage)  # fmt: skip
+            props = Proposer(eng.model, table, space_types(im), imatrix=im).ask(
+                n, s, ln_ref, float(s.halfwidth_[0]), frontier(c._points(ok)), set(ok["types_key"]), s.coverage)
             rows = []
             for i, p in enumerate(props, 1):
                 name = f"proposal-{i:02d}"
                 tt = out_dir / f"{name}.tensor-types.txt"
                 atomic_write_text(tt, "\n".join(tensor_type_lines(eng.model, p.config)) + "\n")
-                cmd = " ".join(quantize_command(eng.model, p.config, f"{name}.gguf", tt.name))
+                cmd = " ".join(quantize_command(eng.model, p.config, f"{name}.gguf", tt.name, imatrix=im))
                 rows.append({"name": name, **p.to_json(), "recipe": str(tt), "command": cmd})
             atomic_write_text(out_dir / "proposals.json", js.dumps(rows, indent=2) + "\n")
     if json:

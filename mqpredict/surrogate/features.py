@@ -2,7 +2,8 @@
 
 A config enters only through each group's **type fractions** (how many of the group's parameters sit at
 each effective type); the model through its descriptors and its **weight-error table** (relative MSE of
-each group at each type, :mod:`mqpredict.surrogate.weight_error`). Groups are mapped onto fixed *slots*
+each group at each type, :mod:`mqpredict.surrogate.weight_error`) — the table of the record's imatrix:
+imatrix-weighted errors (and ``imatrix`` = 1) for a config quantized with one. Groups are mapped onto fixed *slots*
 so models of different shapes line up: ``out`` is the output projection (``lm_head``, or the tied
 ``token_embd``), ``emb`` the input embedding table (the same tensor when tied), dynamic groups share
 ``other``.
@@ -50,6 +51,7 @@ FEATURE_DOCS.update({
     "tied": "1 if the output projection is the embedding table",
     "kv_ratio": "key/value heads / attention heads (GQA)",
     "dithered": "1 if the base was restored from a quantized file by dithering",
+    "imatrix": "1 if the config is quantized with an importance matrix (its weight errors are then imatrix-weighted)",
 })  # fmt: skip
 FEATURES: tuple[str, ...] = tuple(FEATURE_DOCS)
 
@@ -146,6 +148,7 @@ def row(fractions: Mapping[str, Mapping[str, float]], table: ErrorTable, descrip
     f["tied"] = float(tied)
     f["kv_ratio"] = (d["n_head_kv"] or 1) / max(d["n_head"] or 1, 1)
     f["dithered"] = float(str(d.get("base_origin") or "").startswith("dither"))
+    f["imatrix"] = float(table.weighted)
     return f
 
 
