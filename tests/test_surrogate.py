@@ -110,7 +110,7 @@ def test_cross_validation_against_baselines(dataset):
 
     data = build(Store(dataset["store"]).load(), load_tables(dataset["tables"]))
     table = evaluate(data, lambda: Surrogate(n_estimators=60))
-    assert set(table["method"]) == {"surrogate", "bpw", "probes", "weight_error"}
+    assert set(table["method"]) == {"surrogate", "bpw", "probes", "allocator"}
     assert set(table["model_name"]) == {r["model_name"] for _, r in data.rows.iterrows()}
     s = summary(table)
     assert set(METRICS) <= set(s.columns)
