@@ -153,7 +153,7 @@ def evaluate(data: TrainingSet, make: Callable[[], Surrogate], progress=None) ->
             ln_ref = math.log(rows["ref_kld"].iloc[0])
             p = s.predict(X)["kld"]
             info = {"model_id": rows["model_id"].iloc[0], "model_name": rows["model_name"].iloc[0], "family": fam,
-                    "synthetic": bool(rows["synthetic"].iloc[0]), "imatrix": rows["imatrix_id"].iloc[0] is not None}  # fmt: skip
+                    "synthetic": bool(rows["synthetic"].iloc[0]), "imatrix": bool(pd.notna(rows["imatrix_id"].iloc[0]))}  # fmt: skip
             preds = {
                 "surrogate": (ln_ref + p.mean, ln_ref + p.lo, ln_ref + p.hi),
                 "bpw": (ln_ref + np.polyval(lin_bpw, X[:, bpw_i]), None, None),
