@@ -79,7 +79,7 @@ def test_types_that_need_weights_are_refused_not_aborted():
 
 def test_table_within_two_percent_of_the_pure_quantization_method(any_tiny, tmp_path):
     """The version-1 table (full pure quantizations) and the sampled in-memory one agree per (group, type)."""
-    from mqpredict.bench.weights import agreement, from_pure
+    from mqpredict.bench.weights import agreement, from_pure, old_picks
     from mqpredict.llama.inprocess import InProcessEngine
 
     model = ModelInfo.load(any_tiny)
@@ -91,6 +91,9 @@ def test_table_within_two_percent_of_the_pure_quantization_method(any_tiny, tmp_
     worst = max(pairs, key=lambda p: p.rel_diff)
     assert worst.rel_diff < 0.02, worst
     assert not list(tmp_path.rglob("weight_errors*"))  # the new table writes nothing
+    # `bench weights --reference rows`: the old method's own rows quantized in memory give its values
+    same = compute(model, "m", None, ERROR_TYPES, threads=2, rows=old_picks)
+    assert max(p.rel_diff for p in agreement(old, same)) < 1e-5
 
 
 def test_table_holds_per_tensor_errors_and_energies(tiny):
@@ -148,3 +151,15 @@ def test_version_one_tables_stay_readable():
     assert t.imatrix_id is None and not t.tensors and t.key == t.model_id == old[0].stem
     assert t.config_error({g: {"Q8_0": 1.0} for g in t.errors}) > 0
     assert old[0].stem in load_tables(folder)
+
+
+def test_bench_weights_cli(tiny):
+    from tests.conftest import mq
+
+    p = mq("bench", "weights", tiny, "--reference", "rows", "--json", "-t", "2")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["reference"] == "rows" and doc["old_disk_bytes"] == 0 and doc["n_types"] == len(ERROR_TYPES)
+    assert doc["n_pairs"] >= 30 and doc["max_rel_diff"] < 0.02 and doc["share_within_2pct"] == 1.0
+    bad = mq("bench", "weights", tiny, "--reference", "nope")
+    assert bad.returncode != 0 and "--reference" in bad.stderr

@@ -37,8 +37,9 @@ Methods (each given a seed):
 * ``allocator`` — the zero-run allocator (:mod:`mqpredict.search.allocator`, llama.cpp PR #15550's method;
   ``mqpredict allocate``) at the level of this space: one type per group from the space's types, each
   group's (bytes, plain-MSE weight error) Pareto front from the model's weight-error table (sampled rows
-  quantized in memory; the ground truth has no imatrix), a bisected Lagrange multiplier and a greedy fill
-  at 512 size targets spread evenly over the space's range. Its distinct answers are measured in
+  quantized in memory; the ground truth has no imatrix), solved at 256 size targets spread evenly over the
+  space's range (a space this small is solved exactly: the least summed error within each size). Its
+  distinct answers (47 on the shipped ground truth) are measured in
   coverage order (farthest point in bpw first), which gives evenly spaced size targets for any budget;
   it stops when they are all measured. No KLD run chooses anything: its spread over seeds is zero.
 
@@ -89,7 +90,7 @@ from mqpredict.util.paths import DATASETS
 
 DEFAULT_TRUTH = DATASETS / "ground_truth" / "tiny256-s0"
 METHODS = ("mqpredict", "random", "greedy", "evolutionary", "probes", "allocator")
-ALLOCATOR_TARGETS = 512
+ALLOCATOR_TARGETS = 256
 BUDGETS = (10, 20, 50, 100)
 STAGE_WINDOWS = 2  # first stage of a staged confirmation: 2 of the 8 windows (the campaign's 0.25)
 Z = Settings.z

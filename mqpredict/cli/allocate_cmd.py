@@ -38,6 +38,8 @@ def allocate(
     """
     import os
 
+    from rich.markup import escape
+
     from mqpredict.quant.model import ModelInfo
     from mqpredict.quant.types import parse_type
     from mqpredict.records.identity import identify
@@ -81,15 +83,15 @@ def allocate(
     if json:
         emit_json(doc)
         return
-    out.print(f"[bold]{m.path.name}[/] · target {target} · {fmt_mb(a.size_bytes)} MB ({a.size_bytes:,} bytes) · "
+    out.print(f"[bold]{escape(m.path.name)}[/] · target {target} · {fmt_mb(a.size_bytes)} MB ({a.size_bytes:,} bytes) · "
               f"{a.bpw:.4f} bpw · {'imatrix-weighted' if a.weighted else 'plain-MSE'} error {a.expected_error:.4g}",
               highlight=False)  # fmt: skip
-    out.print(f"config: {a.config.key}", highlight=False, soft_wrap=True)
-    out.print(f"{path}{'' if recipe else ' (not written: pass --recipe FILE)'}:", highlight=False)
+    out.print(f"config: {a.config.key}", highlight=False, soft_wrap=True, markup=False)
+    out.print(f"{path}{'' if recipe else ' (not written: pass --recipe FILE)'}:", highlight=False, markup=False)
     for line in rec["lines"]:
-        out.print(f"  {line}", highlight=False, soft_wrap=True)
+        out.print(f"  {line}", highlight=False, soft_wrap=True, markup=False)
     where = f"  # in {rec['cwd']}" if rec["cwd"] else ""
-    out.print(" ".join(rec["command"]) + where, highlight=False, soft_wrap=True)
+    out.print(" ".join(rec["command"]) + where, highlight=False, soft_wrap=True, markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -300,7 +300,6 @@ def propose(
     from mqpredict.quant.resolve import quantize_command, tensor_type_lines
     from mqpredict.search.acquisition import frontier
     from mqpredict.search.proposer import Proposer
-    from mqpredict.search.space import space_types
     from mqpredict.surrogate.weight_error import error_table
     from mqpredict.util.atomic import atomic_write_text
 
@@ -329,7 +328,7 @@ def propose(
             table = error_table(eng, ident.model_id, progress=progress)
             s = c._fit(table)
             ln_ref = math.log(float(ok[ok["config"] == "preset=Q8_0"]["kld_mean"].iloc[0]))
-            props = Proposer(eng.model, table, space_types(im), imatrix=im).ask(
+            props = Proposer(eng.model, table, imatrix=im).ask(
                 n, s, ln_ref, float(s.halfwidth_[0]), frontier(c._points(ok)), set(ok["types_key"]), s.coverage)
             rows = []
             for i, p in enumerate(props, 1):

@@ -134,7 +134,7 @@ def predict(
     from mqpredict.quant.config import Config
     from mqpredict.quant.resolve import quantize_command, tensor_type_lines
     from mqpredict.records.identity import identify
-    from mqpredict.search.space import CandidateSpace, space_types
+    from mqpredict.search.space import CandidateSpace
     from mqpredict.surrogate.weight_error import error_table
 
     svc = _defaults()
@@ -155,7 +155,7 @@ def predict(
                 from mqpredict.report.budget import parse_size
 
                 budget = parse_size(target_size) if target_size else None
-                space = CandidateSpace(eng.model, space_types(im), im)
+                space = CandidateSpace(eng.model, imatrix=im)
                 pool = [Config.parse("default=Q8_0"), *space.probes(), *space.sample(candidates, np.random.default_rng(0))]
                 cfgs = pool
             resolver = lambda m, c: dry_run_types(m, c, imatrix=im)  # noqa: E731

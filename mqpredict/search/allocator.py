@@ -152,10 +152,6 @@ def _units(model: ModelInfo, table: ErrorTable, types: Sequence[QuantType], padd
     return units
 
 
-def _choose(units: list[_Unit], lam: float) -> np.ndarray:
-    return np.array([int(np.argmin(u.error + lam * u.cost)) for u in units])
-
-
 def _cost(units: list[_Unit], pick: np.ndarray) -> int:
     return int(sum(int(u.cost[i]) for u, i in zip(units, pick)))
 
@@ -289,25 +285,38 @@ def allocate(model: ModelInfo, table: ErrorTable, target: Target, types: Sequenc
 
 def _lagrange(units: list[_Unit], budget: int) -> tuple[np.ndarray, float]:
     """The smallest λ (bisected in log space) whose choices fit ``budget``: every unit at argmin error + λ·bytes."""
+    width = max(len(u.cost) for u in units)
+    C = np.zeros((len(units), width))
+    E = np.full((len(units), width), np.inf)  # a unit's missing options never win
+    for k, u in enumerate(units):
+        C[k, : len(u.cost)], E[k, : len(u.cost)] = u.cost, u.error
+    rows = np.arange(len(units))
+
+    def choose(lam: float) -> np.ndarray:
+        return np.argmin(E + lam * C, axis=1)
+
+    def cost(pick: np.ndarray) -> int:
+        return int(C[rows, pick].sum())
+
     top = np.array([len(u.cost) - 1 for u in units])
-    if _cost(units, top) <= budget:
+    if cost(top) <= budget:
         return top, 0.0
     lo, hi = 1e-40, 1.0
-    while _cost(units, _choose(units, hi)) > budget:
+    while cost(choose(hi)) > budget:
         lo, hi = hi, hi * 1e3
         if hi > 1e300:
             return np.zeros(len(units), dtype=np.int64), math.inf
-    while _cost(units, _choose(units, lo)) <= budget and lo > 1e-300:
+    while cost(choose(lo)) <= budget and lo > 1e-300:
         lo /= 1e3
     for _ in range(_BISECTIONS):
         mid = math.sqrt(lo * hi)
         if mid <= lo or mid >= hi:
             break
-        if _cost(units, _choose(units, mid)) <= budget:
+        if cost(choose(mid)) <= budget:
             hi = mid
         else:
             lo = mid
-    return _choose(units, hi), hi
+    return choose(hi), hi
 
 
 @dataclass(frozen=True)

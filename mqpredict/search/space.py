@@ -6,8 +6,8 @@ deduplicates by ``types_key``. On a 576-wide model most K-types fall back, so ma
 collapse; the sizes are exact (header-only).
 
 With an importance matrix the space also holds the types llama.cpp writes only with one (IQ3_XXS, IQ2_S,
-IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S: :func:`space_types`), and candidates resolve knowing the imatrix (a group
-whose tensors it holds no weights for cannot take the types that need them).
+IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S: :func:`space_types`, added whatever ``types`` says), and candidates resolve
+knowing the imatrix (a group whose tensors it holds no weights for cannot take the types that need them).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class CandidateSpace:
     imatrix: Imatrix | None = None
 
     def __post_init__(self) -> None:
+        self.types = space_types(self.imatrix, tuple(self.types))  # with an imatrix, its types join
         self.groups = list(self.model.groups)
         self._seen: set[str] = set()
 

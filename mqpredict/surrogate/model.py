@@ -205,9 +205,14 @@ class Surrogate(BaseEstimator):
         except (OSError, ValueError) as e:
             raise InputError(f"{folder} is not a surrogate folder ({e})", "train one with `mqpredict train --out DIR`") from None
         if meta.get("schema_version") != SURROGATE_VERSION or meta.get("features") != list(F.FEATURES):
+            have = list(meta.get("features") or [])
+            missing = [f for f in F.FEATURES if f not in have]
+            extra = [f for f in have if f not in F.FEATURES]
+            diff = "; ".join(x for x in (f"lacks {', '.join(missing)}" if missing else "",
+                                         f"has {', '.join(extra)}, unknown here" if extra else "") if x)  # fmt: skip
             raise InputError(
                 f"{folder} was trained with another feature set (surrogate schema {meta.get('schema_version')}, "
-                f"this mqpredict uses {SURROGATE_VERSION})",
+                f"this mqpredict uses {SURROGATE_VERSION}{'; it ' + diff if diff else ''})",
                 "retrain it with `mqpredict train --out " + str(folder) + "`",
             )
         if meta["versions"]["lightgbm"].split(".")[0] != lgb.__version__.split(".")[0]:

@@ -251,15 +251,17 @@ def tensor_errors(model: ModelInfo, mm: np.ndarray, t: TensorInfo, types, imatri
 
 
 def compute(model: ModelInfo, model_id: str, imatrix: Imatrix | None = None, types=None, threads: int = 1,
-            progress=None, sample_elements: int = SAMPLE_ELEMENTS, min_rows: int = MIN_ROWS) -> ErrorTable:  # fmt: skip
-    """The table of ``model`` (quantized with ``imatrix``, or without): sampled rows, quantized in memory."""
+            progress=None, sample_elements: int = SAMPLE_ELEMENTS, min_rows: int = MIN_ROWS,
+            rows=None) -> ErrorTable:  # fmt: skip
+    """The table of ``model`` (quantized with ``imatrix``, or without): sampled rows, quantized in memory
+    (``rows``: a function tensor → the rows to sample, instead of :func:`sample_rows`)."""
     t0 = time.perf_counter()
     types = tuple(types or table_types(imatrix))
     if imatrix is not None:
         imatrix.check_model(model)
     mm = np.memmap(model.path, dtype=np.uint8, mode="r")
     todo = sorted(model.assignable, key=lambda t: -t.n_elements)  # biggest first: the threads finish together
-    picks = {t.name: sample_rows(model, t, sample_elements, min_rows) for t in todo}
+    picks = {t.name: rows(t) if rows else sample_rows(model, t, sample_elements, min_rows) for t in todo}
     per_tensor: dict[str, dict[str, float]] = {}
     energy: dict[str, float] = {}
     with ThreadPoolExecutor(max(1, threads)) as pool:
@@ -275,7 +277,8 @@ def compute(model: ModelInfo, model_id: str, imatrix: Imatrix | None = None, typ
     energy = {n: energy[n] for n in names}
     return ErrorTable(model_id, group_errors(model, per_tensor, energy), _shares(model), time.perf_counter() - t0,
                       imatrix.id if imatrix is not None else None, per_tensor, energy,
-                      {n: model.group_map[n] for n in names}, f"sampled rows: {sample_elements} weights per tensor (at least {min_rows} rows, "
+                      {n: model.group_map[n] for n in names}, "given rows" if rows else
+                      f"sampled rows: {sample_elements} weights per tensor (at least {min_rows} rows, "
                       f"{MIN_GROUP_ROWS} per group), llama.cpp's quantizer in memory", tuple(q.name for q in types))  # fmt: skip
 
 
