@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         table_path = work / "error_table.json"
         if not table_path.exists():
             t0 = time.perf_counter()
-            table = compute(model, ident.model_id, {qt: eng.pure_header(qt) for qt in ERROR_TYPES})
+            table = compute(model, ident.model_id, None, ERROR_TYPES, THREADS)
             table.save(table_path)
             t_table = time.perf_counter() - t0
             say(f"weight-error table: {t_table:.1f} s")

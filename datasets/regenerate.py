@@ -38,7 +38,7 @@ from mqpredict.records.ingest import load_recipes
 from mqpredict.records.schema import Source
 from mqpredict.records.store import Store
 from mqpredict.search.space import CandidateSpace
-from mqpredict.surrogate.weight_error import error_table
+from mqpredict.surrogate.weight_error import error_table, table_file
 from mqpredict.util.paths import DATASETS, DEFAULT_CALIBRATION, DEFAULT_CORPUS, cache_dir
 
 SPEC = EvalSpec(ctx=512, n_chunks=8)
@@ -69,11 +69,12 @@ def say(msg: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
 
 
-def table(path: Path) -> None:
-    """The model's weight-error table, shipped in datasets/weight_errors/ (the surrogate's features)."""
-    with InProcessEngine(path, None, SPEC) as eng:
+def table(path: Path, imatrix=None) -> None:
+    """The model's weight-error table (with the imatrix: its own), shipped in datasets/weight_errors/ (the
+    surrogate's features)."""
+    with InProcessEngine(path, None, SPEC, imatrix=imatrix, threads=THREADS) as eng:
         mid = identify(eng.model).model_id
-        out = TABLES / f"{mid}.json"
+        out = TABLES / table_file(mid, eng.imatrix_id)
         if not out.exists():
             error_table(eng, mid).save(out)
 
@@ -91,8 +92,8 @@ def model_imatrix(path: Path):
 
 def run_model(path: Path, store: Store, hybrids: int, seed: int, spec: EvalSpec, imatrix=None,
               presets_only: bool = False, probes: bool = True) -> None:  # fmt: skip
-    if imatrix is None and not presets_only:
-        table(path)
+    if not presets_only:
+        table(path, imatrix)
     model = ModelInfo.load(path)
     cands = seeding.preset_candidates(seeding.seed_presets(imatrix is not None, moe=bool(model.n_expert)))
     if not presets_only:

@@ -43,8 +43,8 @@ def test_sizes_and_files_equal_the_header_only_computation(truth):
 
 
 def test_hypervolume_fraction_and_budgets(truth):
-    res = run(truth, ["random", "weight-error"], [0], [10])
-    for m in ("random", "weight-error"):
+    res = run(truth, ["random", "allocator"], [0], [10])
+    for m in ("random", "allocator"):
         r = res["runs"][m][0]
         assert 0 < r["hv_conf"]["10"] <= 1 and 0 < r["hv_tokens"]["10"] <= 1
         assert r["n_runs"] <= 10  # counts never exceed the budget
@@ -82,9 +82,9 @@ def test_token_budgets_equal_confirmations_without_early_stopping(truth):
 def test_cli_json(truth):
     import json
 
-    p = mq("bench", "search", "--seeds", "1", "--budgets", "10", "--methods", "random,weight-error", "--json", check=True)
+    p = mq("bench", "search", "--seeds", "1", "--budgets", "10", "--methods", "random,allocator", "--json", check=True)
     res = json.loads(p.stdout)
-    assert set(res["summary"]) == {"random", "weight-error"}
+    assert set(res["summary"]) == {"random", "allocator"}
     assert res["truth"]["n_space"] == 4096 and res["truth"]["n_true_wins"] == len(truth.wins)
     assert res["runs"]["random"][0]["n_runs"] == 10
     bad = mq("bench", "search", "--methods", "nosuch", "--seeds", "1")

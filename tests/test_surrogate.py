@@ -110,7 +110,7 @@ def test_cross_validation_against_baselines(dataset):
 
     data = build(Store(dataset["store"]).load(), load_tables(dataset["tables"]))
     table = evaluate(data, lambda: Surrogate(n_estimators=60))
-    assert set(table["method"]) == {"surrogate", "bpw", "probes", "weight_error"}
+    assert set(table["method"]) == {"surrogate", "bpw", "probes", "allocator"}
     assert set(table["model_name"]) == {r["model_name"] for _, r in data.rows.iterrows()}
     s = summary(table)
     assert set(METRICS) <= set(s.columns)
@@ -158,6 +158,16 @@ def test_train_and_predict_cli(dataset, tmp_path, corpus):
                          "--json").stdout)  # fmt: skip
     assert 1 <= len(best) <= 3 and all(r["bpw"] <= 5.0 and r["command"].startswith("llama-quantize") for r in best)
     assert [r["kld_pred"] for r in best] == sorted(r["kld_pred"] for r in best)
+    # with an imatrix: its types are candidates, sizes count its keys, the commands quantize with it
+    from mqpredict.llama.imatrix import ImatrixSettings, compute_imatrix
+
+    wide = write_test_model(tmp_path / "new512.gguf", 9, TinyShape(512, 1024, 2))  # K/IQ types fit, a new family
+    im, _ = compute_imatrix(wide, corpus, tmp_path / "new.imatrix.gguf", ImatrixSettings(2, 128), threads=2)
+    low = json.loads(mq("predict", wide, "--imatrix", im.path, "--target-bpw", "3.5", "--top", "3", "--candidates",
+                        "300", "--surrogate", m, "--json").stdout)  # fmt: skip
+    assert low and all(r["bpw"] <= 3.5 and "--imatrix" in r["command"] for r in low)
+    sized = json.loads(mq("size", wide, "-c", low[0]["config"], "--imatrix", im.path, "--json").stdout)
+    assert sized["size_bytes"] == low[0]["size_bytes"]
 
 
 def test_nothing_is_pickled():

@@ -34,10 +34,14 @@ Methods (each given a seed):
 * ``probes`` — the 18 isolation probes (one group changed on all-Q8_0) in seeded order, then every
   config predicted additively (KLD = KLD_Q8_0 + Σ probe increments) and measured in order of predicted
   margin to the presets' line, most negative first.
-* ``weight-error`` — no KLD run to choose: configs ranked by share-weighted weight error (the
-  model's :class:`ErrorTable`) along size; the predicted front (then the next non-dominated layers)
-  is measured in coverage order (farthest point in bpw first), which approximates allocating the
-  weight error to evenly spaced size targets for any budget. Deterministic: its spread is zero.
+* ``allocator`` — the zero-run allocator (:mod:`mqpredict.search.allocator`, llama.cpp PR #15550's method;
+  ``mqpredict allocate``) at the level of this space: one type per group from the space's types, each
+  group's (bytes, plain-MSE weight error) Pareto front from the model's weight-error table (sampled rows
+  quantized in memory; the ground truth has no imatrix), solved at 256 size targets spread evenly over the
+  space's range (a space this small is solved exactly: the least summed error within each size). Its
+  distinct answers (47 on the shipped ground truth) are measured in
+  coverage order (farthest point in bpw first), which gives evenly spaced size targets for any budget;
+  it stops when they are all measured. No KLD run chooses anything: its spread over seeds is zero.
 
 Metrics, for each method and seed (then mean and standard deviation over seeds):
 
@@ -85,7 +89,8 @@ from mqpredict.surrogate.weight_error import ErrorTable
 from mqpredict.util.paths import DATASETS
 
 DEFAULT_TRUTH = DATASETS / "ground_truth" / "tiny256-s0"
-METHODS = ("mqpredict", "random", "greedy", "evolutionary", "probes", "weight-error")
+METHODS = ("mqpredict", "random", "greedy", "evolutionary", "probes", "allocator")
+ALLOCATOR_TARGETS = 256
 BUDGETS = (10, 20, 50, 100)
 STAGE_WINDOWS = 2  # first stage of a staged confirmation: 2 of the 8 windows (the campaign's 0.25)
 Z = Settings.z
@@ -403,28 +408,25 @@ def run_probes(t: Truth, seed: int, o: Oracle) -> str:
     return "space exhausted"
 
 
-def weight_error_order(t: Truth) -> list[int]:
-    """Space rows: non-dominated layers in (bpw, share-weighted weight error), each in coverage order."""
-    tb = t.table
-    werr = np.zeros(len(t.space_rows))
-    for g, fr in t.meta["fixed"].items():
-        werr += tb.shares[g] * tb.mse(g, fr)
-    for j, g in enumerate(t.free):
-        werr += tb.shares[g] * np.array([tb.mse(g, q.name) for q in t.types])[t.A[:, j]]
-    b = t.bpw[t.space_rows]
-    left = np.arange(len(b))
-    lo, hi = float(b.min()), float(b.max())
-    order: list[int] = []
-    while len(left):
-        idx = left[np.lexsort((werr[left], b[left]))]
-        front, best = [], math.inf
-        for i in idx:  # Pareto front in (bpw, werr)
-            if werr[i] < best:
-                front.append(i)
-                best = werr[i]
-        order += _coverage(list(front), b, lo, hi)
-        left = np.setdiff1d(left, front)
-    return [int(t.space_rows[i]) for i in order]
+def allocator_order(t: Truth) -> list[int]:
+    """Space rows the allocator answers at evenly spaced size targets, in coverage order (see the module doc)."""
+    from mqpredict.quant.resolve import types_key
+    from mqpredict.search.allocator import Target, allocate
+    from mqpredict.surrogate.weight_error import compute
+
+    fixed = {g: (QuantType[q],) for g, q in t.meta["fixed"].items()}
+    allowed = fixed | {g: tuple(t.types) for g in t.free}
+    types = tuple(dict.fromkeys([*t.types, *(q for qs in fixed.values() for q in qs)]))
+    table = compute(t.model, t.meta["model_id"], None, types, threads=1)
+    sizes = t.size[t.space_rows]
+    rows: list[int] = []
+    for s in np.linspace(sizes.min(), sizes.max(), ALLOCATOR_TARGETS):
+        a = allocate(t.model, table, Target(size_bytes=int(s)), types, by="group", allowed=allowed)
+        r = t.row_of_key.get(types_key(t.model, a.types))
+        if r is not None and int(r) not in rows:
+            rows.append(int(r))
+    b = t.bpw
+    return _coverage(rows, b, float(b[t.space_rows].min()), float(b[t.space_rows].max()))
 
 
 def _coverage(items: list[int], b: np.ndarray, lo: float, hi: float) -> list[int]:
@@ -440,12 +442,12 @@ def _coverage(items: list[int], b: np.ndarray, lo: float, hi: float) -> list[int
     return picked
 
 
-def run_weight_error(t: Truth, seed: int, o: Oracle) -> str:
-    for r in weight_error_order(t):
+def run_allocator(t: Truth, seed: int, o: Oracle) -> str:
+    for r in allocator_order(t):
         if o.done():
             return "budget spent"
         o.measure(r)
-    return "space exhausted"
+    return "every config the allocator returns is measured"
 
 
 # ============================================================================ mqpredict
@@ -611,7 +613,7 @@ def score(t: Truth, run: Run, budgets: list[int]) -> dict:
 
 # ============================================================================ the benchmark
 RUNNERS = {"random": run_random, "greedy": run_greedy, "evolutionary": run_evolutionary, "probes": run_probes,
-           "weight-error": run_weight_error}  # fmt: skip
+           "allocator": run_allocator}  # fmt: skip
 
 
 HV_KEYS = ("hv_conf", "hv_tokens", "hv_with_presets", "wins_found")  # per-budget metrics

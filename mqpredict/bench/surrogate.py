@@ -3,8 +3,9 @@
 * **screening** — candidates scored per second including enumeration, exact sizes, deduplication by
   effective types, feature assembly and the mean model's prediction (target: 10⁶ in under 10 s); the
   interval is then computed for the top candidates only.
-* **features** — seconds per billion parameters to compute a model's weight-error table (the one pass
-  over its weights a new model costs), with the pure quantizations it needs timed apart.
+* **features** — seconds per billion parameters to compute a model's weight-error table (sampled rows
+  quantized in memory: what a new model costs before its first prediction; ``bench weights`` compares it
+  with the full pure quantizations it replaced).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from mqpredict.records.identity import identify
 from mqpredict.search.space import CandidateSpace
 from mqpredict.search.vectorized import Featurizer, Space
 from mqpredict.surrogate.model import Surrogate
-from mqpredict.surrogate.weight_error import ERROR_TYPES, compute
+from mqpredict.surrogate.weight_error import compute
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,6 @@ class ScreenResult:
     seconds_total: float
     per_second: float
     seconds_table: float
-    seconds_pure_cache: float
     params: int
 
     @property
@@ -48,10 +48,7 @@ def screen(base, surrogate: Surrogate, limit: int = 1_000_000, threads: int = 0,
     with InProcessEngine(base, None, threads=threads, progress=progress) as eng:
         ident = identify(eng.model)
         t0 = time.perf_counter()
-        pure = {qt: eng.pure_header(qt) for qt in ERROR_TYPES}
-        t_pure = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        table = compute(eng.model, ident.model_id, pure, progress)
+        table = compute(eng.model, ident.model_id, None, None, eng.threads, progress)
         t_table = time.perf_counter() - t0
         cs = CandidateSpace(eng.model)
         t0 = time.perf_counter()
@@ -67,4 +64,4 @@ def screen(base, surrogate: Surrogate, limit: int = 1_000_000, threads: int = 0,
         surrogate.predict(X[top])  # intervals for the shortlist only
         t3 = time.perf_counter()
     return ScreenResult(eng.model.path.name, len(A), int(len(keep)), t1 - t0, t2 - t1, t3 - t2, t3 - t0,
-                        len(A) / (t3 - t0), t_table, t_pure, eng.model.n_params)  # fmt: skip
+                        len(A) / (t3 - t0), t_table, eng.model.n_params)  # fmt: skip

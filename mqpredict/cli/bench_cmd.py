@@ -105,12 +105,58 @@ def surrogate(
 
 
 @app.command()
+def weights(
+    base: BaseArg = "smollm2",
+    imatrix: Annotated[Path | None, typer.Option("--imatrix", help="Also time the new table with this imatrix "
+                                                 "(imatrix-weighted, with the low-bit types).")] = None,  # fmt: skip
+    reference: Annotated[str, typer.Option("--reference", help="pure: the old method for real (full pure "
+                                           "quantizations); rows: its values from its own row picks, quantized in "
+                                           "memory (the same bytes, without the 14 quantized copies).")] = "pure",  # fmt: skip
+    threads: ThreadsOpt = 2,
+    json: JsonOpt = False,
+) -> None:
+    """The weight-error table two ways, side by side in one run: sampled rows quantized in memory by
+    llama.cpp (new) vs one full pure quantization per type (old; written to a temporary folder, removed
+    afterwards): seconds, disk, and how far the new values are from the old ones per (group, type)
+    (target: within 2%; ≤ 60 s for the 1.5B on 2 cores)."""
+    if reference not in ("pure", "rows"):
+        raise InputError(f"--reference {reference!r}: use pure or rows")
+    from mqpredict.bench.weights import run
+    from mqpredict.cli.common import err, load_imatrix
+
+    im = load_imatrix(imatrix)
+    with progress_bar(not json) as progress:
+        res = run(_base(base, progress), threads, im, progress, say=lambda s: err.print(s, highlight=False),
+                  reference=reference)  # fmt: skip
+    if json:
+        emit_json(res.to_json())
+        return
+    t = Table(title=f"{res.model} · {res.n_params / 1e6:,.0f}M params · {res.n_types} types · {res.threads} threads",
+              show_edge=False)  # fmt: skip
+    for c in ("weight-error table", "seconds", "disk written", "vs old"):
+        t.add_column(c, justify="left" if c == "weight-error table" else "right")
+    if res.reference == "pure":
+        t.add_row("old: full pure quantizations", f"{res.old_seconds:.1f}", f"{res.old_disk_bytes / 1e9:.2f} GB", "")
+        t.add_row("new: sampled rows in memory", f"{res.new_seconds:.1f}", "0", f"{res.speedup:.1f}× faster")
+    else:
+        t.add_row("old values, from the old method's own rows in memory", f"{res.old_seconds:.1f}", "0", "")
+        t.add_row("new: sampled rows in memory", f"{res.new_seconds:.1f}", "0", "")
+    if res.new_imatrix_seconds is not None:
+        t.add_row(f"new, imatrix-weighted ({res.new_imatrix_types} types)", f"{res.new_imatrix_seconds:.1f}", "0",
+                  f"{res.old_seconds / res.new_imatrix_seconds:.1f}× faster")  # fmt: skip
+    out.print(t)
+    out.print(f"agreement per (group, type), {res.n_pairs} pairs: median {100 * res.median_rel_diff:.2f}%, max "
+              f"{100 * res.max_rel_diff:.2f}% ({res.worst[0]['group']} {res.worst[0]['qtype']}); "
+              f"{100 * res.share_within_2pct:.0f}% within 2%", highlight=False)  # fmt: skip
+
+
+@app.command()
 def search(
     seeds: Annotated[int, typer.Option("--seeds", help="Seeds per method (0 … N-1).")] = 5,
     budgets: Annotated[str, typer.Option("--budgets", help="Comma-separated budgets, in confirmations (and the same "
                                          "numbers of full runs' forward-pass tokens).")] = "10,20,50,100",
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated: mqpredict, random, greedy, evolutionary, "
-                                         "probes, weight-error (default: all).")] = "all",
+                                         "probes, allocator (default: all).")] = "all",
     truth: Annotated[Path | None, typer.Option("--truth", help="Ground-truth folder (default: "
                                                "datasets/ground_truth/tiny256-s0).")] = None,
     json: JsonOpt = False,

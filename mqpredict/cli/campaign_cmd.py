@@ -311,8 +311,7 @@ def propose(
     store: StoreOpt = None,
     ctx: CtxOpt = DEFAULTS["ctx"],
     tokens: Annotated[int, typer.Option("--tokens", help="Scored tokens of your measurements.")] = CAMPAIGN_TOKENS,
-    imatrix: Annotated[Path | None, typer.Option("--imatrix", help="The importance matrix your builds use (records "
-                                                 "with another one, or none, are not used).")] = None,  # fmt: skip
+    imatrix: ImatrixOpt = None,
     scoring: ScoringOpt = None,
     threads: ThreadsOpt = 0,
     json: JsonOpt = False,
@@ -320,8 +319,9 @@ def propose(
     """Export the next batch as llama-quantize recipes + commands, for measuring on your own GPU machines;
     bring the results back with `mqpredict data import` and propose again.
 
-    Needs this model's presets measured in --store (seed them with `mqpredict seed`, or import yours);
-    nothing is measured here.
+    Needs this model's presets measured in --store (seed them with `mqpredict seed`, or import yours) in the
+    same context: with --imatrix, measured with that imatrix (then the candidates may take the types that need
+    one, and the commands quantize with it). Nothing is measured here.
     """
     from mqpredict.measure.corpus import EvalSpec
     from mqpredict.search.campaign import Campaign, Settings, State
@@ -332,9 +332,9 @@ def propose(
     from mqpredict.util.atomic import atomic_write_text
 
     spec = EvalSpec.from_tokens(tokens, ctx, scoring=scoring_for(scoring))
+    im = load_imatrix(imatrix)
     with progress_bar(not json) as progress:
         path = _base(base, progress)
-        im = load_imatrix(imatrix)
         eng = make_engine(path, corpus, spec, EngineName.inprocess, None, threads, False, progress, imatrix=im)
         with eng:
             from mqpredict.records.identity import identify
@@ -348,18 +348,19 @@ def propose(
             c.all_sources = True
             ok = c._records(spec)
             if ok.empty or not (ok["config"] == "preset=Q8_0").any():
-                raise InputError(f"{store or 'the store'} holds no measured Q8_0 of {path.name} on this corpus, slice and "
-                                 f"{'imatrix' if im else 'no imatrix'} and scoring ({spec.scoring.value})",
+                with_im = f" with imatrix {im.path.name}" if im is not None else " without an imatrix"
+                raise InputError(f"{store or 'the store'} holds no measured Q8_0 of {path.name} on this corpus and slice"
+                                 f"{with_im}, scoring {spec.scoring.value}",
                                  f"seed it first: mqpredict seed {path} --corpus {corpus} --tokens {tokens} "
                                  f"--scoring {spec.scoring.value}"
-                                 + (f" --imatrix {imatrix}" if im else " --no-imatrix"))  # fmt: skip
+                                 + (f" --imatrix {imatrix}" if im is not None else " --no-imatrix"))  # fmt: skip
             import math
 
             table = error_table(eng, ident.model_id, progress=progress)
             s = c._fit(table)
             ln_ref = math.log(float(ok[ok["config"] == "preset=Q8_0"]["kld_mean"].iloc[0]))
-            props = Proposer(eng.model, table).ask(n, s, ln_ref, float(s.halfwidth_[0]), frontier(c._points(ok)),
-                                                   set(ok["types_key"]), s.coverage)  # fmt: skip
+            props = Proposer(eng.model, table, imatrix=im).ask(
+                n, s, ln_ref, float(s.halfwidth_[0]), frontier(c._points(ok)), set(ok["types_key"]), s.coverage)
             rows = []
             for i, p in enumerate(props, 1):
                 name = f"proposal-{i:02d}"

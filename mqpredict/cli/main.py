@@ -10,7 +10,8 @@ from rich.markup import escape
 
 from mqpredict import __version__
 from mqpredict.cli import (
-    base_cmd, bench_cmd, campaign_cmd, data_cmd, imatrix_cmd, measure_cmd, model_cmds, surrogate_cmd, track_cmd,
+    allocate_cmd, base_cmd, bench_cmd, campaign_cmd, data_cmd, imatrix_cmd, measure_cmd, model_cmds, surrogate_cmd,
+    track_cmd,
 )  # fmt: skip
 from mqpredict.cli.common import State, err
 from mqpredict.errors import MqError
@@ -48,6 +49,7 @@ def _root(
 
 model_cmds.register(app)
 imatrix_cmd.register(app)
+allocate_cmd.register(app)
 measure_cmd.register(app)
 app.command()(data_cmd.seed)
 surrogate_cmd.register(app)

@@ -220,25 +220,35 @@ def recipe(
     With --imatrix the command quantizes with it; it names the imatrix by its file name, as mqpredict
     writes it into the GGUF, so run it in the imatrix's folder for a byte-identical file."""
     from mqpredict.quant.model import ModelInfo
-    from mqpredict.quant.resolve import quantize_command, tensor_type_lines
-    from mqpredict.util.atomic import atomic_write_text
 
     cfg = _configs([config])[0]
     m = ModelInfo.load(_base(base))
     im = load_imatrix(imatrix)
     if im is not None:
         im.check_model(m)
+    doc = write_recipe(m, cfg, output, gguf_out, im)
+    if json:
+        emit_json(doc)
+    else:
+        err.print(f"wrote {doc['tensor_type_file']} ({len(doc['lines'])} patterns)"
+                  + (f"; run the command in {doc['cwd']}" if doc["cwd"] else ""))  # fmt: skip
+        print(" ".join(doc["command"]))
+
+
+def write_recipe(m, cfg, output: Path, gguf_out: str, im=None) -> dict:
+    """Write the --tensor-type-file of ``cfg`` and return it with the exact llama-quantize command (``cwd``:
+    where to run it — the imatrix's folder, every other path absolute — or None)."""
+    from mqpredict.quant.model import ModelInfo
+    from mqpredict.quant.resolve import quantize_command, tensor_type_lines
+    from mqpredict.util.atomic import atomic_write_text
+
     lines = tensor_type_lines(m, cfg)
     atomic_write_text(output, "\n".join(lines) + ("\n" if lines else ""))
     cwd = str(im.path.resolve().parent) if im is not None else None
     if im is not None:  # the command runs in the imatrix's folder: every other path absolute
         m, gguf_out, output = ModelInfo.load(m.path.resolve()), str(Path(gguf_out).resolve()), output.resolve()
     cmd = quantize_command(m, cfg, gguf_out, str(output), imatrix=im)
-    if json:
-        emit_json({"config": cfg.key, "tensor_type_file": str(output), "lines": lines, "command": cmd, "cwd": cwd})
-    else:
-        err.print(f"wrote {output} ({len(lines)} patterns)" + (f"; run the command in {cwd}" if cwd else ""))
-        print(" ".join(cmd))
+    return {"config": cfg.key, "tensor_type_file": str(output), "lines": lines, "command": cmd, "cwd": cwd}
 
 
 def testmodel(

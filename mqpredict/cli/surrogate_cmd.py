@@ -10,8 +10,8 @@ import typer
 from rich.table import Table
 
 from mqpredict.cli.common import (
-    ConfigsOpt, ExperimentOpt, JsonOpt, NoTrackOpt, TrackingUriOpt, emit_json, err, fmt_mb, make_tracker, out,
-    progress_bar, spec_from, DEFAULTS, CtxOpt, TokensOpt, ThreadsOpt, ScoringOpt, scoring_for,
+    ConfigsOpt, ExperimentOpt, ImatrixOpt, JsonOpt, load_imatrix, NoTrackOpt, TrackingUriOpt, emit_json, err, fmt_mb,
+    make_tracker, out, progress_bar, spec_from, DEFAULTS, CtxOpt, TokensOpt, ThreadsOpt, ScoringOpt, scoring_for,
 )  # fmt: skip
 from mqpredict.cli.model_cmds import BaseArg, _base
 from mqpredict.errors import InputError
@@ -42,8 +42,9 @@ def train(
     """Train the surrogate on records (LightGBM; intervals calibrated on leave-one-family-out residuals).
 
     With --cv, each family is held out in turn and the surrogate is compared with three baselines (bpw
-    alone, additive isolation probes measured on the held-out model, summed weight error); the table is
-    saved as cv.csv beside the model and in its metadata.
+    alone, additive isolation probes measured on the held-out model, the zero-run allocator's summed
+    weight error); the table is saved as cv.csv beside the model and in its metadata. Tables are looked up
+    per (model, imatrix): records quantized with an imatrix need their imatrix's table.
     """
     from mqpredict.surrogate.cv import evaluate, summary
     from mqpredict.surrogate.data import build, load_tables
@@ -109,6 +110,7 @@ def predict(
     top: Annotated[int, typer.Option("--top", help="How many configs --target-* returns.")] = 10,
     candidates: Annotated[int, typer.Option("--candidates", help="Random hybrids screened for --target-*.")] = 4000,
     surrogate: SurrogateOpt = None,
+    imatrix: ImatrixOpt = None,
     ctx: CtxOpt = DEFAULTS["ctx"],
     tokens: TokensOpt = DEFAULTS["tokens"],
     scoring: ScoringOpt = None,
@@ -116,6 +118,10 @@ def predict(
     json: JsonOpt = False,
 ) -> None:
     """Predicted KLD (80% interval) and exact size of configs on a model, without measuring them.
+
+    With --imatrix the configs are quantized with that importance matrix: its imatrix-weighted weight
+    errors are the features, --target-* also screens the types that need one, and the reference is the
+    Q8_0 measured with it.
 
     With --corpus the Q8_0 reference is measured (or its record reused) and configs are predicted relative
     to it (mode "reference"); without, everything is predicted (mode "zero-shot", less certain). With
@@ -133,12 +139,13 @@ def predict(
     from mqpredict.surrogate.weight_error import error_table
 
     svc = _defaults()
+    im = load_imatrix(imatrix)
     if not config and target_size is None and target_bpw is None:
         raise InputError("nothing to predict", "give --config CFG (repeatable), or --target-size / --target-bpw")
     with progress_bar(not json) as progress:
         path = _base(base, progress)
         spec = spec_from(ctx, tokens, 0, scoring_for(scoring))
-        eng = InProcessEngine(path, corpus, spec, threads=threads, progress=progress)
+        eng = InProcessEngine(path, corpus, spec, threads=threads, progress=progress, imatrix=im)
         with eng:
             ident = identify(eng.model)
             s, _ = svc.surrogate_for(ident, surrogate or svc.DEFAULT_SURROGATE, say=lambda m: err.print(m, highlight=False))
@@ -149,11 +156,12 @@ def predict(
                 from mqpredict.report.budget import parse_size
 
                 budget = parse_size(target_size) if target_size else None
-                space = CandidateSpace(eng.model)
+                space = CandidateSpace(eng.model, imatrix=im)
                 pool = [Config.parse("default=Q8_0"), *space.probes(), *space.sample(candidates, np.random.default_rng(0))]
                 cfgs = pool
-            scored = svc.score_configs(eng.model, table, cfgs, dry_run_types)
-            ref_x = svc.score_configs(eng.model, table, [Config.parse("default=Q8_0")])[0].features
+            resolver = lambda m, c: dry_run_types(m, c, imatrix=im)  # noqa: E731
+            scored = svc.score_configs(eng.model, table, cfgs, resolver, im)
+            ref_x = svc.score_configs(eng.model, table, [Config.parse("default=Q8_0")], imatrix=im)[0].features
             ln_ref, ref_row = None, None
             if corpus is not None:
                 ln_ref, ref_row = _reference(eng, ident, store, spec)
@@ -165,7 +173,8 @@ def predict(
                     if lim(r) and r["types_key"] not in seen:
                         seen.add(r["types_key"])
                         r["tensor_types"] = tensor_type_lines(eng.model, x.config)
-                        r["command"] = " ".join(quantize_command(eng.model, x.config, "OUT.gguf", "tensor-types.txt"))
+                        r["command"] = " ".join(quantize_command(eng.model, x.config, "OUT.gguf", "tensor-types.txt",
+                                                                 imatrix=im))  # fmt: skip
                         picked.append(r)
                 if not picked:
                     raise InputError("no config fits that budget", "raise --target-size / --target-bpw")
@@ -190,19 +199,19 @@ def predict(
 
 
 def _reference(eng, ident, store: Path | None, spec) -> tuple[float, dict]:
-    """ln KLD of the Q8_0 reference on this corpus/slice: a stored record if there is one, else measured."""
+    """ln KLD of the Q8_0 reference in this context (corpus, slice, imatrix): a stored record if there is one,
+    else measured."""
     import math
 
     from mqpredict.quant.config import Config
+    from mqpredict.records.context import Context
     from mqpredict.records.store import Store
 
-    from mqpredict.records.context import Context
-
-    context = Context.of(eng, ident.model_id, spec)
+    here = Context.of(eng, ident.model_id, spec)
     if store is not None and (store / "STORE.json").exists():
         for r in Store(store).records():
             v = r.values
-            if context.matches(v) and (v["config"], v["status"]) == ("preset=Q8_0", "ok"):
+            if v["config"] == "preset=Q8_0" and v["status"] == "ok" and here.matches(v):
                 return math.log(v["kld_mean"]), {"config": "preset=Q8_0", "size_bytes": v["size_bytes"], "bpw": v["bpw"],
                                                   "kld_pred": v["kld_mean"], "kld_lo": v["kld_mean"], "kld_hi": v["kld_mean"],
                                                   "mode": "reference", "reference": True, "out_of_range": []}  # fmt: skip

@@ -316,7 +316,7 @@ class Campaign:
         own = self._records(self.state.search)
         recs = pd.concat([shipped, own], ignore_index=True) if not shipped.empty else own
         tables = load_tables(self.train_tables) if self.train_tables.exists() else {}
-        tables[self.ident.model_id] = table
+        tables[table.key] = table  # the (model, imatrix) table: records with an imatrix need their own
         return Surrogate(**params).fit(build(recs, tables))
 
     def _halfwidth(self, s) -> float:
@@ -357,7 +357,7 @@ class Campaign:
             seed(e, self.store, preset_candidates(seed_presets(e.imatrix is not None, bool(e.model.n_expert))), self.progress, self.say, tracker=self.tracker,
                  own_run=False, executor=ex, spec=st.search)  # fmt: skip
             table = self._error_table()
-            proposer = Proposer(e.model, table, self.types, seed=self.settings.seed)
+            proposer = Proposer(e.model, table, self.types, seed=self.settings.seed, imatrix=e.imatrix)
             self._loop(proposer, table, res)
             self._heldout(res)
             self._finish(res)
@@ -368,13 +368,13 @@ class Campaign:
     def _error_table(self):
         """The base's weight-error table: from the driver's cache, else computed once by the executor (on a
         worker: a 70B base's pure quantizations are no job for the driver) and kept in the driver's cache."""
-        from mqpredict.surrogate.weight_error import cached_table, error_table
+        from mqpredict.surrogate.weight_error import cached_table, error_table, table_path
 
-        path = self.engine.cache / "weight_errors" / f"{self.ident.model_id}.json"
+        path = table_path(self.engine, self.ident.model_id)
         table = cached_table(path)
         if table is not None:
             return table
-        self.say("computing the base's weight-error table (one pure quantization per type; once per model)")
+        self.say("computing the base's weight-error table (sampled rows quantized in memory; once per model and imatrix)")
         table = self.executor.call(error_table, self.ident.model_id)
         table.save(path)
         return table

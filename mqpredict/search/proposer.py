@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mqpredict.quant.config import Config
+from mqpredict.quant.imatrix import Imatrix
 from mqpredict.quant.model import ModelInfo
 from mqpredict.quant.resolve import resolve, types_key
 from mqpredict.quant.types import QuantType
@@ -53,12 +54,14 @@ class Proposer:
     #: allowed types per group (default: ``types`` for every group, F16 too for embeddings/lm_head); a
     #: group with one type is fixed
     allowed: dict[str, tuple[QuantType, ...]] | None = None
+    #: the importance matrix candidates are quantized with (its types allowed, its keys in the sizes)
+    imatrix: Imatrix | None = None
     _space: Space = field(init=False, repr=False)
     _feat: Featurizer = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        cs = CandidateSpace(self.model, self.types)
-        self._space = Space.build(self.model, self.allowed or {g: cs.allowed(g) for g in cs.groups})
+        cs = CandidateSpace(self.model, self.types, self.imatrix)
+        self._space = Space.build(self.model, self.allowed or {g: cs.allowed(g) for g in cs.groups}, self.imatrix)
         self._feat = Featurizer(self._space, self.table)
 
     @property
@@ -114,7 +117,7 @@ class Proposer:
                     break
                 if int(i) in keys:
                     continue
-                k = types_key(self.model, resolve(self.model, self._space.config(A[i])))
+                k = types_key(self.model, resolve(self.model, self._space.config(A[i]), imatrix=self.imatrix))
                 if k in measured or k in taken:
                     continue
                 keys[int(i)] = k

@@ -15,13 +15,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mqpredict.errors import ConfigError
 from mqpredict.quant.config import Config
 from mqpredict.quant.derive import type_fractions
 from mqpredict.quant.header import pad, tensor_nbytes
+from mqpredict.quant.imatrix import Imatrix
 from mqpredict.quant.model import ModelInfo
-from mqpredict.quant.resolve import resolve
+from mqpredict.quant.resolve import check_types, resolve
 from mqpredict.quant.size import header_size
-from mqpredict.quant.types import NoFallback, QuantType, effective_type
+from mqpredict.quant.types import NoFallback, QuantType, T, effective_type
 from mqpredict.surrogate import features as F
 from mqpredict.surrogate.weight_error import ErrorTable
 
@@ -39,9 +41,10 @@ class Space:
     fixed_bytes: int
     fixed_raw: int
     header: int
+    imatrix: Imatrix | None = None  # quantized with it: its keys are in the header, its types allowed
 
     @classmethod
-    def build(cls, model: ModelInfo, allowed: dict[str, tuple[QuantType, ...]]) -> Space:
+    def build(cls, model: ModelInfo, allowed: dict[str, tuple[QuantType, ...]], imatrix: Imatrix | None = None) -> Space:
         align = model.header.alignment
         groups = list(model.groups)
         types, b, rb, eff = [], [], [], []
@@ -51,7 +54,8 @@ class Space:
             for qt in allowed[g]:
                 try:
                     e = tuple(effective_type(qt, t.shape[0]) for t in ts)
-                except NoFallback:  # llama.cpp cannot write this type here: not a candidate
+                    check_types(model, {t.name: x for t, x in zip(ts, e)}, Config(default=qt), imatrix)
+                except (NoFallback, ConfigError):  # llama.cpp cannot (or will not) write this type here
                     continue
                 ok.append(qt)
                 ids.append(sigs.setdefault(e, len(sigs)))
@@ -62,8 +66,8 @@ class Space:
             rb.append(np.array(rby, dtype=np.int64))
             eff.append(np.array(ids, dtype=np.int64))
         fixed = model.fixed
-        return cls(model, groups, types, b, rb, eff,
-                   sum(pad(t.nbytes, align) for t in fixed), sum(t.nbytes for t in fixed), header_size(model))  # fmt: skip
+        return cls(model, groups, types, b, rb, eff, sum(pad(t.nbytes, align) for t in fixed),
+                   sum(t.nbytes for t in fixed), header_size(model, imatrix), imatrix)  # fmt: skip
 
     @property
     def n_total(self) -> int:
@@ -119,8 +123,8 @@ class Featurizer:
         self.g_bpw, self.g_mse = [], []
         for g, ts in zip(space.groups, space.types):
             bs, ms = [], []
-            for qt in ts:
-                fr = type_fractions(m, resolve(m, Config(default=qt)))[g]
+            for qt in ts:  # the group alone at qt (other groups could not all take it)
+                fr = type_fractions(m, resolve(m, Config(default=T.Q8_0, groups=((g, qt),)), imatrix=space.imatrix))[g]
                 bs.append(F._mix_bpw(fr))
                 ms.append(F._group_mse(table, g, fr))
             self.g_bpw.append(np.array(bs))
@@ -130,7 +134,8 @@ class Featurizer:
         self.gi = gi
         const = F.row(ref_fr, table, self.desc, 0.0, ref_fr)
         self.const = {k: const[k] for k in ("log_params", "n_layers", "log2_embd", "ff_ratio", "log_vocab",
-                                            "vocab_share", "tied", "kv_ratio", "dithered", *F.model_features(table))}  # fmt: skip
+                                            "vocab_share", "tied", "kv_ratio", "dithered", "imatrix",
+                                            *F.model_features(table))}  # fmt: skip
         self.active_w = F.active_weights(table)
         self.ref_slot_lerr = {s: const[f"lerr_{s}"] for s in F.SLOTS}
 

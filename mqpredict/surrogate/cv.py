@@ -15,8 +15,13 @@ model's measured Q8_0 reference. Metrics per held-out model (models weigh the sa
 * ``coverage`` — share of measured values inside the 80 % interval (surrogate only).
 
 Baselines: ``bpw`` (a linear fit of the delta on bpw alone), ``probes`` (KLD(Q8_0) + Σ_g the measured
-isolation-probe increments on that model; only where every group's type was probed), ``weight_error``
-(the summed share-weighted weight error — the zero-run allocator's objective, linearly mapped for MAE).
+isolation-probe increments on that model; only where every group's type was probed), ``allocator``
+(the zero-run allocator's objective, :meth:`~mqpredict.surrogate.weight_error.ErrorTable.config_error`: the
+summed absolute weight error, imatrix-weighted for records quantized with an imatrix — what
+``mqpredict allocate`` minimises at a size — as a log ratio to the reference's, linearly mapped for MAE).
+
+A "held-out model" is one measurement context (:mod:`mqpredict.surrogate.data`): the same model with and
+without an imatrix is two, each with its own reference and line, never mixed.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from mqpredict.surrogate.data import TrainingSet, model_weights
 from mqpredict.surrogate.model import Surrogate
 
 METRICS = ("spearman", "spearman_band", "spearman_margin", "precision_at_k", "regret", "mae_log10", "coverage")
-METHODS = ("surrogate", "bpw", "probes", "weight_error")
+METHODS = ("surrogate", "bpw", "probes", "allocator")
 
 
 def _spearman(a, b) -> float:
@@ -137,27 +142,27 @@ def evaluate(data: TrainingSet, make: Callable[[], Surrogate], progress=None) ->
                             data.refs[rtr].reset_index(drop=True), data.X_ref[rtr])  # fmt: skip
         s = make().fit(train)
         w = model_weights(train.rows["model_id"])
-        bpw_i, err_i = F.FEATURES.index("bpw"), F.FEATURES.index("dlwerr")
+        bpw_i = F.FEATURES.index("bpw")
         lin_bpw = np.polyfit(train.X[:, bpw_i], train.Y[:, 0], 1, w=w)
-        lin_err = np.polyfit(train.X[:, err_i], train.Y[:, 0], 1, w=w)
+        lin_alloc = np.polyfit(train.rows["alloc_dlerr"].to_numpy(), train.Y[:, 0], 1, w=w)
         te = np.flatnonzero(~tr)
-        for mid in data.rows.loc[te, "model_id"].unique():
-            idx = te[(data.rows.loc[te, "model_id"] == mid).to_numpy()]
+        for ctx in data.rows.loc[te, "context"].unique():
+            idx = te[(data.rows.loc[te, "context"] == ctx).to_numpy()]
             rows = data.rows.loc[idx].reset_index(drop=True)
             X = data.X[idx]
             ln_ref = math.log(rows["ref_kld"].iloc[0])
             p = s.predict(X)["kld"]
-            info = {"model_id": mid, "model_name": rows["model_name"].iloc[0], "family": fam,
-                    "synthetic": bool(rows["synthetic"].iloc[0])}  # fmt: skip
+            info = {"model_id": rows["model_id"].iloc[0], "model_name": rows["model_name"].iloc[0], "family": fam,
+                    "synthetic": bool(rows["synthetic"].iloc[0]), "imatrix": bool(pd.notna(rows["imatrix_id"].iloc[0]))}  # fmt: skip
             preds = {
                 "surrogate": (ln_ref + p.mean, ln_ref + p.lo, ln_ref + p.hi),
                 "bpw": (ln_ref + np.polyval(lin_bpw, X[:, bpw_i]), None, None),
                 "probes": (probe_prediction(rows), None, None),
-                "weight_error": (ln_ref + np.polyval(lin_err, X[:, err_i]), None, None),
+                "allocator": (ln_ref + np.polyval(lin_alloc, rows["alloc_dlerr"].to_numpy()), None, None),
             }
             for method, (m, lo, hi) in preds.items():
                 out.append({**info, "method": method, "mode": "reference", **model_metrics(rows, m, lo, hi)})
-            ref_x = data.X_ref[(data.refs["model_id"] == mid).to_numpy()]
+            ref_x = data.X_ref[(data.refs["context"] == ctx).to_numpy()]
             if len(ref_x) and not math.isnan(s.halfwidth_zero_):
                 zero = s.predict_reference(ref_x[:1])[0] + p.mean
                 out.append({**info, "method": "surrogate", "mode": "zero-shot",

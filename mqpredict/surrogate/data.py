@@ -1,8 +1,11 @@
 """Records → a training set: features, targets and who each row belongs to.
 
-Records are grouped by measurement context (model, corpus, ctx, batch layout, token slice, build);
-each context needs its **reference** (the Q8_0 preset) and every other record's targets are measured
-against it, which cancels most of the corpus/ctx/model-scale offset:
+Records are grouped by measurement context (model, corpus, ctx, batch layout, token slice, scoring mode,
+importance matrix, build — :class:`mqpredict.records.context.Context` plus the build): records quantized
+with and without an imatrix never share a reference or a line. Each record's features come from the
+weight-error table of its (model, imatrix). Each context needs its **reference** (the Q8_0 preset) and
+every other record's targets are measured against it, which cancels most of the corpus/ctx/model-scale
+offset:
 
     y_kld  = ln KLD − ln KLD_ref          y_p99  = ln p99 KLD − ln p99_ref
     y_miss = ln(1 − same_top) − ln(1 − same_top_ref)        (same-top misses, floored at 1e-4)
@@ -20,10 +23,9 @@ import numpy as np
 import pandas as pd
 
 from mqpredict.surrogate import features as F
-from mqpredict.surrogate.weight_error import ErrorTable
+from mqpredict.surrogate.weight_error import ErrorTable, table_key
 
-#: what makes records comparable: each row's target is relative to the reference measured in the same context
-CONTEXT = ["model_id", "corpus", "ctx", "n_batch", "chunk_offset", "n_chunks", "scoring", "build"]
+CONTEXT = ["model_id", "corpus", "ctx", "n_batch", "chunk_offset", "n_chunks", "scoring", "imatrix_id", "build"]
 TARGETS = ("kld", "p99", "miss")
 REFERENCE = "preset=Q8_0"
 _MISS_FLOOR = 1e-4
@@ -52,30 +54,46 @@ def descriptors(r: pd.Series | dict) -> dict:
 
 
 def load_tables(folder: str | Path) -> dict[str, ErrorTable]:
+    """The tables in ``folder`` by :attr:`ErrorTable.key` (the model id, ``-imID`` appended with an imatrix)."""
     tables = {}
     for p in sorted(Path(folder).glob("*.json")):
         t = ErrorTable.load(p)
-        tables[t.model_id] = t
+        tables[t.key] = t
     return tables
 
 
+def _normalised(records: pd.DataFrame) -> pd.DataFrame:
+    """Records with the context columns every row has (no imatrix: ""; no scoring mode: windows)."""
+    df = records.copy()
+    im = df["imatrix_id"] if "imatrix_id" in df else pd.Series("", index=df.index)
+    df["imatrix_id"] = im.astype("string").fillna("").astype(str)
+    sc = df["scoring"] if "scoring" in df else pd.Series("windows", index=df.index)
+    df["scoring"] = sc.astype("string").fillna("windows").replace("", "windows").astype(str)
+    return df
+
+
 def build(records: pd.DataFrame, tables: dict[str, ErrorTable], exclude_families: tuple[str, ...] = ()) -> TrainingSet:
-    """Training rows from ok records of models with a weight-error table and a reference in context."""
-    df = records[(records["status"] == "ok") & records["kld_mean"].notna()]
+    """Training rows from ok records of (model, imatrix) pairs with a weight-error table and a reference in
+    context."""
+    df = _normalised(records[(records["status"] == "ok") & records["kld_mean"].notna()])
     df = df[~df["family"].isin(exclude_families)]
-    df = df[df["model_id"].isin(tables)]
-    df = df.assign(scoring=df["scoring"].fillna("windows")) if "scoring" in df else df.assign(scoring="windows")
+    keys = [table_key(m, i or None) for m, i in zip(df["model_id"], df["imatrix_id"])]
+    df = df[pd.Series(keys, index=df.index, dtype=object).isin(tables)]
     feats, ys, meta, refs, ref_feats = [], [], [], [], []
-    for _, ctx in df.groupby(CONTEXT, sort=True):
+    for cvals, ctx in df.groupby(CONTEXT, sort=True):
         ref = ctx[ctx["config"] == REFERENCE]
         if ref.empty:
             continue
         ref = ref.iloc[0]
-        table = tables[ref["model_id"]]
+        context = "|".join(str(v) for v in cvals)
+        imatrix_id = ref["imatrix_id"] or None
+        table = tables[table_key(ref["model_id"], imatrix_id)]
         desc = descriptors(ref)
         ref_fr = ref["fractions"]
         ref_row = F.row(ref_fr, table, desc, ref["bpw"], ref_fr)
+        ref_err = table.config_error(ref_fr)
         refs.append({"model_id": ref["model_id"], "family": ref["family"], "synthetic": bool(ref["synthetic"]),
+                     "imatrix_id": imatrix_id, "context": context,
                      "ln_kld_ref": math.log(ref["kld_mean"]), "kld_ref": ref["kld_mean"]})  # fmt: skip
         ref_feats.append(ref_row)
         for _, r in ctx.iterrows():
@@ -88,6 +106,8 @@ def build(records: pd.DataFrame, tables: dict[str, ErrorTable], exclude_families
                 _miss(r["same_top_p"]) - _miss(ref["same_top_p"]),
             ])  # fmt: skip
             meta.append({"model_id": r["model_id"], "family": r["family"], "synthetic": bool(r["synthetic"]),
+                         "imatrix_id": imatrix_id, "context": context,
+                         "alloc_dlerr": math.log10(max(table.config_error(r["fractions"]), 1e-30) / max(ref_err, 1e-30)),
                          "model_name": r["model_name"], "config": r["config"], "source": r["source"],
                          "bpw": r["bpw"], "size_bytes": r["size_bytes"], "kld": r["kld_mean"],
                          "kld_err": r["kld_mean_err"], "ref_kld": ref["kld_mean"], "fractions": r["fractions"]})  # fmt: skip

@@ -2,7 +2,8 @@
 
 A config enters only through each group's **type fractions** (how many of the group's parameters sit at
 each effective type); the model through its descriptors and its **weight-error table** (relative MSE of
-each group at each type, :mod:`mqpredict.surrogate.weight_error`). Groups are mapped onto fixed *slots*
+each group at each type, :mod:`mqpredict.surrogate.weight_error`) — the table of the record's imatrix:
+imatrix-weighted errors (and ``imatrix`` = 1) for a config quantized with one. Groups are mapped onto fixed *slots*
 so models of different shapes line up: ``out`` is the output projection (``lm_head``, or the tied
 ``token_embd``), ``emb`` the input embedding table (the same tensor when tied), a mixture of experts'
 routed up/gate and down projections and its shared experts have slots of their own, dynamic groups share
@@ -59,6 +60,7 @@ FEATURE_DOCS.update({
     "active_share": "fraction of the model's parameters one token uses (1 for a dense model)",
     "expert_ratio": "fraction of the routed experts one token uses: experts used / experts (1 for a dense model)",
     "dithered": "1 if the base was restored from a quantized file by dithering",
+    "imatrix": "1 if the config is quantized with an importance matrix (its weight errors are then imatrix-weighted)",
 })  # fmt: skip
 FEATURES: tuple[str, ...] = tuple(FEATURE_DOCS)
 
@@ -178,6 +180,7 @@ def row(fractions: Mapping[str, Mapping[str, float]], table: ErrorTable, descrip
     f["kv_ratio"] = (d["n_head_kv"] or 1) / max(d["n_head"] or 1, 1)
     f["dithered"] = float(str(d.get("base_origin") or "").startswith("dither"))
     f.update(model_features(table))
+    f["imatrix"] = float(table.weighted)
     return f
 
 

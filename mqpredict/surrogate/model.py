@@ -35,7 +35,7 @@ from mqpredict.surrogate import features as F
 from mqpredict.surrogate.data import TARGETS, TrainingSet, model_weights
 from mqpredict.util.atomic import atomic_write_text
 
-SURROGATE_VERSION = 2  # 2: expert slots split (moe_experts_up_gate/_down), active-parameter features (MoE)
+SURROGATE_VERSION = 2  # 2: expert slots split (moe_experts_up_gate/_down), active-parameter features (MoE), imatrix
 REF_FEATURES = ("lwerr", "log_params", "vocab_share", "tied", "dithered", "log2_embd")
 RANGE_FEATURES = ("log_params", "log2_embd", "n_layers", "vocab_share", "bpw", "dlwerr", "active_share")
 

@@ -76,16 +76,17 @@ class Scored:
     features: dict
 
 
-def score_configs(model, table: ErrorTable, configs: list[Config], preset_resolver=None) -> list[Scored]:
-    """Exact sizes and feature rows of configs on ``model`` (presets through ``preset_resolver``)."""
-    ref_types = resolve(model, Config.parse("preset=Q8_0"), preset_resolver) if preset_resolver else \
-        resolve(model, Config.parse("default=Q8_0"))  # fmt: skip
+def score_configs(model, table: ErrorTable, configs: list[Config], preset_resolver=None, imatrix=None) -> list[Scored]:
+    """Exact sizes and feature rows of configs on ``model`` (presets through ``preset_resolver``), quantized
+    with ``imatrix`` (``table`` must be its table) or without."""
+    ref_types = resolve(model, Config.parse("preset=Q8_0"), preset_resolver, imatrix) if preset_resolver else \
+        resolve(model, Config.parse("default=Q8_0"), imatrix=imatrix)  # fmt: skip
     ref_fr = type_fractions(model, ref_types)
     d = model.descriptors()
     out = []
     for c in configs:
-        types = resolve(model, c, preset_resolver if c.is_preset else None)
-        size = size_of(model, types)
+        types = resolve(model, c, preset_resolver if c.is_preset else None, imatrix)
+        size = size_of(model, types, imatrix)
         fr = type_fractions(model, types)
         out.append(Scored(c, size.size_bytes, size.bpw, types_key(model, types), F.row(fr, table, d, size.bpw, ref_fr)))
     return out
