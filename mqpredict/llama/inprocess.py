@@ -37,6 +37,7 @@ from mqpredict.quant.model import ModelInfo
 from mqpredict.quant.presets import FTYPE
 from mqpredict.quant.resolve import EffectiveTypes, export_preset
 from mqpredict.quant.types import QuantType
+from mqpredict.util import faults
 
 
 class LoadedModel:
@@ -272,6 +273,7 @@ class InProcessEngine(Engine):
                         rows, _ = compress(logits)
                         writer.write(rows)
                         self.progress("base log-probs", i + 1, spec.n_chunks)
+                        faults.point("measure", f"base-{spec.key}@{i}")
                 finally:
                     ev.close()
                 ok = True
@@ -292,6 +294,7 @@ class InProcessEngine(Engine):
                 nxt = np.asarray(lp.tokens[i, first + 1 :])
                 parts.append(score_rows_parallel(logits, lp.rows[i], nxt, pool))
                 self.progress(f"evaluate {path.name}", i + 1, spec.n_chunks)
+                faults.point("measure", f"{path.stem}@{spec.chunk_offset + i}")
         scores = TokenScores.concat(parts)
         return KLDStats.from_scores(scores), scores, "llama-cpp-python logits"
 

@@ -32,6 +32,7 @@ from mqpredict.errors import InputError, MqError
 from mqpredict.records.schema import (
     COLUMN_NAMES, COLUMNS, READABLE_VERSIONS, SCHEMA_VERSION, Record, RowError, Status, parse_row, upgrade_row,
 )  # fmt: skip
+from mqpredict.util import faults
 from mqpredict.util.atomic import atomic_open, atomic_write_text
 
 FORMATS = ("csv", "parquet")
@@ -234,6 +235,7 @@ class Store:
                 if conflicts:
                     raise ConflictError(conflicts)
                 if report.added or report.replaced:
+                    faults.point("store", f"{(report.added or report.replaced)[0].key}:append")  # lock held
                     self._write(list(current.values()))
                 return report
         except Timeout:
@@ -265,6 +267,7 @@ class Store:
             if s.exists():
                 with open(s, "rb") as fin, atomic_open(d) as fout:
                     shutil.copyfileobj(fin, fout)
+                faults.point("store", f"{key}:{d.name.removeprefix(key)}")  # one of the two files copied
         return str(rel)
 
     def counts(self) -> list[dict]:
