@@ -9,8 +9,8 @@ simply running again: seeds already there are skipped, the spent budget is count
 (records tagged with the campaign id), a batch a killed process had started is finished as it was asked
 (same configs, same steps, judged against the same records) before anything new is asked, and a config
 already measured is never proposed again — a campaign killed any number of times ends with the records
-of one never interrupted (``mqpredict bench faults`` checks it). The surrogate is refitted before every batch on the shipped dataset *without the model's
-family* plus this campaign's own records of the model.
+of one never interrupted (``mqpredict bench faults`` checks it). The surrogate is refitted before every
+batch on the shipped dataset *without the model's family* plus this campaign's own records of the model.
 
 Wins: a config is a **candidate win** when its paired margin to the line on the search slice is below
 zero by more than ``z`` paired errors; it becomes a **nonlinear win** when the same holds on the held-out
