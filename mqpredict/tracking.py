@@ -6,12 +6,17 @@
 * **Which experiment**: ``--experiment NAME``, else one per base model (its family, plus the
   truncation for truncated variants, plus the model id for synthetic models).
 * **Runs**: a parent run per command (seed, measure, campaign, training) and a nested run per
-  measurement. Params are written once (model id and descriptors, corpus, ctx, engine and llama.cpp
+  measurement; a resumed campaign continues its parent run, and a record logged again (its process was
+  killed before the record was stored) completes the run already tagged with its key — one run per
+  record and per campaign, however often they were interrupted. Params are written once (model id and descriptors, corpus, ctx, engine and llama.cpp
   version, per-group types, config, source); metrics are the size, bpw and every KLD statistic; the
   run is tagged with the record key, and the record keeps the run id.
-* **Failure**: if the tracking store cannot be reached, a warning says so once, measurements still
-  land in the records store, and ``mqpredict track sync`` logs what is missing later, without
-  duplicates (runs are found again by their record-key tag).
+* **Failure**: if the tracking store cannot be reached (connection refused or lost, a timeout, a sqlite
+  file locked past the retries or that cannot be opened, a server answering 503/504), a warning says so
+  once, measurements still land in the records store, and ``mqpredict track sync`` logs what is missing
+  later, without duplicates (runs are found again by their record-key tag). Any other failure is not
+  "offline": an error MLflow reports (a deleted experiment, a refused request) stops the command with
+  one line naming the tracking URI; an exception of ours is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mqpredict.errors import MqError
 from mqpredict.records.schema import Record
+from mqpredict.util import faults
 from mqpredict.util.paths import PROJECT_ROOT
 
 EXPERIMENTS = PROJECT_ROOT / "experiments"
@@ -37,6 +44,7 @@ RUN_PARAMS = ("config", "effective_config", "types_key", "source", "corpus", "ct
               "n_chunks", "scoring", "imatrix_id", "imatrix_corpus", "engine", "kld_source", "llama_version", "build",
               "provenance_file", "provenance_url")  # fmt: skip
 RECORD_TAG = "mqpredict.record_key"
+RESUME_TAG = "mqpredict.resume_key"  # names a parent run a later process continues (a campaign's id)
 
 
 def default_uri() -> str:
@@ -61,7 +69,7 @@ class Tracker:
     enabled = False
 
     @contextmanager
-    def parent(self, kind: str, model: dict, params: dict | None = None) -> Iterator[str | None]:
+    def parent(self, kind: str, model: dict, params: dict | None = None, resume: str | None = None) -> Iterator[str | None]:
         yield None
 
     def log_record(self, record: Record, step: int | None = None, metrics: dict | None = None,
@@ -76,6 +84,34 @@ class Tracker:
 
     def log_artifact(self, path: str | os.PathLike, folder: str | None = None) -> None:
         pass
+
+
+_SQLITE_UNREACHABLE = ("database is locked", "database is busy", "unable to open database file")
+_UNAVAILABLE_CODES = ("TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+def unreachable(e: BaseException) -> bool:
+    """Whether ``e`` (or an exception it was raised from) means the tracking store cannot be reached now:
+    a connection refused or lost, a timeout, retries used up on a server that kept answering 5xx, a sqlite
+    file locked past the retries or that cannot be opened, a server's 503/504. Only then does tracking go
+    offline."""
+    import requests.exceptions as rq
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, (ConnectionError, TimeoutError, rq.ConnectionError, rq.Timeout, rq.RetryError)):
+            return True
+        if type(x).__name__ == "OperationalError":  # sqlite3's, or sqlalchemy's around it
+            return any(s in str(x) for s in _SQLITE_UNREACHABLE)
+        if getattr(x, "error_code", None) in _UNAVAILABLE_CODES and x.__cause__ is None and x.__context__ is None:
+            return True  # a server's own 503/504
+        todo += [x.__cause__, x.__context__]
+    return False
 
 
 def _retry(fn: Callable, what: str, attempts: int = 12):
@@ -118,13 +154,23 @@ class MlflowTracker(Tracker):
         return self._client
 
     def _guard(self, fn: Callable, what: str):
-        """Run an MLflow call; on failure go offline (warn once) and return None."""
+        """Run an MLflow call. If the tracking store cannot be reached, go offline (warn once) and return
+        None: measurements go on and ``track sync`` logs them later. An error MLflow reports is raised as an
+        MqError naming the URI; any other exception is a bug and is raised as it is."""
+        from mlflow.exceptions import MlflowException
+
         if self.offline:
             return None
         try:
             return _retry(fn, what)
-        except Exception as e:  # noqa: BLE001 - any tracking failure must not stop a measurement
-            self.offline = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        except Exception as e:
+            if not unreachable(e):
+                if isinstance(e, MlflowException):
+                    raise MqError(f"MLflow at {self.uri} refused {what}: {_first_line(e)}",
+                                  "fix the tracking store (or --experiment), or run with --no-track; records "
+                                  "measured so far are stored, `mqpredict track sync` logs them later") from e  # fmt: skip
+                raise
+            self.offline = f"{type(e).__name__}: {_first_line(e)}"
             self.warn(f"MLflow tracking at {self.uri} failed while {what} ({self.offline}); records are still stored, "
                       f"run `mqpredict track sync` later to log them", stacklevel=3)  # fmt: skip
             return None
@@ -152,18 +198,29 @@ class MlflowTracker(Tracker):
 
     # ------------------------------------------------------------------------------- runs
     @contextmanager
-    def parent(self, kind: str, model: dict, params: dict | None = None) -> Iterator[str | None]:
-        """A parent run for one command on one model (seed, measure, campaign, training)."""
+    def parent(self, kind: str, model: dict, params: dict | None = None, resume: str | None = None) -> Iterator[str | None]:
+        """A parent run for one command on one model (seed, measure, campaign, training). ``resume`` names
+        the run across processes (a campaign's id): a later process with the same name continues that run
+        (params already there are kept; one it sets otherwise is tagged ``resumed.<param>``)."""
         from mlflow.entities import Param, RunTag
 
         name = self.experiment or experiment_name(model)
 
         def start():
-            run = self.client.create_run(self.experiment_id(name), run_name=f"{kind} {time.strftime('%Y-%m-%d %H:%M')}",
-                                         tags={"mqpredict.kind": kind})  # fmt: skip
-            ps = {**{k: model[k] for k in MODEL_PARAMS if k in model}, **(params or {})}
-            self.client.log_batch(run.info.run_id, params=[Param(k, _s(v)) for k, v in ps.items() if v is not None],
-                                  tags=[RunTag("mqpredict.model_id", str(model.get("model_id")))])  # fmt: skip
+            eid = self.experiment_id(name)
+            found = self.client.search_runs([eid], f"tags.`{RESUME_TAG}` = '{resume}'", max_results=1) if resume else []
+            if found:
+                run, before = found[0], found[0].data.params
+                self.client.update_run(run.info.run_id, status="RUNNING")
+            else:
+                tags = {"mqpredict.kind": kind, **({RESUME_TAG: resume} if resume else {})}
+                run, before = self.client.create_run(eid, run_name=f"{kind} {time.strftime('%Y-%m-%d %H:%M')}", tags=tags), {}
+            faults.point("mlflow", f"parent-{kind}")
+            ps = {k: _s(v) for k, v in {**{k: model[k] for k in MODEL_PARAMS if k in model}, **(params or {})}.items()
+                  if v is not None}  # fmt: skip
+            self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in ps.items() if k not in before],
+                                  tags=[RunTag("mqpredict.model_id", str(model.get("model_id")))]
+                                  + [RunTag(f"resumed.{k}", v) for k, v in ps.items() if before.get(k, v) != v])  # fmt: skip
             return run.info.run_id
 
         run_id = self._guard(start, f"starting the {kind} run")
@@ -184,7 +241,7 @@ class MlflowTracker(Tracker):
                    tags: dict | None = None) -> str | None:  # fmt: skip
         """A nested run for one measurement (or a top-level one when no parent is open); ``metrics`` and
         ``tags`` add what the caller knows beyond the record (a campaign: predicted KLD, win yes/no)."""
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric, Param, RunTag
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         v = record.values
@@ -196,26 +253,45 @@ class MlflowTracker(Tracker):
             tags = {RECORD_TAG: record.key, "mqpredict.kind": "measurement", "source": v["source"],
                     "status": v["status"]}  # fmt: skip
             tags.update({k: _s(x) for k, x in (extra_tags or {}).items()})
-            if parent:
-                tags[MLFLOW_PARENT_RUN_ID] = parent
-            run = self.client.create_run(self.experiment_id(name), run_name=_short(v["config"]), tags=tags)
-            rid = run.info.run_id
+            eid = self.experiment_id(name)
+            # the run of this record, if a process logged it and was killed before the record was stored
+            found = self.client.search_runs([eid], f"tags.`{RECORD_TAG}` = '{record.key}'", max_results=1)
+            if found:
+                rid, before = found[0].info.run_id, found[0].data.params
+            else:
+                if parent:
+                    tags[MLFLOW_PARENT_RUN_ID] = parent
+                rid, before = self.client.create_run(eid, run_name=_short(v["config"]), tags=tags).info.run_id, {}
+            faults.point("mlflow", f"{record.key}:created")
             now = int(time.time() * 1000)
             params = {**{k: v[k] for k in MODEL_PARAMS + RUN_PARAMS if v.get(k) is not None},
                       **{f"types.{g}": ",".join(f"{t}:{share:.3g}" for t, share in mix.items())
                          for g, mix in (v.get("fractions") or {}).items()}}  # fmt: skip
             metrics = [Metric(k, float(v[k]), now, step or 0) for k in STAT_METRICS if v.get(k) is not None]
             metrics += [Metric(k, float(x), now, step or 0) for k, x in (extra_metrics or {}).items() if x is not None]
-            self.client.log_batch(rid, metrics=metrics, params=[Param(k, _s(x)) for k, x in params.items()])
+            self.client.log_batch(rid, metrics=metrics, params=[Param(k, _s(x)) for k, x in params.items() if k not in before],
+                                  tags=[RunTag(k, x) for k, x in tags.items()] if found else [])  # fmt: skip
+            faults.point("mlflow", f"{record.key}:logged")
             self.client.set_terminated(rid, "FINISHED" if v["status"] != "failed" else "FAILED")
             return rid
 
         return self._guard(log, f"logging {_short(v['config'])}")
 
     def set_tags(self, run_id: str | None, tags: dict) -> None:
-        """Tags learnt after a run was logged (a campaign's survivors)."""
+        """Tags learnt after a run was logged (a campaign's survivors). A run this tracking store does not
+        hold (its record was logged to another store) is left alone."""
+        from mlflow.exceptions import MlflowException
+
+        def tag():
+            try:
+                for k, x in tags.items():
+                    self.client.set_tag(run_id, k, _s(x))
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+
         if run_id:
-            self._guard(lambda: [self.client.set_tag(run_id, k, _s(x)) for k, x in tags.items()], "tagging a run")
+            self._guard(tag, "tagging a run")
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         from mlflow.entities import Metric
@@ -223,6 +299,7 @@ class MlflowTracker(Tracker):
         if not self._parent:
             return
         rid, now = self._parent, int(time.time() * 1000)
+        faults.point("mlflow", f"metrics@{'end' if step is None else step}")
         self._guard(lambda: self.client.log_batch(rid, metrics=[Metric(k, float(x), now, step or 0)
                                                                 for k, x in metrics.items() if x is not None]),
                     "logging metrics")  # fmt: skip
@@ -231,6 +308,7 @@ class MlflowTracker(Tracker):
         """Upload a file to the open parent run (into ``folder`` of its artifacts, if given)."""
         if self._parent:
             rid = self._parent
+            faults.point("mlflow", f"artifact-{folder or ''}/{Path(path).name}")
             self._guard(lambda: self.client.log_artifact(rid, str(path), folder), f"uploading {Path(path).name}")
 
     def find_run(self, record: Record) -> str | None:
@@ -243,6 +321,10 @@ class MlflowTracker(Tracker):
             return runs[0].info.run_id if runs else None
 
         return self._guard(search, "looking for logged runs")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 
 def _s(v) -> str:

@@ -294,3 +294,63 @@ def test_propose_exports_recipes_for_configs_not_yet_measured(campaign, tiny, tm
     assert json.loads((tmp_path / "next" / "proposals.json").read_text()) == rows
     p = mq("propose", tiny, "--store", tmp_path / "empty", "--corpus", CORPUS, "-o", tmp_path / "x")
     assert p.returncode != 0 and "seed it first" in p.stderr
+
+
+# ----------------------------------------------------------------------------------- settings never dropped
+def test_state_differences_name_every_setting_that_differs():
+    from dataclasses import replace
+
+    from mqpredict.search.campaign import Probes, Settings, State
+
+    a = State("id1", "/m/a.gguf", "corpus-1", "/c/a.txt", "inprocess", 128, 4, 0, "m" * 64, "fam", Settings(), "t", "", "")
+    same = replace(a, id="id2", created="t2", base="/elsewhere/a.gguf", corpus_path="/x.txt")  # same content elsewhere
+    assert a.differences(same) == []
+    b = replace(a, n_chunks=8, imatrix_id="abcd", settings=Settings(budget=6, batch=2, seed=1, probes=Probes.no,
+                                                                     types=("Q8_0", "Q4_K")))  # fmt: skip
+    d = a.differences(b)
+    assert d == ["slice (--tokens/--ctx windows) 4 in the folder, 8 asked", "imatrix none in the folder, abcd asked",
+                 "budget 20 in the folder, 6 asked", "batch 4 in the folder, 2 asked", "probes auto in the folder, no asked",
+                 "types Q8_0,Q6_K,Q5_K,Q5_0,Q4_K,Q4_0,IQ4_NL,IQ4_XS,Q3_K,Q2_K in the folder, Q8_0,Q4_K asked",
+                 "seed 0 in the folder, 1 asked"]  # fmt: skip
+    other = replace(a, model_id="n" * 64, base="/m/b.gguf")
+    assert a.differences(other) == [f"base a.gguf ({'m' * 12}) in the folder, b.gguf ({'n' * 12}) asked"]
+
+
+SMALL_CAMPAIGN = ["--corpus", CORPUS, "--ctx", 128, "--tokens", 256, "--batch", 2, "--types", "Q8_0,Q6_K,Q4_K,Q3_K",
+                  "--no-imatrix", "--no-track", "--threads", 1]  # fmt: skip
+
+
+def test_campaign_run_into_a_folder_with_other_settings_stops_and_force_starts_over(tiny, tmp_path):
+    """`campaign run` never continues a campaign with other settings than asked: it names them and the ways on;
+    the same settings continue it; --force starts over there, keeping every record of the store — and the new
+    campaign does not propose what the old one measured (it would only meet the stored record, again and again)."""
+    out, store = tmp_path / "out", tmp_path / "store"
+    first = _json(mq("campaign", "run", tiny, *SMALL_CAMPAIGN, "--budget", 2, "--out", out, "--store", store, "--json",
+                     timeout=900))  # fmt: skip
+    state, before = (out / "campaign.json").read_bytes(), Store(store).load()
+    p = mq("campaign", "run", tiny, *SMALL_CAMPAIGN, "--budget", 3, "--seed", 1, "--out", out, "--store", store)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    msg = " ".join(p.stderr.split())
+    assert "budget 2 in the folder, 3 asked" in msg and "seed 0 in the folder, 1 asked" in msg
+    assert f"campaign resume {out}" in msg and "--force" in msg and "another --out" in msg
+    assert "batch" not in msg  # the same batch: not named
+    p = mq("campaign", "run", tiny, *SMALL_CAMPAIGN, "--budget", 2, "--tokens", 512, "--out", out, "--store", store)
+    assert p.returncode == 2 and "slice" in p.stderr
+    assert (out / "campaign.json").read_bytes() == state and Store(store).load()["key"].tolist() == before["key"].tolist()
+
+    again = _json(mq("campaign", "run", tiny, *SMALL_CAMPAIGN, "--budget", 2, "--out", out, "--store", store, "--json",
+                     timeout=900))  # the same settings: the same campaign, continued (nothing left to spend)  # fmt: skip
+    assert again["campaign_id"] == first["campaign_id"] and again["confirmations"] == first["confirmations"]
+    assert len(Store(store).load()) == len(before)
+
+    new = _json(mq("campaign", "run", tiny, *SMALL_CAMPAIGN, "--budget", 3, "--seed", 1, "--force", "--out", out,
+                   "--store", store, "--json", timeout=900))  # fmt: skip
+    assert new["campaign_id"] != first["campaign_id"] and new["budget"] == 3
+    assert json.loads((out / "campaign.json").read_text())["id"] == new["campaign_id"]
+    after = Store(store).load()
+    assert set(before["key"]) <= set(after["key"])  # --force loses no record
+    tag = after["provenance_file"].fillna("")
+    old = after[tag == f"campaign:{first['campaign_id']}"]
+    mine = after[tag == f"campaign:{new['campaign_id']}"]
+    assert len(old) == first["confirmations"] and len(mine) == new["confirmations"] >= 1
+    assert not set(mine["types_key"]) & set(old[old["chunk_offset"] == 0]["types_key"])

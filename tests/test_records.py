@@ -369,3 +369,39 @@ def test_every_column_is_documented():
 
     doc = (DATASETS / "README.md").read_text()
     assert all(f"| `{c.name}` |" in doc for c in COLUMNS)
+
+
+@pytest.mark.parametrize(
+    "imatrix_id,imatrix_corpus,words",
+    [
+        ("", "calibration-v1", ["imatrix_corpus='calibration-v1' without an imatrix_id"]),
+        ("my-imatrix", "calibration-v1", ["imatrix_id='my-imatrix' is not a hex hash"]),
+        ("0123456789abcdef", "wiki.test", ["imatrix_corpus='wiki.test' is the evaluation corpus itself"]),
+    ],
+)  # fmt: skip
+def test_community_rows_with_inconsistent_imatrix_fields_are_refused(tiny, tmp_path, imatrix_id, imatrix_corpus, words):
+    size = _json(mq("size", tiny, "-c", "Q4_K_M", "--json"))["size_bytes"]
+    head = ["model", "config", "size_bytes", "corpus", "ctx", "tool", "tool_version", "kld_mean", "imatrix_id", "imatrix_corpus"]
+    good = ["tiny", "Q4_K_M", str(size), "wiki.test", "512", "llama-perplexity", "b6000", "0.11", "", ""]
+    bad = ["tiny", "Q4_K_M", str(size), "wiki.test", "256", "llama-perplexity", "b6000", "0.12", imatrix_id, imatrix_corpus]
+    t = tmp_path / "community.csv"
+    with t.open("w", newline="") as f:
+        csv.writer(f).writerows([head, good, bad])
+    store = tmp_path / "s"
+    p = mq("data", "import", t, "--store", store, "--base", tiny)
+    _fails(p, "community.csv", "row 3", *words)
+    assert len([x for x in p.stderr.splitlines() if x.strip()]) == 1  # one line
+    assert not (store / "STORE.json").exists() or Store(store).records() == []  # nothing written, the good row neither
+
+
+def test_community_imatrix_id_is_the_files_hash(tiny, tmp_path):
+    size = _json(mq("size", tiny, "-c", "Q4_K_M", "--json"))["size_bytes"]
+    full = hashlib.sha256(b"an imatrix file").hexdigest().upper()  # all 64 digits, as sha256sum prints them
+    t = tmp_path / "community.csv"
+    with t.open("w", newline="") as f:
+        csv.writer(f).writerows([
+            ["model", "config", "size_bytes", "corpus", "ctx", "tool", "tool_version", "kld_mean", "imatrix_id", "imatrix_corpus"],
+            ["tiny", "Q4_K_M", str(size), "wiki.test", "512", "llama-perplexity", "b6000", "0.11", full, "calibration-v1"]])  # fmt: skip
+    _json(mq("data", "import", t, "--store", tmp_path / "s", "--base", tiny, "--json"))
+    (r,) = Store(tmp_path / "s").records()
+    assert r["imatrix_id"] == full.lower()[:16] and r["imatrix_corpus"] == "calibration-v1"  # mqpredict's id of it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -206,3 +207,37 @@ def test_vectorized_space_matches_the_reference_path(dataset, name):
     for i in keep[:200]:
         keys.add(types_key(m, resolve(m, sp.config(A[i]))))
     assert len(keys) == min(200, len(keep))  # the kept candidates are distinct files
+
+
+def test_train_counts_the_records_it_cannot_use_and_refuses_a_store_that_gives_nothing(dataset, tmp_path):
+    recs = Store(dataset["store"]).load()
+    ids = {name: identify(ModelInfo.load(p)).model_id for name, p in dataset["paths"].items()}
+    # a store of the dataset without a1's Q8_0 reference, and tables of a0 and a1 only (none of b0)
+    csv_all, csv_cut = tmp_path / "all.csv", tmp_path / "cut.csv"
+    mq("data", "export", "--store", dataset["store"], "-o", csv_all, check=True)
+    lines = csv_all.read_text().splitlines(keepends=True)
+    cut = [x for x in lines if not (ids["a1"] in x and ",preset=Q8_0," in x)]
+    assert len(cut) == len(lines) - 1
+    csv_cut.write_text("".join(cut))
+    mq("data", "import", csv_cut, "--store", tmp_path / "store", check=True)
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    for name in ("a0", "a1"):
+        shutil.copy(dataset["tables"] / f"{ids[name]}.json", tables)
+    doc = json.loads(mq("train", "--store", tmp_path / "store", "--tables", tables, "--out", tmp_path / "m", "--no-track",
+                        "--json", check=True).stdout)  # fmt: skip
+    ok = recs[recs["status"] == "ok"]
+    want = {"no_table": int((ok["model_id"] == ids["b0"]).sum()), "no_reference": int((ok["model_id"] == ids["a1"]).sum()) - 1}
+    if (recs["status"] != "ok").any():
+        want["not_ok"] = int((recs["status"] != "ok").sum())
+    assert doc["unused_records"] == want and doc["rows"] == int((ok["model_id"] == ids["a0"]).sum())
+    human = mq("train", "--store", tmp_path / "store", "--tables", tables, "--out", tmp_path / "m2", "--no-track")
+    assert f"{want['no_table']} no weight-error table for its model" in human.stderr
+    # a store that contributes nothing: one line, no surrogate written
+    empty = tmp_path / "no-tables"
+    empty.mkdir()
+    p = mq("train", "--store", tmp_path / "store", "--tables", empty, "--out", tmp_path / "m3", "--no-track")
+    assert p.returncode == 2 and "Traceback" not in p.stderr and not (tmp_path / "m3").exists()
+    msg = " ".join(p.stderr.split())
+    assert f"{tmp_path / 'store'} contributes no training row" in msg and f"{len(recs) - 1} record(s)" in msg
+    assert "no weight-error table for its model" in msg

@@ -153,3 +153,116 @@ def test_sync_against_a_dead_server_fails_cleanly(tiny, tmp_path):
     p = mq("track", "sync", "--store", store, "--tracking-uri", f"http://127.0.0.1:{_free_port()}", timeout=300)
     assert p.returncode != 0 and "not reachable" in p.stderr and "Traceback" not in p.stderr
     assert not any(r["mlflow_run_id"] for r in Store(store).records())
+
+
+def test_only_an_unreachable_tracking_store_is_offline(tmp_path):
+    """The classifier on real failures: a refused connection, a locked sqlite file → offline; an error MLflow
+    reports or any other exception → not offline."""
+    import sqlite3
+
+    import requests
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    from mqpredict.tracking import unreachable
+
+    try:
+        requests.get(f"http://127.0.0.1:{_free_port()}/", timeout=5)
+    except requests.RequestException as e:
+        refused = e
+    try:
+        try:
+            requests.get(f"http://127.0.0.1:{_free_port()}/", timeout=5)
+        except Exception as e:  # noqa: BLE001 - what MLflow's REST client does with it
+            raise MlflowException(f"API request failed with exception {e}")
+    except MlflowException as e:
+        wrapped = e
+    db = tmp_path / "x.db"
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        sqlite3.connect(db, timeout=0.05).execute("CREATE TABLE t (x)")
+    except sqlite3.OperationalError as e:
+        locked = e
+    holder.execute("ROLLBACK")
+    assert unreachable(refused) and unreachable(wrapped) and unreachable(locked)
+    assert not unreachable(MlflowException("Changing param values is not allowed", error_code=INVALID_PARAMETER_VALUE))
+    assert not unreachable(ValueError("could not convert string to float: 'abc'"))
+    assert not unreachable(sqlite3.OperationalError("no such table: runs"))
+
+
+@pytest.fixture
+def record(tiny, corpus, spec, tmp_path):
+    """One real record (Q8_0 of the tiny model, measured here), not logged anywhere."""
+    from mqpredict.llama.inprocess import InProcessEngine
+    from mqpredict.quant.config import Config
+    from mqpredict.records.schema import Source
+    from mqpredict.records.seed import Candidate, seed
+
+    store = Store(tmp_path / "one")
+    with InProcessEngine(tiny, corpus, spec, threads=1) as eng:
+        seed(eng, store, [Candidate(Config.parse("Q8_0"), Source.preset)])
+    return store.records()[0]
+
+
+def test_tracking_goes_offline_on_a_dead_server_and_surfaces_anything_else(record, tmp_path):
+    import mlflow
+
+    from mqpredict.errors import MqError
+    from mqpredict.tracking import MlflowTracker
+
+    rec = record
+    said = []
+    dead = MlflowTracker(f"http://127.0.0.1:{_free_port()}", "x", warn=lambda m, **kw: said.append(m))
+    assert dead.log_record(rec) is None and dead.offline and len(said) == 1 and "track sync" in said[0]
+    assert dead.log_record(rec) is None and len(said) == 1  # offline: warned once, nothing tried again
+
+    uri = f"sqlite:///{tmp_path / 'ml.db'}"
+    t = MlflowTracker(uri, "kept", warn=lambda m, **kw: said.append(m))
+    with t.parent("campaign", rec.values, {"campaign_id": "c1"}):
+        with pytest.raises(ValueError):  # a bug of ours (a metric that is no number) keeps its traceback
+            t.log_metrics({"hypervolume": "abc"})
+        assert t.log_record(rec)
+    assert t.offline is None
+    client = mlflow.MlflowClient(uri)
+    client.delete_experiment(client.get_experiment_by_name("kept").experiment_id)
+    gone = MlflowTracker(uri, "kept", warn=lambda m, **kw: said.append(m))
+    with pytest.raises(MqError, match="refused") as e:  # the experiment was deleted in the UI: MLflow says so
+        gone.log_record(rec)
+    assert uri in e.value.message and gone.offline is None and len(said) == 1
+
+
+def test_a_record_logged_again_completes_its_run_and_a_resumed_campaign_keeps_its_parent(record, tmp_path):
+    """What a kill -9 leaves in MLflow: a run tagged with a record's key but never completed (the process died
+    before storing the record), and a campaign's parent run left RUNNING. Logging the record again (the
+    resumed campaign measures it again) completes that run instead of adding a second; a resumed campaign
+    continues its parent run (found by the campaign id) instead of starting another."""
+    import mlflow
+
+    from mqpredict.tracking import RECORD_TAG, MlflowTracker
+
+    rec = record
+    uri = f"sqlite:///{tmp_path / 'ml.db'}"
+    client = mlflow.MlflowClient(uri)
+    t = MlflowTracker(uri, "exp")
+    with t.parent("campaign", rec.values, {"campaign_id": "c1", "setting.budget": 4}, resume="c1") as first:
+        pass
+    eid = client.get_experiment_by_name("exp").experiment_id
+    client.update_run(first, status="RUNNING")  # as a killed process leaves it
+    half = client.create_run(eid, tags={RECORD_TAG: rec.key, "mqpredict.kind": "measurement"}).info.run_id
+
+    t2 = MlflowTracker(uri, "exp")
+    with t2.parent("campaign", rec.values, {"campaign_id": "c1", "setting.budget": 6}, resume="c1") as again:
+        rid = t2.log_record(rec, 1, {"kld_pred": 0.1}, {"campaign_id": "c1"})
+        assert t2.log_record(rec) == rid  # logged a third time: still that run
+    assert again == first and rid == half
+    runs = client.search_runs([eid])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    parent = client.get_run(first).data
+    assert parent.params["setting.budget"] == "4" and parent.tags["resumed.setting.budget"] == "6"
+    done = client.get_run(rid).data
+    assert done.metrics["kld_mean"] == pytest.approx(rec["kld_mean"]) and done.params["config"] == rec["config"]
+    assert done.tags["campaign_id"] == "c1" and done.tags["status"] == rec["status"]
+    with t2.parent("seed", rec.values) as other:  # a run without a resume name is always a new one
+        pass
+    assert other not in (first, rid)

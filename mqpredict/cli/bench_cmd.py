@@ -255,3 +255,46 @@ def store(
     out.print(t)
     out.print(f"CSV / SQLite: appending {res.append_ratio:.0f}× slower, loading {res.load_ratio:.1f}× slower "
               "(measured side by side in this run)", highlight=False)  # fmt: skip
+
+
+@app.command()
+def faults(
+    kills: Annotated[int, typer.Option("--kills", help="SIGKILLs of the campaign, at points drawn across its phases.")] = 20,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the campaign and of the kill points.")] = 0,
+    budget: Annotated[int, typer.Option("--budget", help="Confirmations of the campaign.")] = 4,
+    work: Annotated[Path | None, typer.Option("--work", help="Keep every run's folders here (default: a temporary "
+                                              "folder, removed when nothing was found).")] = None,  # fmt: skip
+    json: JsonOpt = False,
+) -> None:
+    """A campaign on the tiny test model killed with kill -9 at --kills random moments (building, measuring,
+    appending to the store, logging to MLflow, writing the report, proposing), resumed after each, and
+    compared with the same campaign run without interruption: records lost, duplicated or different,
+    per-token files, MLflow runs after `track sync`, the survivors table."""
+    from mqpredict.bench.faults import Plan, run
+    from mqpredict.cli.common import err
+
+    if kills < 1 or budget < 1:
+        raise InputError("--kills and --budget must be at least 1")
+    with progress_bar(not json) as progress:
+        res = run(Plan(kills=kills, seed=seed, budget=budget), work, lambda s: err.print(s, highlight=False), progress)
+    if json:
+        emit_json(res)
+        return
+    t = Table(title=f"{res['kills']} kill -9s of a campaign (budget {budget}, seed {seed}), resumed after each",
+              show_edge=False)  # fmt: skip
+    t.add_column("phase")
+    t.add_column("kills", justify="right")
+    t.add_column("points in the timeline", justify="right")
+    for p, n in res["kills_by_phase"].items():
+        t.add_row(p, str(n), str(res["timeline_by_phase"][p]))
+    out.print(t)
+    s = res["seconds"]
+    out.print(f"records {res['records']} (reference {res['reference_records']}) · lost {res['lost']} · duplicated "
+              f"{res['duplicated']} · extra {res['extra']} · differing {res['differing']} · per-token files "
+              f"{res['per_token_checked']} checked, {res['per_token_bad']} bad · MLflow runs {res['mlflow_runs']} "
+              f"({res['mlflow_duplicated']} duplicated, {res['mlflow_missing']} missing) · campaign runs "
+              f"{res['mlflow_campaign_runs']} · survivors table identical: {'yes' if res['report_identical'] else 'NO'}",
+              highlight=False)  # fmt: skip
+    out.print(f"wall time: reference {s['reference']:.0f} s, killed and resumed {s['faulted']:.0f} s, total "
+              f"{s['total']:.0f} s" + ("" if res["ok"] else f" · something was found: see {res.get('work')}"),
+              highlight=False)  # fmt: skip

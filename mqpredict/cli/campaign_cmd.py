@@ -89,6 +89,19 @@ def _engine_of(st, llama_bin, threads: int, progress, imatrix: Path | None = Non
                        False, progress, tools_kld="logits", imatrix=campaign_imatrix(st, imatrix))  # fmt: skip
 
 
+def _types(text: str) -> tuple[str, ...]:
+    """``--types Q8_0,Q6_K,…`` → quant type names (checked)."""
+    from mqpredict.quant.types import TARGET_TYPES
+
+    names = [t.strip().upper() for t in text.split(",") if t.strip()]
+    known = {t.name for t in TARGET_TYPES}
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        raise InputError(f"--types {text!r}: {', '.join(bad) or 'no type'} is not a quant type llama.cpp writes",
+                         "give type names separated by commas, e.g. Q8_0,Q6_K,Q4_K")  # fmt: skip
+    return tuple(dict.fromkeys(names))
+
+
 def _budget(target_size, target_bpw, vram, vram_ctx):
     from mqpredict.report.budget import Budget, parse_size
 
@@ -155,6 +168,11 @@ def run(
     stage: Annotated[float, typer.Option("--stage", help="First stage of a confirmation, as a share of the search slice.")] = 0.25,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the search and the surrogate.")] = 0,
     scoring: ScoringOpt = None,
+    types: Annotated[str | None, typer.Option("--types", help="Comma-separated quant types the search may give a group "
+                                              "(default: Q8_0,Q6_K,Q5_K,Q5_0,Q4_K,Q4_0,IQ4_NL,IQ4_XS,Q3_K,Q2_K; "
+                                              "F16 is always allowed for embeddings and lm_head).")] = None,  # fmt: skip
+    force: Annotated[bool, typer.Option("--force", help="Start over in --out even if it holds a campaign with other "
+                                        "settings (its state and report go; the records store keeps every record).")] = False,  # fmt: skip
     engine: EngineOpt = EngineName.inprocess,
     llama_bin: LlamaBinOpt = None,
     threads: ThreadsOpt = 0,
@@ -199,7 +217,8 @@ def run(
         pm = Probes(probes)
     except ValueError:
         raise InputError(f"--probes {probes!r} is not one of: auto, yes, no") from None
-    settings = Settings(budget=budget, batch=batch, stage_fraction=stage, z=z, probes=pm, seed=seed)
+    settings = Settings(budget=budget, batch=batch, stage_fraction=stage, z=z, probes=pm, seed=seed,
+                        **({"types": _types(types)} if types is not None else {}))  # fmt: skip
     spec = EvalSpec.from_tokens(tokens, ctx, scoring=scoring_for(scoring, engine))
     rules, bud = Rules(spacing, min_gain, z), _budget(target_size, target_bpw, vram, vram_ctx)
     xo = _executor_options(executor, address, task_cpus, task_gpus, task_memory, retries, sync, ship, llama_bin)
@@ -209,7 +228,7 @@ def run(
         # paired decisions need per-token KLD: the tools engine scores llama-perplexity's saved log-probs
         eng = make_engine(path, corpus, spec, engine, llama_bin, threads, False, progress, tools_kld="logits", imatrix=im)
         with eng:
-            c = Campaign.start(eng, _store(store), out_dir, settings, tracker=make_tracker(no_track, tracking_uri, experiment),
+            c = Campaign.start(eng, _store(store), out_dir, settings, force, tracker=make_tracker(no_track, tracking_uri, experiment),
                                say=lambda s: err.print(s, highlight=False), progress=progress,
                                executor=xo.build(eng, settings.batch))  # fmt: skip
             _run(c, rules, bud, vram_ctx, json)

@@ -60,8 +60,9 @@ def train(
         progress("train", 0, 1)
         s, meta = svc.train(store, tables, excl)
         progress("train", 1, 1)
-        doc = {"out": str(out_dir), "rows": meta["train_records"]["n"], "families": s.train_families_,
-               "halfwidth_ln": dict(zip(("kld", "p99", "miss"), s.halfwidth_)), "calibrated": s.calibrated_}  # fmt: skip
+        doc = {"out": str(out_dir), "rows": meta["train_records"]["n"], "unused_records": meta["unused_records"],
+               "families": s.train_families_, "halfwidth_ln": dict(zip(("kld", "p99", "miss"), s.halfwidth_)),
+               "calibrated": s.calibrated_}  # fmt: skip
         if cv:
             data = build(Store(store, create=False).load(), load_tables(tables), excl)
             table = evaluate(data, lambda: Surrogate(**s.get_params()), progress)
@@ -82,6 +83,8 @@ def train(
     err.print(f"saved {out_dir} · {doc['rows']} rows from {len(doc['families'])} families · 80% interval ±"
               f"{doc['halfwidth_ln']['kld']:.2f} in ln KLD ({'calibrated on held-out families' if s.calibrated_ else 'not calibrated'})",
               highlight=False)  # fmt: skip
+    if doc["unused_records"]:
+        err.print(f"records not used: {svc.unused(doc['unused_records'])}", highlight=False)
     if cv:
         print_cv_summary(meta["cv_summary"], "leave-one-family-out (mean over held-out models)")
 

@@ -35,6 +35,7 @@ from mqpredict.quant.model import ModelInfo
 from mqpredict.quant.resolve import EffectiveTypes, resolve, types_key
 from mqpredict.quant.header import read_header, read_tensor_infos
 from mqpredict.quant.size import SizeReport, output_kv_bytes, size_of
+from mqpredict.util import faults
 from mqpredict.util.hashing import file_sha256
 from mqpredict.util.paths import cache_dir
 
@@ -307,7 +308,9 @@ class Engine(ABC):
         types = self.resolve(config)
         tkey = types_key(self.model, types)
         out = Path(out) if out else self.workdir / f"{tkey}.gguf"
+        faults.point("build", tkey)
         self._build(config, types, out)
+        faults.point("build", f"{tkey}:written")
         actual = read_back_types(self.model, out, self.imatrix)
         if actual != types:
             diff = next(n for n in types if actual.get(n) != types[n])
@@ -406,6 +409,7 @@ def save_scores(path: Path, scores: TokenScores) -> None:
 
     with atomic_open(path) as f:
         np.save(f, scores.kld.astype(np.float32))
+    faults.point("measure", f"{path.name}:saved")  # the KLD vector written, its other scores not yet
     with atomic_open(_aux(path)) as f:
         np.savez(f, p_diff=scores.p_diff, nll=scores.nll, nll_base=scores.nll_base, same_top=scores.same_top)
 

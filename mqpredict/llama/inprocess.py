@@ -38,6 +38,7 @@ from mqpredict.quant.model import ModelInfo
 from mqpredict.quant.presets import FTYPE
 from mqpredict.quant.resolve import EffectiveTypes, export_preset
 from mqpredict.quant.types import QuantType
+from mqpredict.util import faults
 
 
 class LoadedModel:
@@ -299,12 +300,14 @@ class InProcessEngine(Engine):
                         if not bl.has(c):
                             bl.put(c, SparseRows.from_logits(logits, bl.tokens[spec.stream_targets(c)]))
                         self.progress("base log-probs", c + 1 - run.chunk_offset, run.n_chunks)
+                        faults.point("measure", f"base-{spec.key}@{c}")
             else:
                 windows = _windows(bl.tokens, spec, missing)
                 with evaluator(self.model.path, spec, self.threads, base) as ev:
                     for i, logits in ev.run(windows):
                         bl.put(missing[i], SparseRows.from_logits(logits, windows[i, spec.first + 1 :]))
                         self.progress("base log-probs", i + 1, len(missing))
+                        faults.point("measure", f"base-{spec.key}@{missing[i]}")
         finally:
             base.close()
         return bl
@@ -324,6 +327,7 @@ class InProcessEngine(Engine):
                         parts.append(score_parallel(logits, bl.get(c), bl.tokens[spec.stream_targets(c)], pool))
                         done += 1
                         self.progress(f"evaluate {path.name}", done, spec.n_chunks)
+                        faults.point("measure", f"{path.stem}@{c}")
                 forward = counter.forward_tokens
             else:
                 windows = _windows(bl.tokens, spec, list(range(spec.chunk_offset, spec.end)))
@@ -331,6 +335,7 @@ class InProcessEngine(Engine):
                     for i, logits in ev.run(windows):
                         parts.append(score_parallel(logits, bl.get(spec.chunk_offset + i), windows[i, spec.first + 1 :], pool))
                         self.progress(f"evaluate {path.name}", i + 1, spec.n_chunks)
+                        faults.point("measure", f"{path.stem}@{spec.chunk_offset + i}")
                 forward = spec.n_chunks * spec.ctx
         scores = TokenScores.concat(parts)
         return EvalResult(KLDStats.from_scores(scores), scores, "llama-cpp-python logits", forward)

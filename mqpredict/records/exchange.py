@@ -12,7 +12,10 @@ Formats (documented in datasets/README.md):
   any statistic columns of ``measure --json`` and optional ``chunk_offset, n_chunks, n_tokens, n_batch,
   scoring`` (``windows``, llama-perplexity's, when absent; or ``stream``) ``, imatrix_id, imatrix_corpus,
   provenance_url, provenance_author``. Imported against that base
-  (``--base``): each config is resolved on it, its exact size must match ``size_bytes``.
+  (``--base``): each config is resolved on it, its exact size must match ``size_bytes``. The imatrix
+  fields must agree (:func:`imatrix_problems`): an ``imatrix_id`` is the imatrix file's sha256 (its
+  first 16 hex digits, as mqpredict names it, or all 64), ``imatrix_corpus`` needs one, and is never the
+  evaluation ``corpus``.
 * **llama-perplexity output** — the text a ``llama-perplexity --kl-divergence`` run printed, with the
   base and the quantized GGUF it ran on (``--base``, ``--gguf``) and the corpus (``--corpus``).
 """
@@ -42,6 +45,7 @@ from mqpredict.util.atomic import atomic_open
 
 COMMUNITY_REQUIRED = ("model", "config", "size_bytes", "corpus", "ctx", "tool", "tool_version")
 _MAX_SHOWN = 20
+_IMATRIX_ID = re.compile(r"[0-9a-f]{16}(?:[0-9a-f]{48})?")  # sha256 of the imatrix file: mqpredict's 16-digit prefix, or all of it
 
 
 class ImportRejected(InputError):
@@ -76,6 +80,21 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     return header, rows
 
 
+def imatrix_problems(imatrix_id: str | None, imatrix_corpus: str | None, corpus: str | None) -> list[str]:
+    """Why a row's imatrix fields cannot describe a real measurement (empty: they can)."""
+    out = []
+    iid, calib = (imatrix_id or "").strip(), (imatrix_corpus or "").strip()
+    if calib and not iid:
+        out.append(f"imatrix_corpus={calib!r} without an imatrix_id: give the importance matrix's id (the sha256 of "
+                   "the file; `mqpredict imatrix` prints its first 16 hex digits) or leave both empty")  # fmt: skip
+    if iid and not _IMATRIX_ID.fullmatch(iid.lower()):
+        out.append(f"imatrix_id={iid!r} is not a hex hash (the imatrix file's sha256: 16 or 64 hex digits)")
+    if calib and calib == (corpus or "").strip():
+        out.append(f"imatrix_corpus={calib!r} is the evaluation corpus itself: an imatrix calibrated on the text it "
+                   "is scored on flatters its KLD; measure with one calibrated on other text")  # fmt: skip
+    return out
+
+
 def _reject(path: Path, errors: list[tuple[int, list[str]]]) -> ImportRejected:
     shown = "; ".join(f"row {n}: {', '.join(reasons[:3])}" for n, reasons in errors[:_MAX_SHOWN])
     more = f" (and {len(errors) - _MAX_SHOWN} more rows)" if len(errors) > _MAX_SHOWN else ""
@@ -108,6 +127,10 @@ def _parse_records(path: Path, header: list[str], rows: list[dict]) -> list[Reco
             r = parse_row(row)
         except RowError as e:
             errors.append((n, e.reasons))
+            continue
+        bad = imatrix_problems(r["imatrix_id"], r["imatrix_corpus"], r["corpus"])
+        if bad:
+            errors.append((n, bad))
             continue
         if r["per_token_path"]:  # vectors do not travel inside a CSV
             r = r.replace(per_token_path=None)
@@ -180,6 +203,8 @@ def _parse_community(path: Path, header: list[str], rows: list[dict], base: str 
             scoring = (row.get("scoring") or "windows").strip()  # llama-perplexity's unless the row says
             if scoring not in ("windows", "stream"):
                 reasons.append(f"scoring={scoring!r} is not one of: windows, stream")
+            reasons += imatrix_problems(row.get("imatrix_id"), row.get("imatrix_corpus"), row.get("corpus"))
+            imatrix_id = (row.get("imatrix_id") or "").strip().lower()[:16] or None  # mqpredict's id: 16 hex digits
         except (ValueError, KeyError) as e:
             errors.append((n, reasons + [str(e)]))
             continue
@@ -194,8 +219,8 @@ def _parse_community(path: Path, header: list[str], rows: list[dict], base: str 
         try:
             rec = make(
                 schema_version=SCHEMA_VERSION,
-                key=record_key(ident.model_id, row["corpus"], ctx, n_batch, offset, chunks, tkey, build,
-                               row.get("imatrix_id") or None, scoring),  # fmt: skip
+                key=record_key(ident.model_id, row["corpus"], ctx, n_batch, offset, chunks, tkey, build, imatrix_id,
+                               scoring),  # fmt: skip
                 **ident.columns(),
                 config=cfg.key,
                 effective_config=config_from_types(model, types).key,
@@ -211,8 +236,8 @@ def _parse_community(path: Path, header: list[str], rows: list[dict], base: str 
                 chunk_offset=offset,
                 n_chunks=chunks or 1,
                 scoring=scoring,
-                imatrix_id=row.get("imatrix_id") or None,
-                imatrix_corpus=row.get("imatrix_corpus") or None,
+                imatrix_id=imatrix_id,
+                imatrix_corpus=(row.get("imatrix_corpus") or "").strip() or None,
                 engine=row["tool"],
                 kld_source=f"imported from {path.name}",
                 llama_version=row["tool_version"],

@@ -34,6 +34,7 @@ from mqpredict.records.table import (
 from mqpredict.records.table_file import FileTable
 from mqpredict.records.table_sqlite import FILE as SQLITE_FILE
 from mqpredict.records.table_sqlite import SqliteTable
+from mqpredict.util import faults
 from mqpredict.util.atomic import atomic_open
 
 FORMATS = ("sqlite", "csv", "parquet")
@@ -191,6 +192,7 @@ class Store:
             if s.exists():
                 with open(s, "rb") as fin, atomic_open(d) as fout:
                     shutil.copyfileobj(fin, fout)
+                faults.point("store", f"{key}:{d.name.removeprefix(key)}")  # one of the two files copied
         return str(rel)
 
 

@@ -27,6 +27,7 @@ from mqpredict.records.schema import (
 from mqpredict.records.table import (
     CACHE, LOCK_TIMEOUT, AppendReport, ConflictError, StoreError, Table, plan_append, read_meta, write_meta,
 )  # fmt: skip
+from mqpredict.util import faults
 from mqpredict.util.atomic import atomic_open
 
 
@@ -146,6 +147,7 @@ class FileTable(Table):
             if conflicts:
                 raise ConflictError(conflicts)
             if report.added or report.replaced:
+                faults.point("store", f"{(report.added or report.replaced)[0].key}:append")  # lock held
                 self._write(list(current.values()))
             return report
 

@@ -33,6 +33,7 @@ from mqpredict.records.schema import (
 from mqpredict.records.table import (
     CACHE, LOCK_TIMEOUT, AppendReport, ConflictError, StoreError, Table, plan_append,
 )  # fmt: skip
+from mqpredict.util import faults
 
 FILE = "records.sqlite"
 _SQL_TYPE = {"int": "INTEGER", "float": "REAL", "bool": "INTEGER", "json": "TEXT", "str": "TEXT"}
@@ -268,6 +269,8 @@ class SqliteTable(Table):
             con.executemany(f"INSERT INTO records ({_COLS}) VALUES ({marks})", [_to_db(r) for r in report.added])
             sets = ", ".join(f'"{n}" = ?' for n in COLUMN_NAMES)
             con.executemany(f'UPDATE records SET {sets} WHERE "key" = ?', [(*_to_db(r), r.key) for r in report.replaced])
+            if report.added or report.replaced:
+                faults.point("store", f"{(report.added or report.replaced)[0].key}:append")  # not yet committed
         return report
 
     def set_run_ids(self, run_ids: dict[str, str]) -> int:

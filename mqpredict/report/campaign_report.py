@@ -12,6 +12,7 @@ from mqpredict.report.budget import Budget
 from mqpredict.report.survivors import Entry, Rules, select
 from mqpredict.search.campaign import Campaign
 from mqpredict.search.paired import against, margin_to_line
+from mqpredict.util import faults
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ def write_report(c: Campaign, rules: Rules = Rules(), budget: Budget = Budget(),
         rows[pick] = W.Row(**{**rows[pick].__dict__, "chosen": True})
     table = W.table_rows(rows)
     W.write_csv(out / "survivors.csv", table)
+    faults.point("report", "survivors.csv")
     notes = [f"Base `{c.engine.model.path.name}` · corpus `{st.corpus}` · {st.n_chunks}×{st.ctx} search chunks "
              f"({st.scoring} scoring, offset {st.chunk_offset}) + {st.n_chunks} held-out · campaign `{st.id}`.",
              f"{len(ok)} configs fully measured on the search slice ({sum(1 for r in recs.values() if r['source'] == 'preset')} "
@@ -92,14 +94,17 @@ def write_report(c: Campaign, rules: Rules = Rules(), budget: Budget = Budget(),
     if pick is not None or budget.given:
         notes.append(f"Best survivor within the budget ({objective}): " + (f"**{rows[pick].entry.name}**" if pick is not None else "none fits"))
     W.write_markdown(out / "survivors.md", f"Survivors · {c.engine.model.name}", rows, notes, vram_ctx)
+    faults.point("report", "survivors.md")
     points = [{"bpw": r["bpw"], "kld_mean": r["kld_mean"], "source": r["source"], "config": r["config"]} for r in recs.values()]
     W.plot(out / "pareto.png", f"{c.engine.model.name} · {st.n_chunks}×{st.ctx} tokens of {st.corpus}", points, line, rows)
+    faults.point("report", "pareto.png")
     manifest_extra = {"campaign": st.id, "engine_spec": {"ctx": st.ctx, "n_chunks": st.n_chunks}}
     for row in rows:
         cfg = Config.parse(row.record["config"])
         types = c.engine.resolve(cfg) if not cfg.is_preset else dry_run_types(c.engine.model, cfg)
         W.write_recipe(out / "recipes", c.engine.model, row, {k: t.name for k, t in types.items()}, manifest_extra,
                        c.engine.imatrix)  # fmt: skip
+        faults.point("report", f"recipe-{row.entry.name}")
     for t in (out / "survivors.md", out / "survivors.csv", out / "pareto.png"):
         c.tracker.log_artifact(t)
     for t in sorted((out / "recipes").glob("*")):

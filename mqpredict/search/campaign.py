@@ -3,11 +3,14 @@
 One campaign works on one base model, one corpus and one **search slice** of it (``ctx`` × ``n_chunks``
 windows); a second slice of the same size right after it is **held out** and used only to re-confirm
 survivors. Its folder (``--out``) holds ``campaign.json`` (what it is: base, corpus, slices, settings, an
-id) and ``predictions.jsonl``; everything measured lives in the records store, appended as soon as it is
-measured. So ``resume`` is simply running again: seeds already there are skipped, the spent budget is
-counted from the store (records tagged with the campaign id), and a config already measured is never
-proposed again. The surrogate is refitted before every batch on the shipped dataset *without the model's
-family* plus this campaign's own records of the model.
+id), ``predictions.jsonl`` and ``batches.jsonl`` (every batch asked, written before any of it runs);
+everything measured lives in the records store, appended as soon as it is measured. So ``resume`` is
+simply running again: seeds already there are skipped, the spent budget is counted from the store
+(records tagged with the campaign id), a batch a killed process had started is finished as it was asked
+(same configs, same steps, judged against the same records) before anything new is asked, and a config
+already measured is never proposed again — a campaign killed any number of times ends with the records
+of one never interrupted (``mqpredict bench faults`` checks it). The surrogate is refitted before every
+batch on the shipped dataset *without the model's family* plus this campaign's own records of the model.
 
 Wins: a config is a **candidate win** when its paired margin to the line on the search slice is below
 zero by more than ``z`` paired errors; it becomes a **nonlinear win** when the same holds on the held-out
@@ -20,10 +23,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 
@@ -45,16 +49,18 @@ from mqpredict.records.schema import Source, Status
 from mqpredict.records.seed import Candidate, preset_candidates, seed, seed_presets
 from mqpredict.records.store import Store
 from mqpredict.search.acquisition import frontier
-from mqpredict.search.confirm import Outcome, Reference
+from mqpredict.search.confirm import Outcome, Reference, stage_specs
 from mqpredict.search.line import Line, Point
 from mqpredict.search.paired import Paired, margin_to_line
 from mqpredict.search.proposer import Proposal, Proposer
 from mqpredict.search.space import DEFAULT_TYPES, CandidateSpace
 from mqpredict.tracking import Tracker
+from mqpredict.util import faults
 from mqpredict.util.atomic import atomic_write_text
 
 STATE = "campaign.json"
 PREDICTIONS = "predictions.jsonl"
+BATCHES = "batches.jsonl"  # one line per batch asked, written whole before any of its jobs is submitted
 CAMPAIGN_PREFIX = "campaign:"  # provenance_file of the records a campaign measures: campaign:<id>
 
 
@@ -117,6 +123,23 @@ class State:
         d["settings"]["probes"] = self.settings.probes.value
         atomic_write_text(out / STATE, json.dumps(d, indent=2) + "\n")
 
+    def differences(self, asked: State) -> list[str]:
+        """What ``asked`` (a new ``campaign run``) sets otherwise than this campaign, one phrase each
+        (``budget 20 in the folder, 6 asked``); paths of the same content and the id do not count."""
+        mine = {**{f.name: getattr(self, f.name) for f in fields(self) if f.name not in _SAME_CAMPAIGN_ANYWAY},
+                **{f.name: getattr(self.settings, f.name) for f in fields(self.settings)}}  # fmt: skip
+        theirs = {**{f.name: getattr(asked, f.name) for f in fields(asked) if f.name not in _SAME_CAMPAIGN_ANYWAY},
+                  **{f.name: getattr(asked.settings, f.name) for f in fields(asked.settings)}}  # fmt: skip
+        out = []
+        for k, v in mine.items():
+            if theirs.get(k) != v:
+                if k == "model_id":
+                    v, w = f"{Path(self.base).name} ({v[:12]})", f"{Path(asked.base).name} ({theirs[k][:12]})"
+                else:
+                    v, w = _shown(v), _shown(theirs.get(k))
+                out.append(f"{_OPTION.get(k, k)} {v} in the folder, {w} asked")
+        return out
+
     @classmethod
     def load(cls, out: Path) -> State:
         p = out / STATE
@@ -130,6 +153,24 @@ class State:
             return cls(settings=Settings(**st), **d)
         except (ValueError, KeyError, TypeError) as e:
             raise InputError(f"{p} is not a campaign state file ({e})", "start a new campaign with 'campaign run'") from e
+
+
+#: State fields that do not make two campaigns different: identity, creation time, and paths whose content
+#: is checked by id (base → model_id, corpus → corpus id, imatrix → imatrix_id)
+_SAME_CAMPAIGN_ANYWAY = frozenset({"id", "created", "base", "corpus_path", "imatrix", "family", "settings"})
+#: how the user sets each field (campaign run's options)
+_OPTION = {"model_id": "base", "n_chunks": "slice (--tokens/--ctx windows)", "chunk_offset": "slice offset",
+           "imatrix_id": "imatrix", "scoring": "scoring", "stage_fraction": "stage", "max_heldout": "held-out reserve"}  # fmt: skip
+#: the files a campaign writes into its folder (what --force removes; the records store is elsewhere)
+CAMPAIGN_FILES = (STATE, PREDICTIONS, BATCHES, "survivors.md", "survivors.csv", "pareto.png", "recipes", "surrogate")
+
+
+def _shown(v) -> str:
+    if isinstance(v, StrEnum):
+        return v.value
+    if isinstance(v, tuple):
+        return ",".join(map(str, v))
+    return "none" if v in ("", None) else str(v)
 
 
 @dataclass
@@ -155,6 +196,19 @@ class Result:
     forward_tokens: int = 0
     wins: list[str] = field(default_factory=list)  # types keys of re-confirmed nonlinear wins
     stopped: str = ""
+
+
+def clear(out: Path) -> None:
+    """Remove a campaign's own files from ``out`` (state, predictions, report); nothing else there, and
+    nothing in the records store."""
+    import shutil
+
+    for name in CAMPAIGN_FILES:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:
@@ -204,33 +258,41 @@ class Campaign:
         self.all_sources = False
         self._vectors: dict[str, np.ndarray] = {}
         self.surrogate_ = None  # the last refitted surrogate (saved into the campaign folder at the end)
+        self._table = None  # the base's weight-error table (set by run)
         self._predictions = self._load_predictions()
 
     # ------------------------------------------------------------------------ construction
     @classmethod
-    def start(cls, engine: Engine, store: Store, out: Path, settings: Settings, **kw) -> Campaign:
-        """A new campaign in ``out`` (or the one already there, if it is on the same base and corpus)."""
+    def start(cls, engine: Engine, store: Store, out: Path, settings: Settings, force: bool = False, **kw) -> Campaign:
+        """A new campaign in ``out``, or the one already there if it has exactly these settings (a campaign with
+        other settings is an error naming them: it is never silently continued with the old ones);
+        ``force`` starts over in ``out`` (the campaign's files there go; the records store keeps every record)."""
         out.mkdir(parents=True, exist_ok=True)
         ident = identify(engine.model)
         spec = engine.spec
-        if (out / STATE).exists():
-            old = State.load(out)
-            if (old.model_id, old.corpus, old.ctx, old.n_chunks, old.imatrix_id or None, old.scoring) != (
-                    ident.model_id, engine.corpus.id, spec.ctx, spec.n_chunks, engine.imatrix_id, spec.scoring.value):
-                raise InputError(f"{out} holds a campaign on another base, corpus, slice, imatrix or scoring mode "
-                                 f"({old.base}, {old.scoring})", "choose another --out, or 'campaign resume' that one")  # fmt: skip
-            return cls(engine, store, out, old, **kw)
         im = engine.imatrix
         state = State(uuid.uuid4().hex[:12], str(engine.model.path), engine.corpus.id, str(engine.corpus.path),
                       engine.name, spec.ctx, spec.n_chunks,
                       spec.chunk_offset, ident.model_id, ident.family, settings, time.strftime("%Y-%m-%dT%H:%M:%S"),
                       str(im.path.resolve()) if im else "", im.id if im else "", spec.scoring.value)  # fmt: skip
+        if (out / STATE).exists() and not force:
+            old = State.load(out)
+            diff = old.differences(state)
+            if diff:
+                raise InputError(f"{out} holds campaign {old.id} with other settings: {'; '.join(diff)}",
+                                 f"continue it with 'mqpredict campaign resume {out}' (--budget N raises its budget), "
+                                 "choose another --out, or add --force to start over there (the records store keeps "
+                                 "every measurement)")  # fmt: skip
+            return cls(engine, store, out, old, **kw)
+        if force:
+            clear(out)
         state.save(out)
         return cls(engine, store, out, state, **kw)
 
     # ------------------------------------------------------------------------ records view
-    def _records(self, spec: EvalSpec, status: str | None = "ok") -> pd.DataFrame:
-        """This model's records on ``spec``'s slice with this build: presets and this campaign's own."""
+    def _records(self, spec: EvalSpec, status: str | None = "ok", without: frozenset[str] = frozenset()) -> pd.DataFrame:
+        """This model's records on ``spec``'s slice with this build: presets and this campaign's own (but
+        not its own of the types keys ``without``: the store as it was before a batch was asked)."""
         df = self.store.load()
         if df.empty:
             return df
@@ -240,7 +302,22 @@ class Campaign:
             m &= (df["source"] == Source.preset.value) | (df["provenance_file"] == self.state.tag)
         if status:
             m &= df["status"] == status
+        if without:
+            m &= ~((df["provenance_file"] == self.state.tag) & df["types_key"].isin(without))
         return df[m]
+
+    def _taken(self) -> set[str]:
+        """Types keys never to propose: measured by anyone (another campaign in the same store too), with any
+        status, on the search slice or its first stage with this build. Measuring one again would only meet
+        the record already stored (a duplicate, not counted against this campaign's budget), and the loop
+        would propose it again and again."""
+        df = self.store.load()
+        if df.empty:
+            return set()
+        e, st = self.engine, self.state
+        first, _rest = stage_specs(st.search, self.settings.stage_fraction)
+        m = Context.of(e, self.ident.model_id, st.search).mask(df) | Context.of(e, self.ident.model_id, first).mask(df)
+        return set(df.loc[m & (df["build"] == e.build_id()), "types_key"])
 
     def _spent(self) -> pd.DataFrame:
         df = self.store.load()
@@ -297,10 +374,49 @@ class Campaign:
         with open(self.out / PREDICTIONS, "a") as f:
             f.write(json.dumps(d) + "\n")
             f.flush()
+        faults.point("propose", p.types_key)
+
+    # ------------------------------------------------------------------------ batch journal
+    def _journal(self) -> list[list[dict]]:
+        """The jobs of every batch asked so far (``batches.jsonl``; a line cut by a kill is a batch that was
+        never submitted, and is asked again from the same records)."""
+        p = self.out / BATCHES
+        out = []
+        if p.exists():
+            for line in p.read_text().splitlines():
+                try:
+                    out.append(list(json.loads(line)["jobs"]))
+                except (ValueError, KeyError, TypeError):
+                    continue
+        return out
+
+    def _note_batch(self, jobs: list[tuple[int, Config, Proposal | None, Source, str]]) -> None:
+        """A batch, before any of it is submitted: one line, written and synced at once."""
+        line = json.dumps({"jobs": [{"step": s, "config": c.key, "source": src.value, "types_key": tk,
+                                     "proposal": p.to_json() if p else None} for s, c, p, src, tk in jobs]})  # fmt: skip
+        with open(self.out / BATCHES, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        faults.point("propose", f"batch@{jobs[0][0] if jobs else 'none'}")
+
+    def _unfinished(self, spent: pd.DataFrame) -> list[tuple[int, Config, Proposal | None, Source, str]]:
+        """The jobs of noted batches that have no record yet (a killed process's batch), in step order."""
+        done = set(spent["types_key"]) if len(spent) else set()
+        out = []
+        for jobs in self._journal():
+            for j in jobs:
+                if j["types_key"] not in done:
+                    d = j["proposal"]
+                    p = None if d is None else Proposal(Config.parse(d["config"]), d["types_key"], d["size_bytes"], d["bpw"],
+                                                        d["kld_pred"], d["kld_lo"], d["kld_hi"], d["ei"])  # fmt: skip
+                    out.append((int(j["step"]), Config.parse(j["config"]), p, Source(j["source"]), j["types_key"]))
+        return sorted(out, key=lambda x: x[0])
 
     # ------------------------------------------------------------------------ the surrogate
-    def _fit(self, table):
-        """The surrogate refitted on the shipped dataset without this family + this campaign's records."""
+    def _fit(self, table, without: frozenset[str] = frozenset()):
+        """The surrogate refitted on the shipped dataset without this family + this campaign's records
+        (those of the types keys ``without`` left out)."""
         from mqpredict.surrogate.data import build, load_tables
         from mqpredict.surrogate.model import Surrogate
 
@@ -313,7 +429,7 @@ class Campaign:
         shipped = Store(self.train_store, create=False).load() if (self.train_store / "STORE.json").exists() else pd.DataFrame()
         if not shipped.empty:
             shipped = shipped[shipped["family"] != self.ident.family]
-        own = self._records(self.state.search)
+        own = self._records(self.state.search, without=without)
         recs = pd.concat([shipped, own], ignore_index=True) if not shipped.empty else own
         tables = load_tables(self.train_tables) if self.train_tables.exists() else {}
         tables[table.key] = table  # the (model, imatrix) table: records with an imatrix need their own
@@ -349,14 +465,14 @@ class Campaign:
                   "scoring": st.scoring, "engine": e.name, "llama_version": e.version(),
                   **{f"setting.{k}": v for k, v in asdict(self.settings).items() if k != "types"},
                   "setting.types": ",".join(self.settings.types), **ex.describe()}  # fmt: skip
-        with self.tracker.parent("campaign", self.ident.columns(), params):
+        with self.tracker.parent("campaign", self.ident.columns(), params, resume=st.id):  # one run, however often resumed
             if not ex.synchronous:
                 self.say(f"{ex.name} executor, asynchronous: which configs are proposed depends on which results come "
                          "back first, so records may differ from run to run (--sync reproduces the local path's)")  # fmt: skip
             self.say(f"campaign {st.id}: seeding the presets on {st.search.n_tokens} tokens")
             seed(e, self.store, preset_candidates(seed_presets(e.imatrix is not None, bool(e.model.n_expert))), self.progress, self.say, tracker=self.tracker,
                  own_run=False, executor=ex, spec=st.search)  # fmt: skip
-            table = self._error_table()
+            table = self._table = self._error_table()
             proposer = Proposer(e.model, table, self.types, seed=self.settings.seed, imatrix=e.imatrix)
             self._loop(proposer, table, res)
             self._heldout(res)
@@ -384,9 +500,9 @@ class Campaign:
         df = self._records(self.state.search)
         return dict(zip(df["types_key"], df["kld_mean"]))
 
-    def _reference(self) -> tuple[Line, Reference, float, pd.DataFrame]:
+    def _reference(self, without: frozenset[str] = frozenset()) -> tuple[Line, Reference, float, pd.DataFrame]:
         st = self.state
-        ok = self._records(st.search)
+        ok = self._records(st.search, without=without)
         line, _presets = self._line(st.search, ok)
         if not line.hull:
             raise InputError("no preset could be measured on this model", "see the failed records: mqpredict data list")
@@ -433,9 +549,21 @@ class Campaign:
         ``settings.batch`` and returns it whole before the next refit (the same records wherever the jobs
         run); an asynchronous one is topped up with new proposals, after a refit, whenever a job returns."""
         st, cfg, ex = self.state, self.settings, self.executor
-        step = len(self._spent())
+        spent = self._spent()
+        resumed = self._unfinished(spent)
+        step = max([len(spent)] + [j[0] for j in resumed])
         first = True
         pending: dict[int, tuple[Config, Proposal | None, Source, str]] = {}  # job id → (config, proposal, source, types key)
+        if resumed:  # finish what a killed process had asked, judged against the records it was asked on
+            unfinished = {j[4] for j in resumed}
+            before = frozenset(j["types_key"] for jobs in self._journal() if unfinished & {j["types_key"] for j in jobs}
+                               for j in jobs)  # fmt: skip
+            _line, ref, _ln_ref, _ok = self._reference(before)
+            self.say(f"finishing the batch a stopped run had started ({len(resumed)} config(s))")
+            for s_, c, p, source, tk in resumed:
+                staged = source == Source.proposed
+                ex.submit(Job(s_, JobKind.confirm, c, st.search, ref, cfg.stage_fraction if staged else 1.0, cfg.z))
+                pending[s_] = (c, p, source, tk)
         asking = True
         while True:
             spent = self._spent()
@@ -453,7 +581,7 @@ class Campaign:
                 s = self._fit(table)
                 self.surrogate_ = s
                 hw = self._halfwidth(s)
-                measured = set(self._records(st.search, status=None)["types_key"]) if len(ok) else set()
+                measured = self._taken()
                 measured |= set(spent["types_key"]) if len(spent) else set()
                 measured |= {tk for *_, tk in pending.values()}  # running now: never measured twice
                 batch: list[tuple[Config, Proposal | None, Source]] = []
@@ -471,13 +599,17 @@ class Campaign:
                         asking = False
                         props = []
                     batch = [(p.config, p, Source.proposed) for p in props]
-                for c, p, source in batch:
+                jobs = [(step + i, c, p, source, p.types_key if p else types_key(self.engine.model, self.engine.resolve(c)))
+                        for i, (c, p, source) in enumerate(batch, 1)]  # fmt: skip
+                step += len(jobs)
+                for *_, p, _source, _tk in jobs:
                     if p is not None:
                         self._note_prediction(p)
-                    step += 1
+                self._note_batch(jobs)  # from here on, a resume finishes this batch rather than asking anew
+                for s_, c, p, source, tk in jobs:
                     staged = source == Source.proposed
-                    ex.submit(Job(step, JobKind.confirm, c, st.search, ref, cfg.stage_fraction if staged else 1.0, cfg.z))
-                    pending[step] = (c, p, source, p.types_key if p else types_key(self.engine.model, self.engine.resolve(c)))
+                    ex.submit(Job(s_, JobKind.confirm, c, st.search, ref, cfg.stage_fraction if staged else 1.0, cfg.z))
+                    pending[s_] = (c, p, source, tk)
             if not pending:
                 return
             r = ex.wait()
@@ -607,6 +739,8 @@ class Campaign:
         self.tracker.log_metrics({"confirmations": res.spent, "wins": len(w), "forward_tokens": res.forward_tokens,
                                   "hypervolume": hypervolume(pts, ref_pt), "hypervolume_presets": hv_presets,
                                   "forward_tokens_per_win": res.forward_tokens / len(w) if w else None})  # fmt: skip
+        if self.surrogate_ is None and (asked := self._journal()):  # resumed after the last ask: refit that one
+            self.surrogate_ = self._fit(self._table, frozenset(j["types_key"] for j in asked[-1]))
         if self.surrogate_ is not None:  # the surrogate that made the last proposals: LightGBM text + JSON
             folder = self.surrogate_.save(self.out / "surrogate", {"campaign": st.id, "model_id": st.model_id})
             for f in sorted(Path(folder).iterdir()):

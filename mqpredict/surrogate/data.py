@@ -16,7 +16,8 @@ The zero-shot path predicts ``ln KLD_ref`` itself from the model (one row per co
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,16 @@ CONTEXT = ["model_id", "corpus", "ctx", "n_batch", "chunk_offset", "n_chunks", "
 TARGETS = ("kld", "p99", "miss")
 REFERENCE = "preset=Q8_0"
 _MISS_FLOOR = 1e-4
+#: why a record is left out of a training set (``TrainingSet.dropped`` counts each)
+DROP_REASONS = {
+    "not_ok": "failed or stopped early (status not ok)",
+    "no_kld": "no KLD (perplexity only)",
+    "excluded_family": "of an excluded family",
+    "no_table": "no weight-error table for its model",
+    "incomplete_context": "an empty context column (corpus, ctx, slice or build)",
+    "no_reference": "no Q8_0 reference measured in the same context",
+    "missing_statistic": "a missing statistic (kld_p99 or same_top_p) or KLD ≤ 0",
+}
 
 
 @dataclass
@@ -38,6 +49,7 @@ class TrainingSet:
     rows: pd.DataFrame  # per row: model_id, family, synthetic, config, bpw, size_bytes, kld, ref_kld, source …
     refs: pd.DataFrame  # per context: model_id, family, synthetic, ln_kld_ref and the zero-shot features
     X_ref: np.ndarray  # zero-shot features of each context's reference
+    dropped: dict[str, int] = field(default_factory=dict)  # records left out, by reason (DROP_REASONS)
 
     @property
     def families(self) -> list[str]:
@@ -74,15 +86,25 @@ def _normalised(records: pd.DataFrame) -> pd.DataFrame:
 
 def build(records: pd.DataFrame, tables: dict[str, ErrorTable], exclude_families: tuple[str, ...] = ()) -> TrainingSet:
     """Training rows from ok records of (model, imatrix) pairs with a weight-error table and a reference in
-    context."""
-    df = _normalised(records[(records["status"] == "ok") & records["kld_mean"].notna()])
-    df = df[~df["family"].isin(exclude_families)]
-    keys = [table_key(m, i or None) for m, i in zip(df["model_id"], df["imatrix_id"])]
-    df = df[pd.Series(keys, index=df.index, dtype=object).isin(tables)]
+    context; the records left out are counted by reason (``dropped``)."""
+    dropped: Counter[str] = Counter()
+
+    def keep(df: pd.DataFrame, mask: pd.Series, reason: str) -> pd.DataFrame:
+        dropped[reason] += int((~mask).sum())
+        return df[mask]
+
+    df = keep(records, records["status"] == "ok", "not_ok")
+    df = keep(df, df["kld_mean"].notna(), "no_kld")
+    df = _normalised(keep(df, ~df["family"].isin(exclude_families), "excluded_family"))
+    keys = pd.Series([table_key(m, i or None) for m, i in zip(df["model_id"], df["imatrix_id"])], index=df.index,
+                     dtype=object)  # fmt: skip
+    df = keep(df, keys.isin(tables), "no_table")
     feats, ys, meta, refs, ref_feats = [], [], [], [], []
+    dropped["incomplete_context"] += int(df[CONTEXT].isna().any(axis=1).sum())  # groupby leaves them out
     for cvals, ctx in df.groupby(CONTEXT, sort=True):
         ref = ctx[ctx["config"] == REFERENCE]
         if ref.empty:
+            dropped["no_reference"] += len(ctx)
             continue
         ref = ref.iloc[0]
         context = "|".join(str(v) for v in cvals)
@@ -98,6 +120,7 @@ def build(records: pd.DataFrame, tables: dict[str, ErrorTable], exclude_families
         ref_feats.append(ref_row)
         for _, r in ctx.iterrows():
             if r["kld_mean"] <= 0 or pd.isna(r["kld_p99"]) or pd.isna(r["same_top_p"]):
+                dropped["missing_statistic"] += 1
                 continue
             feats.append(F.row(r["fractions"], table, desc, r["bpw"], ref_fr))
             ys.append([
@@ -113,7 +136,8 @@ def build(records: pd.DataFrame, tables: dict[str, ErrorTable], exclude_families
                          "kld_err": r["kld_mean_err"], "ref_kld": ref["kld_mean"], "fractions": r["fractions"]})  # fmt: skip
     return TrainingSet(F.matrix(feats) if feats else np.zeros((0, len(F.FEATURES))), np.array(ys).reshape(-1, 3),
                        pd.DataFrame(meta), pd.DataFrame(refs),
-                       F.matrix(ref_feats) if ref_feats else np.zeros((0, len(F.FEATURES))))  # fmt: skip
+                       F.matrix(ref_feats) if ref_feats else np.zeros((0, len(F.FEATURES))),
+                       {k: n for k, n in dropped.items() if n})  # fmt: skip
 
 
 def model_weights(model_ids: pd.Series) -> np.ndarray:

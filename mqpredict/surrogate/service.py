@@ -33,14 +33,28 @@ DEFAULT_STORE = DATASETS / "records"
 DEFAULT_TABLES = DATASETS / "weight_errors"
 
 
+def unused(dropped: dict[str, int]) -> str:
+    """``dropped`` (records left out of a training set, by reason) as one phrase, largest first."""
+    from mqpredict.surrogate.data import DROP_REASONS
+
+    return ", ".join(f"{n} {DROP_REASONS.get(k, k)}" for k, n in sorted(dropped.items(), key=lambda kv: -kv[1]))
+
+
 def train(store: Path, tables: Path, exclude_families: tuple[str, ...] = (), **params) -> tuple[Surrogate, dict]:
+    """A surrogate trained on ``store``'s records; the records it could not use are counted by reason in the
+    metadata (``unused_records``), and a store that contributes no training row is refused."""
     recs = Store(store, create=False).load()
     data = build(recs, load_tables(tables), exclude_families)
+    if len(data.X) == 0:
+        raise InputError(f"{store} contributes no training row: of its {len(recs)} record(s), "
+                         + (unused(data.dropped) or "none is there"),
+                         f"weight-error tables of its models go in {tables}; every context needs its Q8_0 measured; "
+                         "no surrogate was written")  # fmt: skip
     s = Surrogate(**params).fit(data)
     keys = sorted(recs["key"])
     meta = {"train_records": {"n": int(len(data.X)), "store": str(store),
                               "hash": hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]},
-            "excluded_families": list(exclude_families)}  # fmt: skip
+            "unused_records": data.dropped, "excluded_families": list(exclude_families)}  # fmt: skip
     return s, meta
 
 

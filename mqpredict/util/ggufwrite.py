@@ -19,6 +19,7 @@ from gguf.constants import GGUFValueType
 from mqpredict.errors import InputError
 from mqpredict.quant.header import GGUFHeader, pad, tensor_nbytes
 from mqpredict.quant.types import QuantType
+from mqpredict.util import faults
 from mqpredict.util.atomic import atomic_open
 
 
@@ -98,7 +99,9 @@ def write_gguf(out: str | os.PathLike, kvs: list[bytes], tensors: list[TensorOut
             f.write(head)
             f.flush()
             dst = f.fileno()
-            for t in tensors:
+            for i, t in enumerate(tensors):
+                if i == len(tensors) // 2:
+                    faults.point("build", f"{out.name}:half")  # half the tensors written
                 nb = t.nbytes
                 if isinstance(t.data, FileRange):
                     if t.data.path not in fds:
