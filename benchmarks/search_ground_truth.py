@@ -46,7 +46,7 @@ from mqpredict.quant.resolve import types_key
 from mqpredict.quant.types import T
 from mqpredict.records.identity import identify
 from mqpredict.records.ingest import adapt
-from mqpredict.records.seed import SEED_PRESETS
+from mqpredict.workflows.seed import SEED_PRESETS
 from mqpredict.surrogate.weight_error import ERROR_TYPES, compute
 from mqpredict.util.paths import DATASETS, DEFAULT_CORPUS, PROJECT_ROOT, cache_dir
 

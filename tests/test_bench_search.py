@@ -13,7 +13,7 @@ from mqpredict.quant.config import Config
 from mqpredict.quant.derive import type_fractions
 from mqpredict.quant.resolve import resolve, types_key
 from mqpredict.quant.size import size_of
-from mqpredict.search.campaign import hypervolume
+from mqpredict.pareto import hypervolume
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,8 @@ from mqpredict.quant.config import Config
 from mqpredict.records.store import Store
 from mqpredict.report.budget import Budget, kv_cache_bytes, run_memory
 from mqpredict.report.survivors import Entry, Rules, pareto, select
-from mqpredict.search.campaign import hypervolume
 from mqpredict.search.confirm import Reference, confirm, stage_specs
-from mqpredict.search.line import Line, Point
+from mqpredict.pareto import Line, Point, hypervolume
 from mqpredict.search.paired import Paired, against, margin_to_line
 
 

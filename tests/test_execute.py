@@ -19,7 +19,7 @@ import pytest
 from conftest import CORPUS, MQ, mq
 from mqpredict.errors import InputError
 from mqpredict.execute.executor import LocalExecutor
-from mqpredict.execute.job import Job, JobKind
+from mqpredict.execute.job import Job, measure
 from mqpredict.execute.worker import Shipment
 from mqpredict.llama.engine import load_scores
 from mqpredict.measure.corpus import EvalSpec
@@ -73,7 +73,7 @@ def executor(request, engine):
 
 
 def _jobs():
-    return [Job(i, JobKind.measure, Config.parse(c), SPEC) for i, c in enumerate(CONFIGS)]
+    return [Job(i, measure, (Config.parse(c), SPEC)) for i, c in enumerate(CONFIGS)]
 
 
 # ------------------------------------------------------------------------------- the contract
@@ -89,9 +89,9 @@ def test_every_job_comes_back_once_with_the_local_engines_numbers(executor, engi
     if executor.synchronous:
         assert [r.job.id for r in results] == [0, 1, 2]  # submission order
     for r in results:
-        assert r.error is None and r.outcome.complete
+        assert r.error is None and r.measurement is not None
         m = r.measurement
-        local = engine.measure(r.job.config, spec=SPEC)
+        local = engine.measure(r.job.args[0], spec=SPEC)
         assert (m.types_key, m.size_bytes, m.stats.kld_mean) == (local.types_key, local.size_bytes, local.stats.kld_mean)
         assert Path(m.per_token_path).exists()
         assert np.array_equal(load_scores(m.per_token_path).kld, load_scores(local.per_token_path).kld)

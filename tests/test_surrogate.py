@@ -30,7 +30,7 @@ SHAPES = {"a0": (TinyShape(256, 768, 4), 0), "a1": (TinyShape(256, 768, 4), 1), 
 def dataset(tmp_path_factory, corpus):
     """Three tiny models in two families (256-wide ×2 seeds, 576-wide tied), really measured:
     presets, probes and 25 hybrids each, with their weight-error tables."""
-    from mqpredict.records import seed as seeding
+    from mqpredict.workflows import seed as seeding
     from mqpredict.search.space import CandidateSpace
 
     root = tmp_path_factory.mktemp("ds")

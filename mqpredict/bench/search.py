@@ -10,7 +10,7 @@ already revealed (or the same file as a preset) is never charged twice.
 
 Methods (each given a seed):
 
-* ``mqpredict`` — the campaign's loop (:mod:`mqpredict.search.campaign`): the surrogate is refitted
+* ``mqpredict`` — the campaign's loop (:mod:`mqpredict.workflows.campaign`): the surrogate is refitted
   before every batch of 4 on the shipped dataset **without the family** ``synthetic-tiny-256`` plus the
   records revealed so far (checked: that family never enters training), the real :class:`Proposer`
   asks by expected improvement below the frontier, ``probes=auto`` decides on isolation probes first,
@@ -78,8 +78,8 @@ from mqpredict.errors import InputError
 from mqpredict.quant.config import Config
 from mqpredict.quant.model import ModelInfo
 from mqpredict.quant.types import QuantType
-from mqpredict.search.campaign import Settings, hypervolume
-from mqpredict.search.line import Line, Point
+from mqpredict.workflows.campaign import Settings
+from mqpredict.pareto import Line, Point, hypervolume
 from mqpredict.search.paired import margin_to_line
 from mqpredict.surrogate.weight_error import ErrorTable
 from mqpredict.util.paths import DATASETS
@@ -315,7 +315,7 @@ def run_greedy(t: Truth, seed: int, o: Oracle) -> str:
 
 
 def _frontier_margin(t: Truth, o: Oracle, rows: list[int]) -> np.ndarray:
-    from mqpredict.search.acquisition import frontier, frontier_at
+    from mqpredict.pareto import frontier, frontier_at
 
     pts = [t.point(int(r)) for r in t.preset_rows] + [t.point(r) for r in o.full]
     front = frontier(pts)
@@ -528,7 +528,7 @@ class MqSearch:
 
     # ------------------------------------------------------------------ the loop
     def run(self, seed: int, o: Oracle, budget: int) -> str:
-        from mqpredict.search.acquisition import frontier
+        from mqpredict.pareto import frontier
         from mqpredict.search.confirm import Reference, judge
         from mqpredict.search.proposer import Proposer
 

@@ -188,7 +188,7 @@ def run(
     """
     from mqpredict.measure.corpus import EvalSpec
     from mqpredict.report.survivors import Rules
-    from mqpredict.search.campaign import Campaign, Probes, Settings
+    from mqpredict.workflows.campaign import Campaign, Probes, Settings
 
     if budget < 1 or batch < 1:
         raise InputError("--budget and --batch must be at least 1")
@@ -242,7 +242,7 @@ def resume(
 
     from mqpredict.report.survivors import Rules
     from mqpredict.report.budget import Budget
-    from mqpredict.search.campaign import Campaign, State
+    from mqpredict.workflows.campaign import Campaign, State
 
     st = State.load(out_dir)
     if budget is not None:
@@ -280,7 +280,7 @@ def report(
     --target-size / --target-bpw / --vram pick the best survivor that fits; --speed adds tokens/s."""
     from mqpredict.report.campaign_report import write_report
     from mqpredict.report.survivors import Rules
-    from mqpredict.search.campaign import Campaign, State
+    from mqpredict.workflows.campaign import Campaign, State
 
     st = State.load(out_dir)
     with progress_bar(not json) as progress:
@@ -320,9 +320,9 @@ def propose(
     nothing is measured here.
     """
     from mqpredict.measure.corpus import EvalSpec
-    from mqpredict.search.campaign import Campaign, Settings, State
+    from mqpredict.workflows.campaign import Campaign, Settings, State
     from mqpredict.quant.resolve import quantize_command, tensor_type_lines
-    from mqpredict.search.acquisition import frontier
+    from mqpredict.pareto import frontier
     from mqpredict.search.proposer import Proposer
     from mqpredict.surrogate.weight_error import error_table
     from mqpredict.util.atomic import atomic_write_text
@@ -391,9 +391,9 @@ def clone(
 
     from mqpredict.quant.config import Config
     from mqpredict.quant.model import ModelInfo
-    from mqpredict.search.campaign import State
+    from mqpredict.workflows.campaign import State
     from mqpredict.search.clone import check_layout, clone as do_clone
-    from mqpredict.search.line import Line, Point
+    from mqpredict.pareto import Line, Point
     from mqpredict.search.paired import line_weights
 
     st = State.load(from_dir)

@@ -10,7 +10,7 @@ from mqpredict.records.schema import Source
 from mqpredict.report import write as W
 from mqpredict.report.budget import Budget
 from mqpredict.report.survivors import Entry, Rules, select
-from mqpredict.search.campaign import Campaign
+from mqpredict.workflows.campaign import Campaign
 from mqpredict.search.paired import against, margin_to_line
 
 

@@ -17,7 +17,7 @@ from mqpredict.quant.model import ModelInfo
 from mqpredict.quant.resolve import quantize_command, tensor_type_lines
 from mqpredict.report.budget import Budget, smallest_vram
 from mqpredict.report.survivors import Entry
-from mqpredict.search.line import Line
+from mqpredict.pareto import Line
 from mqpredict.search.paired import Paired
 from mqpredict.util.atomic import atomic_open, atomic_write_text
 from mqpredict.util.figures import save_figure

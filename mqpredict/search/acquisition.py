@@ -1,6 +1,6 @@
 """Which candidates to measure next: expected improvement below the frontier, in batches diverse in size.
 
-The **frontier** is the lower convex hull, in (bpw, ln KLD), of everything measured on the model so far
+The **frontier** (:func:`mqpredict.pareto.frontier`) is the lower convex hull, in (bpw, ln KLD), of everything measured on the model so far
 (presets and hybrids), interpolated like the line and never extrapolated. A candidate with predicted
 ln KLD ~ Normal(μ, σ) — σ from the surrogate's calibrated 80% interval, ``σ = half-width / 1.2816`` —
 improves the frontier at its bpw by ``max(0, f(bpw) − ln KLD)``, whose expectation is
@@ -21,22 +21,6 @@ import math
 
 import numpy as np
 
-from mqpredict.search.line import Line, Point
-
-def frontier(points: list[Point]) -> Line:
-    """The lower hull of every measured point (the line of presets and hybrids together)."""
-    return Line.from_presets(points)
-
-
-def frontier_at(front: Line, bpw: np.ndarray) -> np.ndarray:
-    """The frontier's ln KLD at each bpw (NaN outside its range)."""
-    h = front.hull
-    if not h:
-        return np.full(len(bpw), np.nan)
-    xs = np.array([p.bpw for p in h])
-    ys = np.array([p.ln_kld for p in h])
-    out = np.interp(bpw, xs, ys) if len(h) > 1 else np.where(bpw == xs[0], ys[0], np.nan)
-    return np.where((bpw < xs[0]) | (bpw > xs[-1]), np.nan, out)
 
 
 def expected_improvement(mu: np.ndarray, sigma: np.ndarray, f: np.ndarray) -> np.ndarray:

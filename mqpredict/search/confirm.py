@@ -21,7 +21,7 @@ from mqpredict.measure.corpus import EvalSpec
 from mqpredict.measure.kld import TokenScores
 from mqpredict.measure.stats import KLDStats
 from mqpredict.quant.config import Config
-from mqpredict.search.line import Line
+from mqpredict.pareto import Line
 from mqpredict.search.paired import Paired, against, margin_to_line
 
 

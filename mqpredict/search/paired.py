@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mqpredict.search.line import Line
+from mqpredict.pareto import Line
 
 #: below this many windows, per-token errors (llama-perplexity's convention) instead of per-window ones
 MIN_WINDOWS = 8

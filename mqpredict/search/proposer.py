@@ -17,8 +17,8 @@ from mqpredict.quant.config import Config
 from mqpredict.quant.model import ModelInfo
 from mqpredict.quant.resolve import resolve, types_key
 from mqpredict.quant.types import QuantType
-from mqpredict.search.acquisition import diverse_batch, expected_improvement, frontier_at, sigma_from_halfwidth
-from mqpredict.search.line import Line
+from mqpredict.pareto import Line, frontier_at
+from mqpredict.search.acquisition import diverse_batch, expected_improvement, sigma_from_halfwidth
 from mqpredict.search.space import DEFAULT_TYPES, CandidateSpace
 from mqpredict.search.vectorized import Featurizer, Space
 from mqpredict.surrogate.model import Surrogate

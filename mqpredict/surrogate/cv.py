@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from mqpredict.search.line import Line, Point
+from mqpredict.pareto import Line, Point
 from mqpredict.surrogate import features as F
 from mqpredict.surrogate.data import TrainingSet, model_weights
 from mqpredict.surrogate.model import Surrogate

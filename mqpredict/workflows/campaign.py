@@ -32,7 +32,7 @@ import pandas as pd
 
 from mqpredict.errors import InputError
 from mqpredict.execute.executor import Executor, LocalExecutor
-from mqpredict.execute.job import Job, JobKind, JobResult
+from mqpredict.execute.job import Job, JobResult
 from mqpredict.llama.engine import Engine, load_scores
 from mqpredict.measure.corpus import EvalSpec
 from mqpredict.records.context import Context
@@ -42,11 +42,10 @@ from mqpredict.quant.types import QuantType
 from mqpredict.records.convert import Provenance, failed, from_measurement
 from mqpredict.records.identity import ModelIdentity, identify
 from mqpredict.records.schema import Source, Status
-from mqpredict.records.seed import Candidate, preset_candidates, seed, seed_presets
+from mqpredict.workflows.seed import Candidate, preset_candidates, seed, seed_presets
 from mqpredict.records.store import Store
-from mqpredict.search.acquisition import frontier
-from mqpredict.search.confirm import Outcome, Reference
-from mqpredict.search.line import Line, Point
+from mqpredict.search.confirm import Outcome, Reference, confirm
+from mqpredict.pareto import Line, Point, frontier, hypervolume
 from mqpredict.search.paired import Paired, margin_to_line
 from mqpredict.search.proposer import Proposal, Proposer
 from mqpredict.search.space import DEFAULT_TYPES, CandidateSpace
@@ -154,17 +153,6 @@ class Result:
     forward_tokens: int = 0
     wins: list[str] = field(default_factory=list)  # types keys of re-confirmed nonlinear wins
     stopped: str = ""
-
-
-def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:
-    """Area dominated by ``points`` (bpw, ln KLD; both minimised) up to the reference point ``ref``."""
-    pts = sorted((b, k) for b, k in points if b <= ref[0] and k <= ref[1])
-    area, best = 0.0, ref[1]
-    for i, (b, k) in enumerate(pts):
-        best = min(best, k)
-        nxt = pts[i + 1][0] if i + 1 < len(pts) else ref[0]
-        area += (nxt - b) * (ref[1] - best)
-    return area
 
 
 def spread(cands: list[tuple[str, Paired]], bpw: dict[str, float], spacing: float = 0.1) -> list[tuple[str, Paired]]:
@@ -473,7 +461,7 @@ class Campaign:
                         self._note_prediction(p)
                     step += 1
                     staged = source == Source.proposed
-                    ex.submit(Job(step, JobKind.confirm, c, st.search, ref, cfg.stage_fraction if staged else 1.0, cfg.z))
+                    ex.submit(Job(step, confirm, (c, st.search, ref, cfg.stage_fraction if staged else 1.0, cfg.z)))
                     pending[step] = (c, p, source, p.types_key if p else types_key(self.engine.model, self.engine.resolve(c)))
             if not pending:
                 return
@@ -505,8 +493,8 @@ class Campaign:
             res.steps.append(Step(c.key, rec["bpw"], p.kld_pred if p else None, None, "failed", None, None, r.error, heldout))
             self.say(f"[{step}] {c.key}: measurement failed ({r.error}); recorded as failed, going on")
             return
-        res.forward_tokens += r.outcome.forward_tokens
-        self._store_outcome(r.outcome, c, p, source, prov, res, step, heldout)
+        res.forward_tokens += r.value.forward_tokens
+        self._store_outcome(r.value, c, p, source, prov, res, step, heldout)
 
     def _store_outcome(self, o: Outcome, c: Config, p: Proposal | None, source: Source, prov: Provenance,
                        res: Result, step: int, heldout: bool = False) -> None:  # fmt: skip
@@ -566,7 +554,7 @@ class Campaign:
                 continue
             step += 1
             configs[step] = Config.parse(r["config"])
-            self.executor.submit(Job(step, JobKind.confirm, configs[step], st.heldout, href, 1.0, cfg.z))
+            self.executor.submit(Job(step, confirm, (configs[step], st.heldout, href, 1.0, cfg.z)))
         for r in self.executor.drain():
             self._tell(r, configs[r.job.id], None, Source.proposed, res, heldout=True)
 
