@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -23,7 +24,7 @@ from mqpredict.report.budget import Budget, kv_cache_bytes, run_memory
 from mqpredict.report.survivors import Entry, Rules, pareto, select
 from mqpredict.search.confirm import Reference, confirm, stage_specs
 from mqpredict.pareto import Line, Point, hypervolume
-from mqpredict.search.paired import Paired, against, margin_to_line
+from mqpredict.search.paired import Paired, against, holm, margin_to_line
 
 
 def _json(p: subprocess.CompletedProcess):
@@ -48,9 +49,34 @@ def test_paired_margin_is_the_line_margin_with_a_smaller_error(engines):
     assert same.diff == 0 and same.se == 0
 
 
-def test_paired_decisions():
-    assert Paired(-0.3, 0.1, 100).below(2) and not Paired(-0.1, 0.1, 100).below(2)
-    assert Paired(0.3, 0.1, 100).above(2) and not Paired(0.3, 0.1, 100).below(2)
+def test_paired_decisions_use_t_quantiles_over_windows():
+    # 8 windows: 7 degrees of freedom, one-sided 5% needs 1.895 errors; 2 windows (df 1) need 6.31
+    assert Paired(-0.2, 0.1, 800, 8).below(0.05) and not Paired(-0.18, 0.1, 800, 8).below(0.05)
+    assert Paired(0.3, 0.1, 800, 8).above(0.05) and not Paired(0.3, 0.1, 800, 8).below(0.05)
+    assert not Paired(0.3, 0.1, 200, 2).above(0.05) and Paired(0.7, 0.1, 200, 2).above(0.05)
+    assert not Paired(-5.0, 0.1, 100, 1).below(0.05)  # one window: no error estimate, nothing is significant
+
+
+def test_the_error_is_a_window_block_error():
+    """Tokens of one window move together: the block error sees it, a per-token error would not."""
+    rng = np.random.default_rng(0)
+    per_window, n_win = 50, 8
+    shift = np.repeat(rng.normal(0, 0.3, n_win), per_window)  # a window-level effect the two configs do not share
+    base = rng.gamma(2.0, 0.05, per_window * n_win)
+    x = base * np.exp(shift)
+    p = against(x, base, per_window)
+    u = x / x.mean() - base / base.mean()
+    per_token = u.std(ddof=1) / math.sqrt(len(u))
+    assert p.blocks == n_win and p.df == 7
+    assert p.se > 2 * per_token
+
+
+def test_holm_keeps_the_wins_a_step_down_test_allows():
+    t = lambda d: Paired(d, 0.1, 800, 8)  # noqa: E731
+    strong, weak, none = t(-1.0), t(-0.21), t(0.0)
+    assert holm([("a", strong), ("b", weak), ("c", none)], 0.05) == ["a"]  # b alone would pass at 0.05
+    assert Paired(-0.21, 0.1, 800, 8).below(0.05)
+    assert holm([("a", strong), ("b", weak)], 0.05) == ["a", "b"]
 
 
 def test_hypervolume_of_a_staircase():
@@ -63,8 +89,8 @@ def test_survivor_rules():
     e = lambda n, b, k, win=False: Entry(n, n, n, "proposed", int(b * 1000), b, k, win)  # noqa: E731
     pts = [e("a", 3.0, 0.5), e("b", 3.05, 0.499), e("c", 4.0, 0.2), e("d", 4.5, 0.3), e("w", 4.02, 0.199, True)]
     assert [x.key for x in pareto(pts)] == ["a", "b", "c", "w"]
-    cmp = lambda x, y: Paired(math.log(x.kld_mean / y.kld_mean), 0.001, 1000)  # noqa: E731
-    got = [x.key for x in select(pts, Rules(spacing_bpw=0.1, min_gain=0.02, z=2), cmp)]
+    cmp = lambda x, y: Paired(math.log(x.kld_mean / y.kld_mean), 0.001, 1000, 8)  # noqa: E731
+    got = [x.key for x in select(pts, Rules(spacing_bpw=0.1, min_gain=0.02, alpha=0.05), cmp)]
     assert got == ["a", "w"]  # b: a near-duplicate without a real gain; w (a win) replaces c, its near-duplicate
 
 
