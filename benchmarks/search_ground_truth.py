@@ -1,7 +1,17 @@
-"""Measure the exhaustive ground truth that ``mqpredict bench search`` simulates searches on.
+"""Measure the exhaustive ground truths that ``mqpredict bench search`` simulates searches on.
 
-One tiny model (``write_test_model(seed=0)``: 4 layers, n_embd 256, family ``synthetic-tiny-256``),
-the bundled corpus, 8 windows of 128 tokens (504 scored), one window per batch, in process:
+Two are defined (``--truth``): ``tiny256-s0`` (below) and ``smollm2-imatrix``, a real model: the
+SmolLM2-135M base (``mqpredict base prepare smollm2``) with an importance matrix computed on the shipped
+calibration text (:func:`mqpredict.llama.imatrix.compute_imatrix`), 12 windows of 128 tokens (the first 8
+for the search, the last 4 held out for re-confirmation), its six groups (tied embeddings: no lm_head)
+each at Q8_0, Q5_0 or IQ4_NL — 3^6 = 729 configs, every one checked to be written as asked (n_embd 576
+takes only 32-blocks outside ffn_down, so these three types have no fallback anywhere) and to be a distinct
+file —, its 27 seed presets (the 16 standard ones and the 11 made for an imatrix) and, with ``--extra
+FILE``, further configs (one per line: ``SOURCE CONFIG``, e.g. the allocator's answers).
+
+The tiny truth: one tiny model (``write_test_model(seed=0)``: 4 layers, n_embd 256, family ``synthetic-tiny-256``),
+the bundled corpus, 8 windows of 128 tokens (504 scored; no held-out windows: a search confirms on all 8
+and its re-confirmation cannot be simulated), one window per batch, in process:
 
 * the 16 seed presets (they draw the line), and
 * every config of the **reduced space**: embeddings fixed at Q8_0, each of the other six groups
@@ -17,6 +27,10 @@ as it is made; running again skips what is there. Progress goes to stderr. llama
 thread: on a shared 2-core machine two spinning threads are ~40x slower per tiny evaluation.
 
     nice -n 10 .venv/bin/python benchmarks/search_ground_truth.py
+    MQPREDICT_THREADS=1 nice -n 5 .venv/bin/python benchmarks/search_ground_truth.py --truth smollm2-imatrix
+
+The real model's configs are measured in a seeded random order (presets first), so that a run stopped
+early leaves a uniform sample of the space; ``--measure-only`` skips assembling the shipped folder.
 """
 
 from __future__ import annotations
@@ -29,6 +43,8 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,38 +53,91 @@ import numpy as np
 from mqpredict import __version__
 from mqpredict.base.testmodel import write_test_model
 from mqpredict.llama.engine import load_scores
+from mqpredict.llama.imatrix import compute_imatrix
 from mqpredict.llama.inprocess import InProcessEngine
 from mqpredict.measure.corpus import EvalSpec
 from mqpredict.measure.stats import FIELDS as STAT_FIELDS
 from mqpredict.quant.config import Config
 from mqpredict.quant.derive import type_fractions
 from mqpredict.quant.resolve import types_key
-from mqpredict.quant.types import T
+from mqpredict.quant.types import QuantType, T
 from mqpredict.records.identity import identify
 from mqpredict.records.ingest import adapt
-from mqpredict.records.seed import SEED_PRESETS
-from mqpredict.surrogate.weight_error import ERROR_TYPES, compute
+from mqpredict.workflows.seed import SEED_PRESETS, seed_presets
+from mqpredict.surrogate.weight_error import compute
 from mqpredict.util.paths import DATASETS, DEFAULT_CORPUS, PROJECT_ROOT, cache_dir
 
+THREADS = 1
+CALIBRATION = DATASETS / "calibration" / "calibration.txt"
+
+
+def _tiny_base(work: Path) -> Path:
+    return write_test_model(work / "tiny-256-s0.gguf", 0)  # byte-identical for the same seed
+
+
+def _smollm2_base(work: Path) -> Path:
+    from mqpredict.base.embedded import resolve_base
+
+    return resolve_base("smollm2")
+
+
+@dataclass(frozen=True)
+class TruthDef:
+    """One ground truth: its base, slice, reduced space and presets."""
+
+    name: str
+    make_base: Callable[[Path], Path]
+    base: dict  # how the benchmark gets the same base back (meta.json's "base")
+    spec: EvalSpec
+    fixed: dict[str, QuantType]
+    space_types: tuple[QuantType, ...]  # index 0 … in truth.csv's group columns
+    presets: tuple = SEED_PRESETS
+    imatrix: bool = False
+    search_chunks: int = 0  # windows a search confirms on (0: all); the rest are held out
+    shuffle: bool = False  # measure the space in a seeded random order (presets first)
+    notes: list[str] = field(default_factory=list)
+
+
+TRUTHS = {
+    "tiny256-s0": TruthDef("tiny256-s0", _tiny_base, {"kind": "testmodel", "seed": 0}, EvalSpec(ctx=128, n_chunks=8),
+                           {"embeddings": T.Q8_0}, (T.Q8_0, T.Q6_K, T.Q4_K, T.Q3_K)),
+    "smollm2-imatrix": TruthDef("smollm2-imatrix", _smollm2_base, {"kind": "embedded", "name": "smollm2"},
+                                EvalSpec(ctx=128, n_chunks=12), {}, (T.Q8_0, T.Q5_0, T.IQ4_NL), seed_presets(True),
+                                imatrix=True, search_chunks=8, shuffle=True),
+}  # fmt: skip
+# the tiny truth's names, as the benchmark and the tests read them
 NAME = "tiny256-s0"
 MODEL_SEED = 0
-SPEC = EvalSpec(ctx=128, n_chunks=8)
-FIXED = {"embeddings": T.Q8_0}
-SPACE_TYPES = (T.Q8_0, T.Q6_K, T.Q4_K, T.Q3_K)  # index 0 … 3 in truth.csv's group columns
-THREADS = 1
 
 
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def space_configs(groups: list[str]) -> list[tuple[Config, dict[str, int]]]:
+def space_configs(groups: list[str], td: TruthDef = TRUTHS[NAME]) -> list[tuple[Config, dict[str, int]]]:
     """Every config of the reduced space, in lexicographic order of the free groups' type indices."""
-    free = [g for g in groups if g not in FIXED]
+    free = [g for g in groups if g not in td.fixed]
     out = []
-    for idx in itertools.product(range(len(SPACE_TYPES)), repeat=len(free)):
-        assign = {**FIXED, **{g: SPACE_TYPES[i] for g, i in zip(free, idx)}}
+    for idx in itertools.product(range(len(td.space_types)), repeat=len(free)):
+        assign = {**td.fixed, **{g: td.space_types[i] for g, i in zip(free, idx)}}
         out.append((Config(default=T.Q8_0, groups=tuple(assign.items())), dict(zip(free, idx))))
+    return out
+
+
+def read_extra(path: Path | None) -> list[tuple[str, Config]]:
+    """``SOURCE CONFIG`` per line (blank lines and ``#`` comments skipped)."""
+    if path is None:
+        return []
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        src, _, cfg = line.partition(" ")
+        try:
+            out.append((src, Config.parse(cfg.strip())))
+        except Exception as e:  # noqa: BLE001 - one line names the row
+            raise SystemExit(f"{path}:{n}: {e}") from None
     return out
 
 
@@ -93,39 +162,55 @@ def _fmt(v) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=DATASETS / "ground_truth" / NAME)
-    ap.add_argument("--work", type=Path, default=cache_dir() / "ground_truth" / NAME)
+    ap.add_argument("--truth", choices=sorted(TRUTHS), default=NAME)
+    ap.add_argument("--out", type=Path, default=None, help="default: datasets/ground_truth/NAME")
+    ap.add_argument("--work", type=Path, default=None, help="default: the cache's ground_truth/NAME")
     ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    ap.add_argument("--extra", type=Path, default=None, help="further configs, one 'SOURCE CONFIG' per line")
     ap.add_argument("--limit", type=int, default=0, help="measure only the first N space configs (a trial run)")
+    ap.add_argument("--measure-only", action="store_true", help="measure, do not assemble the shipped folder")
     args = ap.parse_args(argv)
-    work: Path = args.work
+    td = TRUTHS[args.truth]
+    spec = td.spec
+    work: Path = args.work or cache_dir() / "ground_truth" / td.name
     work.mkdir(parents=True, exist_ok=True)
     (work / "vec").mkdir(exist_ok=True)
-    base = write_test_model(work / "tiny-256-s0.gguf", MODEL_SEED)  # byte-identical for the same seed
+    base = td.make_base(work)
+    imatrix = None
+    if td.imatrix:
+        imatrix, hit = compute_imatrix(base, CALIBRATION, threads=THREADS)
+        say(f"imatrix {imatrix.id} on {CALIBRATION.name} ({'cached' if hit else 'computed'})")
     t_start = time.time()
-    with InProcessEngine(base, args.corpus, SPEC, threads=THREADS, cache=work / "engine") as eng:
+    with InProcessEngine(base, args.corpus, spec, threads=THREADS, cache=work / "engine", imatrix=imatrix) as eng:
         model = eng.model
         ident = identify(model)
-        say(f"{model.path.name}: model_id {ident.model_id}, family {ident.family}; {SPEC.n_chunks}×{SPEC.ctx} "
-            f"windows ({SPEC.n_tokens} scored tokens), {THREADS} thread")  # fmt: skip
-        eng.base_logprobs(SPEC)
+        say(f"{model.path.name}: model_id {ident.model_id}, family {ident.family}; {spec.n_chunks}×{spec.ctx} "
+            f"windows ({spec.n_tokens} scored tokens), {THREADS} thread")  # fmt: skip
+        eng.base_logprobs(spec)
 
         # ------------------------------------------------------------------ what to measure
         plan: list[dict] = []
-        for p in SEED_PRESETS:
+        for p in td.presets:
             cfg, _notes = adapt(Config.from_preset(p), model)
             plan.append({"source": "preset", "config": cfg, "label": p.value, "idx": None})
-        space = space_configs(list(model.groups))
+        space = space_configs(list(model.groups), td)
         if args.limit:
             space = space[: args.limit]
         seen_space: dict[str, int] = {}
         n_dup = 0
         for i, (cfg, idx) in enumerate(space):
             plan.append({"source": "space", "config": cfg, "label": cfg.key, "idx": idx, "space_index": i})
+        for src, cfg in read_extra(args.extra):
+            plan.append({"source": src, "config": cfg, "label": cfg.key, "idx": None})
         for row in plan:
             row["types"] = eng.resolve(row["config"])
             row["types_key"] = types_key(model, row["types"])
             if row["source"] == "space":
+                asked = {**{g: t.name for g, t in td.fixed.items()},
+                         **{g: td.space_types[i].name for g, i in row["idx"].items()}}
+                got = type_fractions(model, row["types"])
+                if got != {g: {t: 1.0} for g, t in asked.items()}:  # a fallback or a refusal: not as asked
+                    raise SystemExit(f"{row['config'].key} is not written as asked on {model.path.name}: {got}")
                 if row["types_key"] in seen_space:
                     row["dup_of_space"] = seen_space[row["types_key"]]
                     n_dup += 1
@@ -133,16 +218,6 @@ def main(argv: list[str] | None = None) -> int:
                     seen_space[row["types_key"]] = row["space_index"]
         say(f"space: {len(space)} configs, {len(seen_space)} distinct files ({n_dup} duplicates dropped)")
         plan = [r for r in plan if "dup_of_space" not in r]
-
-        # ------------------------------------------------------------------ weight errors
-        t_table = 0.0
-        table_path = work / "error_table.json"
-        if not table_path.exists():
-            t0 = time.perf_counter()
-            table = compute(model, ident.model_id, None, ERROR_TYPES, THREADS)
-            table.save(table_path)
-            t_table = time.perf_counter() - t0
-            say(f"weight-error table: {t_table:.1f} s")
 
         # ------------------------------------------------------------------ measure (resumable)
         done_path = work / "measured.jsonl"
@@ -155,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
                     continue  # a line cut by a kill
                 if (work / "vec" / f"{d['types_key']}.npy").exists():
                     done[d["types_key"]] = d
-        todo = list(dict.fromkeys(r["types_key"] for r in plan if r["types_key"] not in done))
+        order = [r for r in plan if r["source"] == "preset"] + [r for r in plan if r["source"] != "preset"]
+        if td.shuffle:
+            rest = order[len(td.presets):]
+            order = order[: len(td.presets)] + [rest[i] for i in np.random.default_rng(0).permutation(len(rest))]
+        todo = list(dict.fromkeys(r["types_key"] for r in order if r["types_key"] not in done))
         by_key = {r["types_key"]: r for r in reversed(plan)}  # the first row naming each file
         say(f"{len(done)} files already measured, {len(todo)} to go")
         t0 = time.perf_counter()
@@ -172,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                 log.write(json.dumps(d) + "\n")
                 log.flush()
                 done[k] = d
-                if (j + 1) % 100 == 0 or j + 1 == len(todo):
+                every = 100 if spec.n_tokens < 1000 else 10
+                if (j + 1) % every == 0 or j + 1 == len(todo):
                     el = time.perf_counter() - t0
                     say(f"  {j + 1}/{len(todo)} measured · {el:.0f} s · {el / (j + 1):.3f} s each · "
                         f"eta {(len(todo) - j - 1) * el / (j + 1):.0f} s")  # fmt: skip
@@ -183,13 +263,25 @@ def main(argv: list[str] | None = None) -> int:
             walls.append({"measured": len(todo), "wall_seconds_measuring": wall_measure,
                           "wall_seconds": time.time() - t_start, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})  # fmt: skip
             wall_path.write_text(json.dumps(walls, indent=1) + "\n")
+        if args.measure_only:
+            return 0
+
+        # ------------------------------------------------------------------ weight errors
+        t_table = 0.0
+        table_path = work / "error_table.json"
+        if not table_path.exists():
+            t0 = time.perf_counter()
+            table = compute(model, ident.model_id, imatrix, None, THREADS)
+            table.save(table_path)
+            t_table = time.perf_counter() - t0
+            say(f"weight-error table: {t_table:.1f} s")
         llama_version, build = eng.version(), eng.build_id()
         corpus_id = eng.corpus.id
 
     # ---------------------------------------------------------------------- assemble
-    out: Path = args.out
+    out: Path = args.out or DATASETS / "ground_truth" / td.name
     out.mkdir(parents=True, exist_ok=True)
-    free = [g for g in model.groups if g not in FIXED]
+    free = [g for g in model.groups if g not in td.fixed]
     cols = ["row", "source", "config", "space_index", *[f"t_{g}" for g in free], "types_key", "size_bytes", "bpw",
             *STAT_FIELDS, "fractions"]  # fmt: skip
     buf = io.StringIO()
@@ -204,11 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         vals += [r["idx"][g] if r["idx"] else "" for g in free]
         vals += [r["types_key"], d["size_bytes"], repr(float(d["bpw"]))]
         vals += [_fmt(d[f]) for f in STAT_FIELDS]
-        if r["source"] == "preset":  # space rows: every group wholly at its t_ type (derived header-only)
+        if r["source"] != "space":  # space rows: every group wholly at its t_ type (derived header-only)
             fr = json.dumps(type_fractions(model, r["types"]), sort_keys=True, separators=(",", ":"))
             vals.append(fr)
         else:
-            assign = {**{g: t.name for g, t in FIXED.items()}, **{g: SPACE_TYPES[i].name for g, i in r["idx"].items()}}
+            assign = {**{g: t.name for g, t in td.fixed.items()}, **{g: td.space_types[i].name for g, i in r["idx"].items()}}
             assert type_fractions(model, r["types"]) == {g: {t: 1.0} for g, t in assign.items()}
             vals.append("")
         w.writerow(vals)
@@ -216,14 +308,19 @@ def main(argv: list[str] | None = None) -> int:
     V = np.stack(vecs)
     np.savez_compressed(out / "vectors.npz", kld=V.astype(np.float16))
     (out / "error_table.json").write_text((work / "error_table.json").read_text())
+    if imatrix is not None:
+        (out / "imatrix.gguf").write_bytes(imatrix.path.read_bytes())
     seconds = [done[r["types_key"]]["seconds"] for r in plan]
     meta = {
-        "name": NAME, "model_seed": MODEL_SEED, "model_id": ident.model_id, "model_name": ident.model_name,
+        "name": td.name, "base": td.base, "model_id": ident.model_id, "model_name": ident.model_name,
         "family": ident.family, "identity": ident.columns(), "groups": list(model.groups), "free_groups": free,
-        "fixed": {g: t.name for g, t in FIXED.items()}, "space_types": [t.name for t in SPACE_TYPES],
-        "n_space_configs": len(space), "n_space_files": len(seen_space), "n_presets": len(SEED_PRESETS),
-        "corpus": corpus_id, "ctx": SPEC.ctx, "n_chunks": SPEC.n_chunks, "chunk_offset": SPEC.chunk_offset,
-        "n_batch": SPEC.n_batch, "scored_per_chunk": SPEC.scored_per_chunk, "n_tokens": SPEC.n_tokens,
+        "fixed": {g: t.name for g, t in td.fixed.items()}, "space_types": [t.name for t in td.space_types],
+        "n_space_configs": len(space), "n_space_files": len(seen_space), "n_presets": len(td.presets),
+        "corpus": corpus_id, "ctx": spec.ctx, "n_chunks": spec.n_chunks, "chunk_offset": spec.chunk_offset,
+        "n_batch": spec.n_batch, "scored_per_chunk": spec.scored_per_chunk, "n_tokens": spec.n_tokens,
+        "search_chunks": td.search_chunks or spec.n_chunks,
+        "imatrix_id": imatrix.id if imatrix is not None else None,
+        "imatrix_corpus": imatrix.corpus_id if imatrix is not None else None,
         "engine": "inprocess", "threads": THREADS, "llama_version": llama_version, "build": build,
         "mqpredict_version": __version__, "git": git_describe(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -232,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds_total": sum(w["wall_seconds"] for w in walls) + t_table, "measuring_runs": walls,
         "vectors": "vectors.npz: kld float16 (rows of truth.csv) × n_tokens",
     }  # fmt: skip
+    if td.base["kind"] == "testmodel":
+        meta["model_seed"] = td.base["seed"]
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     err = np.abs(V.astype(np.float16).astype(np.float64).mean(1) / np.array([done[r["types_key"]]["kld_mean"] for r in plan]) - 1)
     say(f"wrote {out}: {len(plan)} rows; float16 vectors change mean KLD by at most {100 * err.max():.3f}%")

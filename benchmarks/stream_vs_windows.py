@@ -24,7 +24,7 @@ from mqpredict.base.embedded import prepare_embedded
 from mqpredict.llama.inprocess import InProcessEngine
 from mqpredict.measure.corpus import EvalSpec, Scoring
 from mqpredict.quant.config import Config
-from mqpredict.records.seed import SEED_PRESETS
+from mqpredict.workflows.seed import SEED_PRESETS
 from mqpredict.util.paths import DEFAULT_CORPUS
 
 

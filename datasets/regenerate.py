@@ -32,7 +32,7 @@ from mqpredict.llama.imatrix import ImatrixSettings, compute_imatrix
 from mqpredict.llama.inprocess import InProcessEngine
 from mqpredict.measure.corpus import EvalSpec, Scoring
 from mqpredict.quant.model import ModelInfo
-from mqpredict.records import seed as seeding
+from mqpredict.workflows import seed as seeding
 from mqpredict.records.identity import identify
 from mqpredict.records.ingest import load_recipes
 from mqpredict.records.schema import Source

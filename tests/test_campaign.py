@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -21,10 +22,9 @@ from mqpredict.quant.config import Config
 from mqpredict.records.store import Store
 from mqpredict.report.budget import Budget, kv_cache_bytes, run_memory
 from mqpredict.report.survivors import Entry, Rules, pareto, select
-from mqpredict.search.campaign import hypervolume
 from mqpredict.search.confirm import Reference, confirm, stage_specs
-from mqpredict.search.line import Line, Point
-from mqpredict.search.paired import Paired, against, margin_to_line
+from mqpredict.pareto import Line, Point, hypervolume
+from mqpredict.search.paired import Paired, against, holm, margin_to_line
 
 
 def _json(p: subprocess.CompletedProcess):
@@ -49,9 +49,34 @@ def test_paired_margin_is_the_line_margin_with_a_smaller_error(engines):
     assert same.diff == 0 and same.se == 0
 
 
-def test_paired_decisions():
-    assert Paired(-0.3, 0.1, 100).below(2) and not Paired(-0.1, 0.1, 100).below(2)
-    assert Paired(0.3, 0.1, 100).above(2) and not Paired(0.3, 0.1, 100).below(2)
+def test_paired_decisions_use_t_quantiles_over_windows():
+    # 8 windows: 7 degrees of freedom, one-sided 5% needs 1.895 errors; 2 windows (df 1) need 6.31
+    assert Paired(-0.2, 0.1, 800, 8).below(0.05) and not Paired(-0.18, 0.1, 800, 8).below(0.05)
+    assert Paired(0.3, 0.1, 800, 8).above(0.05) and not Paired(0.3, 0.1, 800, 8).below(0.05)
+    assert not Paired(0.3, 0.1, 200, 2).above(0.05) and Paired(0.7, 0.1, 200, 2).above(0.05)
+    assert not Paired(-5.0, 0.1, 100, 1).below(0.05)  # one window: no error estimate, nothing is significant
+
+
+def test_the_error_is_a_window_block_error():
+    """Tokens of one window move together: the block error sees it, a per-token error would not."""
+    rng = np.random.default_rng(0)
+    per_window, n_win = 50, 8
+    shift = np.repeat(rng.normal(0, 0.3, n_win), per_window)  # a window-level effect the two configs do not share
+    base = rng.gamma(2.0, 0.05, per_window * n_win)
+    x = base * np.exp(shift)
+    p = against(x, base, per_window)
+    u = x / x.mean() - base / base.mean()
+    per_token = u.std(ddof=1) / math.sqrt(len(u))
+    assert p.blocks == n_win and p.df == 7
+    assert p.se > 2 * per_token
+
+
+def test_holm_keeps_the_wins_a_step_down_test_allows():
+    t = lambda d: Paired(d, 0.1, 800, 8)  # noqa: E731
+    strong, weak, none = t(-1.0), t(-0.21), t(0.0)
+    assert holm([("a", strong), ("b", weak), ("c", none)], 0.05) == ["a"]  # b alone would pass at 0.05
+    assert Paired(-0.21, 0.1, 800, 8).below(0.05)
+    assert holm([("a", strong), ("b", weak)], 0.05) == ["a", "b"]
 
 
 def test_hypervolume_of_a_staircase():
@@ -64,8 +89,8 @@ def test_survivor_rules():
     e = lambda n, b, k, win=False: Entry(n, n, n, "proposed", int(b * 1000), b, k, win)  # noqa: E731
     pts = [e("a", 3.0, 0.5), e("b", 3.05, 0.499), e("c", 4.0, 0.2), e("d", 4.5, 0.3), e("w", 4.02, 0.199, True)]
     assert [x.key for x in pareto(pts)] == ["a", "b", "c", "w"]
-    cmp = lambda x, y: Paired(math.log(x.kld_mean / y.kld_mean), 0.001, 1000)  # noqa: E731
-    got = [x.key for x in select(pts, Rules(spacing_bpw=0.1, min_gain=0.02, z=2), cmp)]
+    cmp = lambda x, y: Paired(math.log(x.kld_mean / y.kld_mean), 0.001, 1000, 8)  # noqa: E731
+    got = [x.key for x in select(pts, Rules(spacing_bpw=0.1, min_gain=0.02, alpha=0.05), cmp)]
     assert got == ["a", "w"]  # b: a near-duplicate without a real gain; w (a win) replaces c, its near-duplicate
 
 
@@ -110,14 +135,15 @@ def test_a_hopeless_config_is_stopped_after_the_first_stage(engines):
 @pytest.fixture(scope="module")
 def campaign(tmp_path_factory, tiny):
     d = tmp_path_factory.mktemp("campaign")
-    doc = _json(mq("campaign", "run", tiny, "--corpus", CORPUS, "--ctx", 128, "--tokens", 512, "--budget", 6, "--batch", 3,
-                   "--out", d / "out", "--store", d / "store", "--json", "--vram-ctx", 4096, timeout=900))  # fmt: skip
+    doc = _json(mq("campaign", "run", tiny, "--corpus", CORPUS, "--ctx", 128, "--tokens", 512, "--budget", 8, "--batch", 3,
+                   "--no-imatrix", "--out", d / "out", "--store", d / "store", "--json", "--vram-ctx", 4096,
+                   timeout=1800))  # fmt: skip
     return d, doc
 
 
 def test_campaign_spends_its_budget_and_records_everything_once(campaign):
     d, doc = campaign
-    assert 1 <= doc["confirmations"] <= 6 and doc["budget"] == 6
+    assert 1 <= doc["confirmations"] <= 8 and doc["budget"] == 8
     recs = Store(d / "store").load()
     mine = recs[recs["provenance_file"].fillna("").str.startswith("campaign:")]
     assert len(mine) == doc["confirmations"]
@@ -128,6 +154,30 @@ def test_campaign_spends_its_budget_and_records_everything_once(campaign):
     assert set(recs[recs["source"] == "preset"]["config"]) >= {"preset=Q8_0", "preset=Q4_K_M", "preset=Q2_K"}
     preds = [json.loads(x) for x in (d / "out" / "predictions.jsonl").read_text().splitlines()]
     assert {p["types_key"] for p in preds} >= set(search[search["source"] == "proposed"]["types_key"])
+
+
+def test_campaign_finds_wins_reconfirms_them_on_held_out_windows_and_reports_them(campaign):
+    """The core claim, step by step: candidate wins on the search windows, each re-measured on windows the
+    search never saw (right after them), kept by Holm's test there, and reported as wins."""
+    d, doc = campaign
+    recs = Store(d / "store").load()
+    mine = recs[recs["provenance_file"].fillna("").str.startswith("campaign:")]
+    search = mine[(mine["chunk_offset"] == 0) & (mine["status"] == "ok")]
+    held = mine[mine["chunk_offset"] > 0]
+    n_search = int(search["n_chunks"].iloc[0])
+    # 1. the search found candidate wins: the campaign re-confirmed some (only candidates are re-confirmed)
+    assert len(held) >= 1 and set(held["types_key"]) <= set(search["types_key"])
+    # 2. on disjoint held-out windows: right after the search slice, as many of them
+    assert (held["chunk_offset"] == n_search).all() and (held["n_chunks"] == n_search).all()
+    presets_held = recs[(recs["source"] == "preset") & (recs["chunk_offset"] == n_search)]
+    assert len(presets_held) >= 2  # the line is measured again there
+    # 3. reported: the survivors' wins are exactly the configs re-confirmed below the line on the held-out
+    # windows, each with a negative margin on both slices
+    wins = [r for r in doc["survivors"] if r["nonlinear_win"]]
+    assert doc["wins"] >= 1 and len(wins) >= 1
+    for r in wins:
+        assert r["margin_ln"] < 0 and r["heldout_margin_ln"] < 0
+    assert {r["config"] for r in wins} <= set(held["config"])
 
 
 def test_campaign_report_files_and_manifests(campaign, tiny, tmp_path):
@@ -300,7 +350,7 @@ def test_propose_exports_recipes_for_configs_not_yet_measured(campaign, tiny, tm
 def test_state_differences_name_every_setting_that_differs():
     from dataclasses import replace
 
-    from mqpredict.search.campaign import Probes, Settings, State
+    from mqpredict.workflows.campaign import Probes, Settings, State
 
     a = State("id1", "/m/a.gguf", "corpus-1", "/c/a.txt", "inprocess", 128, 4, 0, "m" * 64, "fam", Settings(), "t", "", "")
     same = replace(a, id="id2", created="t2", base="/elsewhere/a.gguf", corpus_path="/x.txt")  # same content elsewhere

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mqpredict.quant.header import read_header
-from mqpredict.util.ggufwrite import TensorOut, copied_kvs, write_gguf
+from mqpredict.quant.ggufwrite import TensorOut, copied_kvs, write_gguf
 from tests.conftest import mq
 
 SMALL = ["--ctx", "128", "--tokens", "256"]  # 4 windows of 128 → 252 scored tokens
@@ -205,7 +205,7 @@ def test_llama_cpp_failing_to_load(tiny, tmp_path):
 
 
 def test_unsupported_architecture(tiny, tmp_path):
-    from mqpredict.util.ggufwrite import kv_str
+    from mqpredict.quant.ggufwrite import kv_str
 
     h = read_header(tiny)
     kvs = [kv_str("general.architecture", "notanarch") if kv.key == "general.architecture" else h.raw(kv.span)
@@ -227,7 +227,7 @@ def test_size_reads_only_the_header_of_a_100gb_file(tiny, tmp_path):
 
     from mqpredict.quant.header import pad
     from mqpredict.quant.types import T
-    from mqpredict.util.ggufwrite import header_bytes
+    from mqpredict.quant.ggufwrite import header_bytes
 
     h = read_header(tiny)
     d, ff, layers, vocab = 8192, 28672, 100, 512

@@ -88,10 +88,12 @@ def test_more_bits_less_kld(measured, engine_kind, model):
 def test_engines_agree(measured, model, config):
     a, b = measured["inprocess", model, config].stats, measured["tools", model, config].stats
     assert a.n_tokens == b.n_tokens == 4 * 63
-    assert a.kld_mean == pytest.approx(b.kld_mean, rel=0.01)
-    assert abs(a.same_top_p - b.same_top_p) <= 0.005
-    assert a.ppl_base == pytest.approx(b.ppl_base, rel=1e-4)
-    assert a.kld_p99 == pytest.approx(b.kld_p99, rel=0.01)
+    # as tight as docs/measurement.md claims (~1e-6 relative on the tiny models), allowing for
+    # llama-perplexity's printed digits (6 decimals: ±5e-7; same-top in % with 3 decimals)
+    assert a.kld_mean == pytest.approx(b.kld_mean, rel=1e-5, abs=1.5e-6)
+    assert abs(a.same_top_p - b.same_top_p) <= 2e-5
+    assert a.ppl_base == pytest.approx(b.ppl_base, rel=1e-5)
+    assert a.kld_p99 == pytest.approx(b.kld_p99, rel=1e-5, abs=1.5e-6)
 
 
 def test_statistics_are_consistent(measured):
@@ -145,7 +147,7 @@ def test_held_out_slice(engines):
     b = engines["tools", "tiny"].measure(cfg, later)
     first = engines["inprocess", "tiny"].measure(cfg)
     assert a.chunk_offset == 4 and a.stats.kld_mean != first.stats.kld_mean
-    assert a.stats.kld_mean == pytest.approx(b.stats.kld_mean, rel=0.01)
+    assert a.stats.kld_mean == pytest.approx(b.stats.kld_mean, rel=1e-5, abs=1.5e-6)
 
 
 def test_quantized_base_refused_unless_allowed(built, corpus, spec, engine_kind, make_engine):
@@ -251,7 +253,7 @@ def test_tools_logits_path_agrees_and_keeps_per_token_vectors(engines, corpus, s
         for s in (spec, later):
             m = eng.measure(Config.parse("default=Q4_K,ffn_down=Q6_K"), s)
             ref = engines["inprocess", model].measure(Config.parse("default=Q4_K,ffn_down=Q6_K"), s)
-            assert m.stats.kld_mean == pytest.approx(ref.stats.kld_mean, rel=5e-3)  # measured: <= 0.13 %
+            assert m.stats.kld_mean == pytest.approx(ref.stats.kld_mean, rel=2e-3)  # measured: <= 0.13 %
             assert m.stats.same_top_p == pytest.approx(ref.stats.same_top_p, abs=0.005)
             a, b = np.load(m.per_token_path), np.load(ref.per_token_path)
             assert a.shape == b.shape and np.corrcoef(a, b)[0, 1] > 0.999  # the same tokens, paired

@@ -19,7 +19,7 @@ import pytest
 from conftest import CORPUS, MQ, mq
 from mqpredict.errors import InputError
 from mqpredict.execute.executor import LocalExecutor
-from mqpredict.execute.job import Job, JobKind
+from mqpredict.execute.job import Job, measure
 from mqpredict.execute.worker import Shipment
 from mqpredict.llama.engine import load_scores
 from mqpredict.measure.corpus import EvalSpec
@@ -73,7 +73,7 @@ def executor(request, engine):
 
 
 def _jobs():
-    return [Job(i, JobKind.measure, Config.parse(c), SPEC) for i, c in enumerate(CONFIGS)]
+    return [Job(i, measure, (Config.parse(c), SPEC)) for i, c in enumerate(CONFIGS)]
 
 
 # ------------------------------------------------------------------------------- the contract
@@ -89,9 +89,9 @@ def test_every_job_comes_back_once_with_the_local_engines_numbers(executor, engi
     if executor.synchronous:
         assert [r.job.id for r in results] == [0, 1, 2]  # submission order
     for r in results:
-        assert r.error is None and r.outcome.complete
+        assert r.error is None and r.measurement is not None
         m = r.measurement
-        local = engine.measure(r.job.config, spec=SPEC)
+        local = engine.measure(r.job.args[0], spec=SPEC)
         assert (m.types_key, m.size_bytes, m.stats.kld_mean) == (local.types_key, local.size_bytes, local.stats.kld_mean)
         assert Path(m.per_token_path).exists()
         assert np.array_equal(load_scores(m.per_token_path).kld, load_scores(local.per_token_path).kld)
@@ -111,7 +111,7 @@ def test_synchronous_executors_take_a_new_batch_only_when_empty(executor):
 def _reference(engine, presets):
     """A decision's reference as the campaign builds it: the presets' line and their per-token vectors."""
     from mqpredict.search.confirm import Reference
-    from mqpredict.search.line import Line, Point
+    from mqpredict.pareto import Line, Point
 
     ms = {c: engine.measure(Config.parse(c), spec=SPEC) for c in presets}
     line = Line.from_presets(Point(m.bpw, m.stats.kld_mean, c) for c, m in ms.items())
@@ -127,17 +127,17 @@ def test_confirmations_share_one_reference_put_once(executor, engine):
     first, second = (_reference(engine, ["default=Q8_0", "default=Q4_0"]) for _ in range(2))  # two decisions
     configs = ["default=Q4_1", "default=Q5_0", "default=Q4_K,ffn_down=Q6_K"]  # the first stops early
     for i, c in enumerate(configs):
-        executor.submit(Job(i, JobKind.confirm, Config.parse(c), SPEC, first, 0.5))
+        executor.submit(Job(i, confirm, (Config.parse(c), SPEC, first, 0.5)))
     results = list(executor.drain())
-    executor.submit(Job(3, JobKind.confirm, Config.parse(configs[0]), SPEC, second, 0.5))
+    executor.submit(Job(3, confirm, (Config.parse(configs[0]), SPEC, second, 0.5)))
     results += list(executor.drain())
     for r in results:
-        assert r.error is None and r.job.reference is (first if r.job.id < 3 else second)  # the job as submitted
-        local = confirm(engine, r.job.config, SPEC, r.job.reference, 0.5)
-        o = r.outcome
+        assert r.error is None and r.job.args[2] is (first if r.job.id < 3 else second)  # the job as submitted
+        local = confirm(engine, r.job.args[0], SPEC, r.job.args[2], 0.5)
+        o = r.value
         assert (o.complete, o.reason, o.forward_tokens) == (local.complete, local.reason, local.forward_tokens)
         assert (o.margin.diff, o.margin.se) == (local.margin.diff, local.margin.se)
-    assert any(not r.outcome.complete for r in results) and any(r.outcome.complete for r in results)
+    assert any(not r.value.complete for r in results) and any(r.value.complete for r in results)
     if executor.name == "ray":
         assert executor.reference_puts == 2
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from mqpredict.search.line import Line, Point
+from mqpredict.pareto import Line, Point
 
 
 def test_hull_keeps_pareto_optimal_convex_points():
@@ -36,7 +36,7 @@ def test_single_preset_and_empty():
 
 
 def test_position_in_words():
-    from mqpredict.search.line import position
+    from mqpredict.pareto import position
 
     presets = [Point(5.1, 0.56, "Q2_K"), Point(5.4, 0.24, "IQ4_NL"), Point(6.1, 0.094, "Q5_0"), Point(8.5, 0.005, "Q8_0")]
     line = Line.from_presets(presets)

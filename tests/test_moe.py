@@ -296,7 +296,7 @@ def test_a_short_campaign_on_a_moe(moe, moe_data, corpus, tmp_path):
 
     from mqpredict.llama.inprocess import InProcessEngine
     from mqpredict.records.store import Store
-    from mqpredict.search.campaign import Campaign, Probes, Settings
+    from mqpredict.workflows.campaign import Campaign, Probes, Settings
 
     shutil.copytree(moe_data["store"], tmp_path / "store")
     store = Store(tmp_path / "store")

@@ -72,7 +72,7 @@ def test_seed_smollm2_gives_records_and_the_line(smollm2, tmp_path):
     assert len(recs) == len(doc["measured"]) and all(r["base_origin"] == "dither:Q4_1+Q8_0" for r in recs)
     assert {r["imatrix_corpus"] for r in recs} == {"calibration-bd0431c9bf5a"} and len({r["imatrix_id"] for r in recs}) == 1
     # the 576-wide model makes some presets the same file (e.g. Q5_K_S and Q5_1 differ only in ffn_down)
-    from mqpredict.search.line import Line, Point
+    from mqpredict.pareto import Line, Point
 
     line = Line.from_presets(Point(r["bpw"], r["kld_mean"], r["config"]) for r in recs)
     hull = line.hull

@@ -131,7 +131,7 @@ def test_from_gguf_rebuilds_llama_quantize_files(tiny, tiny576, tmp_path):
 def test_from_gguf_lists_unknown_tensors_as_dynamic_groups(tiny, tmp_path):
     from mqpredict.quant.header import read_header
     from mqpredict.quant.types import T
-    from mqpredict.util.ggufwrite import TensorOut, header_bytes
+    from mqpredict.quant.ggufwrite import TensorOut, header_bytes
 
     h = read_header(tiny)
     tensors = [TensorOut("token_embd.weight", (256, 512), T.Q8_0, None),
@@ -344,7 +344,7 @@ def test_llama_failure_becomes_a_failed_record(tiny, corpus, tmp_path):
 
     from mqpredict.llama.tools import ToolsEngine, find_tool
     from mqpredict.measure.corpus import EvalSpec
-    from mqpredict.records import seed as seeding
+    from mqpredict.workflows import seed as seeding
 
     d = tmp_path / "bin"
     d.mkdir()

@@ -31,7 +31,7 @@ SHAPES = {"a0": (TinyShape(256, 768, 4), 0), "a1": (TinyShape(256, 768, 4), 1), 
 def dataset(tmp_path_factory, corpus):
     """Three tiny models in two families (256-wide ×2 seeds, 576-wide tied), really measured:
     presets, probes and 25 hybrids each, with their weight-error tables."""
-    from mqpredict.records import seed as seeding
+    from mqpredict.workflows import seed as seeding
     from mqpredict.search.space import CandidateSpace
 
     root = tmp_path_factory.mktemp("ds")
@@ -119,6 +119,34 @@ def test_cross_validation_against_baselines(dataset):
     assert (surr["spearman"] > 0.5).all() and surr["coverage"].between(0, 1).all()
     probes = table[table["method"] == "probes"]
     assert (probes["n"] > 0).all()  # the probe baseline applies to the probe-covered configs
+    # every method on the same rows: no probe or reference row scored, the probes compared on their subset
+    sub = table[table["rows"] == "probe-predictable"]
+    assert set(sub["method"]) == {"surrogate", "bpw", "probes", "allocator"}
+    assert (sub.groupby("model_id")["n"].nunique() == 1).all()
+    allr = table[(table["rows"] == "all") & (table["mode"] == "reference")]
+    assert "probes" not in set(allr["method"]) and (allr.groupby("model_id")["n"].nunique() == 1).all()
+    scored = data.rows[(data.rows["source"] != "probe") & (data.rows["config"] != "preset=Q8_0")]
+    assert dict(allr[allr["method"] == "bpw"].set_index("model_id")["n"]) == dict(scored["model_id"].value_counts())
+    assert (s["n_models"] >= 1).all()
+
+
+def test_interval_width_varies_by_candidate_and_stays_calibrated():
+    """Normalized conformal: where residuals are large the interval is wide, where small narrow, and 80% of
+    new rows (of families it never saw) fall inside."""
+    rng = np.random.default_rng(0)
+    n, k = 1800, len(F.FEATURES)
+    X = rng.random((n, k))
+    sd = 0.05 + 0.5 * X[:, 0]  # the surrogate is unsure where feature 0 is large
+    r = np.abs(rng.normal(0, sd))
+    fam = np.array([f"f{i % 6}" for i in range(n)], dtype=object)
+    s = Surrogate()
+    s.halfwidth_ = [float(np.quantile(r, 0.8))] * 3
+    s._calibrate_scale(X, r, np.ones(n), fam)
+    hw = s.kld_halfwidth(X)
+    assert np.corrcoef(hw, sd)[0, 1] > 0.8 and hw.max() > 3 * hw.min()
+    X2 = rng.random((4000, k))
+    r2 = np.abs(rng.normal(0, 0.05 + 0.5 * X2[:, 0]))
+    assert 0.75 <= np.mean(r2 <= s.kld_halfwidth(X2)) <= 0.85
 
 
 def test_surrogate_never_used_on_its_own_family(dataset, tmp_path):

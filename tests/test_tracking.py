@@ -197,7 +197,7 @@ def record(tiny, corpus, spec, tmp_path):
     from mqpredict.llama.inprocess import InProcessEngine
     from mqpredict.quant.config import Config
     from mqpredict.records.schema import Source
-    from mqpredict.records.seed import Candidate, seed
+    from mqpredict.workflows.seed import Candidate, seed
 
     store = Store(tmp_path / "one")
     with InProcessEngine(tiny, corpus, spec, threads=1) as eng:

@@ -24,7 +24,7 @@ from mqpredict.quant.header import read_header
 from mqpredict.quant.model import KEY_FAMILY, KEY_ORIGIN, KEY_SEED, KEY_SOURCE, KEY_SOURCE_SHA, ModelInfo
 from mqpredict.records.identity import family_name
 from mqpredict.quant.types import T, is_quantized
-from mqpredict.util.ggufwrite import FileRange, TensorOut, copied_kvs, kv_str, kv_u32, write_gguf
+from mqpredict.quant.ggufwrite import FileRange, TensorOut, copied_kvs, kv_str, kv_u32, write_gguf
 from mqpredict.util.hashing import file_sha256
 
 

@@ -15,7 +15,7 @@ from mqpredict.errors import InputError
 from mqpredict.quant.header import read_header
 from mqpredict.quant.model import KEY_FAMILY, KEY_ORIGIN, ModelInfo
 from mqpredict.records.identity import family_name
-from mqpredict.util.ggufwrite import FileRange, TensorOut, copied_kvs, kv_str, write_gguf
+from mqpredict.quant.ggufwrite import FileRange, TensorOut, copied_kvs, kv_str, write_gguf
 
 
 def truncate(base: str | os.PathLike, out: str | os.PathLike, keep: int) -> Path:

@@ -61,7 +61,7 @@ def _campaign(base: Path, corpus: Path, spec: EvalSpec, workers: int, budget: in
     from mqpredict.execute.ray_executor import RayExecutor, Resources
     from mqpredict.llama.inprocess import InProcessEngine
     from mqpredict.records.store import Store
-    from mqpredict.search.campaign import Campaign, Settings
+    from mqpredict.workflows.campaign import Campaign, Settings
     from mqpredict.tracking import Tracker
 
     with tempfile.TemporaryDirectory(prefix="mqpredict-scale-") as tmp, LocalCluster(workers, task_cpus) as cluster, \

@@ -1,43 +1,41 @@
 """Benchmark: how fast each search method finds the Pareto front of an exhaustively measured space.
 
-The ground truth (``datasets/ground_truth/tiny256-s0``, made by ``benchmarks/search_ground_truth.py``)
-holds every config of one tiny model's reduced space (embeddings at Q8_0, six groups × Q8_0/Q6_K/Q4_K/
-Q3_K = 4096 distinct files) and the 16 seed presets, each measured once on the same 8 windows of 128
-tokens, with its per-token KLD vector. A search here is a **simulation**: an oracle reveals a config's
-measurement from the table when a method asks for it; llama.cpp never runs. Every method starts with
-the presets measured (seeds, free, as in a campaign) and spends its budget on space configs; a config
-already revealed (or the same file as a preset) is never charged twice.
+A ground truth (``datasets/ground_truth/*``, made by ``benchmarks/search_ground_truth.py``) holds every
+config of one model's reduced space — the tiny model's six groups × Q8_0/Q6_K/Q4_K/Q3_K (4096 files),
+SmolLM2's six groups × Q8_0/Q5_0/IQ4_NL with an imatrix (729 files) — and its seed presets, each measured
+on the same windows with its per-token KLD vector: the first ``search_chunks`` windows are what a search
+confirms on, the rest are held out for re-confirmation. A search here is a **simulation**: an oracle
+reveals a config's measurement from the table when a method asks for it; llama.cpp never runs. Every
+method starts with the presets measured (seeds, free, as in a campaign) and spends its budget on space
+configs; a config already revealed (or the same file as a preset) is never charged twice. A truth whose
+generation did not finish (``meta.json``: ``complete`` false) is benchmarked on the configs it holds, and
+every figure says so.
 
 Methods (each given a seed):
 
-* ``mqpredict`` — the campaign's loop (:mod:`mqpredict.search.campaign`): the surrogate is refitted
-  before every batch of 4 on the shipped dataset **without the family** ``synthetic-tiny-256`` plus the
-  records revealed so far (checked: that family never enters training), the real :class:`Proposer`
-  asks by expected improvement below the frontier, ``probes=auto`` decides on isolation probes first,
-  and it stops when no candidate's EI reaches the campaign's threshold. Proposals are confirmed in
-  stages as :func:`mqpredict.search.confirm.confirm` does: the first 2 of the 8 windows are judged
-  (:func:`~mqpredict.search.confirm.judge`, paired, z = 2) and a config that cannot win stops there
-  (a partial record: one confirmation, a quarter of the tokens, not a found config). Differences from
-  a real campaign: no held-out slice (the ground truth has none), so no budget is reserved for
-  re-confirmation; the surrogate uses the default model's hyper-parameters with ``seed`` = the run's
-  seed (the only source of run-to-run spread: the space is small enough to be scored exhaustively)
-  and one LightGBM thread (deterministic, identical results, much faster on a shared machine).
+* ``mqpredict`` — **the campaign's own policy object** (:class:`mqpredict.search.policy.Policy`, the
+  one ``campaign run`` drives), asked and told through the oracle instead of an executor: the surrogate
+  refitted before every batch on the shipped dataset **without the truth's family** plus what the
+  simulated search has revealed (checked by the :class:`~mqpredict.search.policy.Learner`), per-candidate
+  intervals, EHVI batches, the policy's staged confirmations (its own rule, :func:`~mqpredict.search.
+  confirm.judge`, on the first stage's windows of the truth's vectors; a stopped config costs one
+  confirmation, a quarter of the tokens, and its partial result is told to the policy), its reserve for
+  held-out re-confirmation, and its re-confirmation decisions (Holm) on the held-out windows. One run per
+  budget (a campaign of that budget), not prefixes of one run. One LightGBM thread, seeded by the run's
+  seed.
 * ``random`` — space configs in a seeded random order.
-* ``greedy`` — from the cheapest config (all Q3_K), measure every one-step upgrade of one group
-  (Q3_K→Q4_K→Q6_K→Q8_0), move to the one with the best −Δln KLD / Δbytes, repeat until all Q8_0
-  (the seed shuffles the order inside a step, which matters only when the budget ends mid-step).
+* ``greedy`` — from the cheapest config (every group at the last type), measure every one-step upgrade
+  of one group, move to the one with the best −Δln KLD / Δbytes, repeat until all at the first type.
 * ``evolutionary`` — EvoPress-style search on real measurements: a population of everything measured,
   parents chosen by tournament (3) on the margin to the measured frontier inside a random fifth of the
-  size range (crowding: every size keeps being explored), children by EvoPress's level switch (one
-  group one level up, another one level down) or a single-group ±1 level mutation; started from the
-  uniform configs.
-* ``probes`` — the 18 isolation probes (one group changed on all-Q8_0) in seeded order, then every
-  config predicted additively (KLD = KLD_Q8_0 + Σ probe increments) and measured in order of predicted
-  margin to the presets' line, most negative first.
+  size range, children by EvoPress's level switch or a single-group ±1 level mutation; started from
+  the uniform configs.
+* ``probes`` — the isolation probes (one group changed on all-first-type) in seeded order, then every
+  config predicted additively and measured in order of predicted margin to the presets' line.
 * ``allocator`` — the zero-run allocator (:mod:`mqpredict.search.allocator`, llama.cpp PR #15550's method;
   ``mqpredict allocate``) at the level of this space: one type per group from the space's types, each
   group's (bytes, plain-MSE weight error) Pareto front from the model's weight-error table (sampled rows
-  quantized in memory; the ground truth has no imatrix), solved at 256 size targets spread evenly over the
+  quantized in memory; imatrix-weighted when the truth ships its imatrix), solved at 256 size targets spread evenly over the
   space's range (a space this small is solved exactly: the least summed error within each size). Its
   distinct answers (47 on the shipped ground truth) are measured in
   coverage order (farthest point in bpw first), which gives evenly spaced size targets for any budget;
@@ -45,29 +43,23 @@ Methods (each given a seed):
 
 Metrics, for each method and seed (then mean and standard deviation over seeds):
 
-* **HV fraction** — hypervolume, in (bpw, ln KLD), both minimised, of the space configs the method
-  measured in full, divided by that of the whole space. Reference point: (max bpw, max ln KLD) over the
-  space (all-Q8_0's bpw, all-Q3_K-ish KLD), so every space config counts; presets are not counted
-  (they are not in the space and would push the fraction above 1). At budgets of B confirmations
-  (every run counts one, stopped-early ones included) and of B × the forward-pass tokens of one full run
-  (8 windows × 128), where a stopped run costs a quarter: a run is started only while a full one still
-  fits in the tokens left.
-* **HV fraction with the presets** — HV(presets ∪ found) / HV(presets ∪ space), same reference point:
-  what a user can choose from. mqpredict's staged confirmations stop configs that are above the
-  presets' line on purpose (a preset is better there), so the space-only fraction undercounts what it
-  is built for; this one does not.
-* **True wins found** — distinct true nonlinear wins (below) measured in full within B confirmations.
-* **Runs to the first true nonlinear win** — confirmations until the method first measures in full a
-  space config whose **ground-truth** paired margin to the presets' line (all 8 windows, per-window
-  errors) is below zero by more than 2 paired errors; censored at the largest budget.
-
-Each method runs once per seed up to the largest budget and the smaller budgets are prefixes of that
-run (for mqpredict one run per probe decision, which depends on the budget; a campaign with a smaller
-budget would differ only in how its last batch of 4 is cut).
+* **HV fraction** — hypervolume, in (bpw, ln KLD over all the truth's windows), both minimised, of the
+  space configs the method measured in full, divided by that of the whole space; reference point (max
+  bpw, max ln KLD) over the space. At budgets of B confirmations (every run counts one, stopped-early
+  ones and held-out re-confirmations included) and of B × the forward-pass tokens of one full run.
+* **HV fraction with the presets** — HV(presets ∪ found) / HV(presets ∪ space): what a user can choose
+  from.
+* **True wins found** — distinct true nonlinear wins measured in full within B confirmations. A **true
+  win** is a space config significantly below the presets' line on *all* the truth's windows (paired,
+  window-block error, one-sided t test at the policy's alpha).
+* **Declared wins, false wins** (mqpredict) — the wins a run re-confirmed on the held-out windows, and
+  those of them that are not true wins; the **false-win rate** is false / declared over all runs.
+* **Runs to the first true win**.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -82,9 +74,9 @@ from mqpredict.errors import InputError
 from mqpredict.quant.config import Config
 from mqpredict.quant.model import ModelInfo
 from mqpredict.quant.types import QuantType
-from mqpredict.search.campaign import Settings, hypervolume
-from mqpredict.search.line import Line, Point
+from mqpredict.pareto import Line, Point, hypervolume
 from mqpredict.search.paired import margin_to_line
+from mqpredict.search.policy import PolicySettings
 from mqpredict.surrogate.weight_error import ErrorTable
 from mqpredict.util.paths import DATASETS
 
@@ -92,8 +84,8 @@ DEFAULT_TRUTH = DATASETS / "ground_truth" / "tiny256-s0"
 METHODS = ("mqpredict", "random", "greedy", "evolutionary", "probes", "allocator")
 ALLOCATOR_TARGETS = 256
 BUDGETS = (10, 20, 50, 100)
-STAGE_WINDOWS = 2  # first stage of a staged confirmation: 2 of the 8 windows (the campaign's 0.25)
-Z = Settings.z
+POLICY = PolicySettings()  # the campaign's defaults (batch 4, stage 0.25, alpha 0.05)
+ALPHA = POLICY.alpha
 
 
 # ============================================================================ the ground truth
@@ -124,6 +116,24 @@ class Truth:
     ref_point: tuple[float, float] = field(init=False)
     wins: set[int] = field(init=False)  # df rows of true nonlinear wins
 
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta.get("complete", True))
+
+    @property
+    def search_windows(self) -> int:
+        return int(self.meta.get("search_chunks") or self.meta["n_chunks"])
+
+    @property
+    def heldout_windows(self) -> int:
+        return int(self.meta["n_chunks"]) - self.search_windows
+
+    def search_vec(self, r: int) -> np.ndarray:
+        return self.V[r][: self.search_windows * self.per_window]
+
+    def heldout_vec(self, r: int) -> np.ndarray:
+        return self.V[r][self.search_windows * self.per_window :]
+
     def __post_init__(self) -> None:
         self.space_pos = {int(r): i for i, r in enumerate(self.space_rows)}
         keys = self.df["types_key"].astype(str).to_numpy()
@@ -141,7 +151,7 @@ class Truth:
         self.wins = set()
         for r in sp:
             m = margin_to_line(self.V[r], float(self.bpw[r]), self.line, vec, self.per_window)
-            if m is not None and m.below(Z):
+            if m is not None and m.below(ALPHA):
                 self.wins.add(int(r))
 
     @property
@@ -149,8 +159,8 @@ class Truth:
         return int(self.meta["scored_per_chunk"])
 
     @property
-    def full_tokens(self) -> int:  # forward-pass tokens of one full run (windows × ctx)
-        return int(self.meta["n_chunks"]) * int(self.meta["ctx"])
+    def full_tokens(self) -> int:  # forward-pass tokens of one full run on the search windows (windows × ctx)
+        return self.search_windows * int(self.meta["ctx"])
 
     @property
     def free(self) -> list[str]:
@@ -188,9 +198,7 @@ class Truth:
 
     @classmethod
     def load(cls, folder: str | Path = DEFAULT_TRUTH, model_path: Path | None = None) -> Truth:
-        from mqpredict.base.testmodel import write_test_model
         from mqpredict.records.identity import identify
-        from mqpredict.util.paths import cache_dir
 
         folder = Path(folder)
         if not (folder / "truth.csv").exists():
@@ -202,15 +210,16 @@ class Truth:
         if len(V) != len(df):
             raise InputError(f"{folder}: vectors.npz has {len(V)} rows, truth.csv {len(df)}")
         table = ErrorTable.load(folder / "error_table.json")
-        path = model_path or cache_dir() / "bench" / f"tiny-256-s{meta['model_seed']}.gguf"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_test_model(path, int(meta["model_seed"]))
+        path = model_path or _base_of(meta)
         model = ModelInfo.load(path)
         ident = identify(model)
         if ident.model_id != meta["model_id"]:
             raise InputError(f"{path} is model {ident.model_id}, the ground truth was measured on {meta['model_id']}",
                              "delete the cached model so that it is written again")  # fmt: skip
+        keep = df["kld_mean"].notna().to_numpy()  # a partial truth: rows not measured yet are dropped
+        if not keep.all():
+            df, V = df[keep].reset_index(drop=True), V[keep]
+            meta = {**meta, "complete": False}
         space = df["source"] == "space"
         space_rows = np.flatnonzero(space.to_numpy())
         preset_rows = np.flatnonzero((df["source"] == "preset").to_numpy())
@@ -222,12 +231,31 @@ class Truth:
         return t
 
 
+def _base_of(meta: dict) -> Path:
+    """The base the truth was measured on: the tiny model written from its seed, or an embedded base."""
+    from mqpredict.util.paths import cache_dir
+
+    base = meta.get("base") or {"kind": "testmodel", "seed": meta["model_seed"]}
+    if base["kind"] == "embedded":
+        from mqpredict.base.embedded import resolve_base
+
+        return resolve_base(base["name"])
+    from mqpredict.base.testmodel import write_test_model
+
+    path = cache_dir() / "bench" / f"tiny-256-s{base['seed']}.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_test_model(path, int(base["seed"]))
+    return path
+
+
 # ============================================================================ a method's run
 @dataclass
 class Event:
     row: int  # df row asked for
-    complete: bool  # measured in full (False: stopped after the first stage)
+    complete: bool  # measured in full (False: stopped after the first stage, or a held-out re-confirmation)
     tokens: int  # forward-pass tokens spent
+    heldout: bool = False  # a re-confirmation on the held-out windows (no new config)
 
 
 @dataclass
@@ -277,6 +305,12 @@ class Oracle:
         self.events.append(Event(int(r), False, windows * int(self.t.meta["ctx"])))
         self.tokens += windows * int(self.t.meta["ctx"])
 
+    def reconfirm(self, r: int) -> None:
+        """A held-out re-confirmation of a config measured in full: one confirmation, the held-out tokens."""
+        tok = self.t.heldout_windows * int(self.t.meta["ctx"])
+        self.events.append(Event(int(r), False, tok, heldout=True))
+        self.tokens += tok
+
     def ln_kld(self, r: int) -> float:
         """ln KLD of a row whose file was measured in full (by this run, or a preset)."""
         if self.t.keys[r] not in self._full_keys:
@@ -320,7 +354,7 @@ def run_greedy(t: Truth, seed: int, o: Oracle) -> str:
 
 
 def _frontier_margin(t: Truth, o: Oracle, rows: list[int]) -> np.ndarray:
-    from mqpredict.search.acquisition import frontier, frontier_at
+    from mqpredict.pareto import frontier, frontier_at
 
     pts = [t.point(int(r)) for r in t.preset_rows] + [t.point(r) for r in o.full]
     front = frontier(pts)
@@ -417,11 +451,16 @@ def allocator_order(t: Truth) -> list[int]:
     fixed = {g: (QuantType[q],) for g, q in t.meta["fixed"].items()}
     allowed = fixed | {g: tuple(t.types) for g in t.free}
     types = tuple(dict.fromkeys([*t.types, *(q for qs in fixed.values() for q in qs)]))
-    table = compute(t.model, t.meta["model_id"], None, types, threads=1)
+    im = None  # a truth measured with an imatrix ships it: the allocator weighs the errors by it
+    if (t.folder / "imatrix.gguf").exists():
+        from mqpredict.quant.imatrix import Imatrix
+
+        im = Imatrix.load(t.folder / "imatrix.gguf")
+    table = compute(t.model, t.meta["model_id"], im, types, threads=1)
     sizes = t.size[t.space_rows]
     rows: list[int] = []
     for s in np.linspace(sizes.min(), sizes.max(), ALLOCATOR_TARGETS):
-        a = allocate(t.model, table, Target(size_bytes=int(s)), types, by="group", allowed=allowed)
+        a = allocate(t.model, table, Target(size_bytes=int(s)), types, im, by="group", allowed=allowed)
         r = t.row_of_key.get(types_key(t.model, a.types))
         if r is not None and int(r) not in rows:
             rows.append(int(r))
@@ -451,129 +490,119 @@ def run_allocator(t: Truth, seed: int, o: Oracle) -> str:
 
 
 # ============================================================================ mqpredict
-class MqSearch:
-    """The campaign's loop on the oracle (see the module docstring for what differs)."""
+class MqPredict:
+    """The campaign's :class:`~mqpredict.search.policy.Policy` run on the oracle (module docstring)."""
 
-    def __init__(self, t: Truth, say: Callable[[str], None] | None = None) -> None:
-        from mqpredict.records.store import Store
-        from mqpredict.search.space import DEFAULT_TYPES
+    def __init__(self, t: Truth, say: Callable[[str], None] | None = None, settings: PolicySettings = POLICY) -> None:
+        from mqpredict.search.policy import Learner
         from mqpredict.surrogate import service
-        from mqpredict.surrogate.data import load_tables
 
         self.t = t
         self.say = say or (lambda s: None)
-        fam = t.meta["family"]
-        shipped = Store(service.DEFAULT_STORE, create=False).load()
-        self.shipped = shipped[shipped["family"] != fam].reset_index(drop=True)
-        if fam in set(self.shipped["family"]) or t.meta["model_id"] in set(self.shipped["model_id"]):
-            raise InputError(f"the surrogate would learn from {fam}'s shipped records")  # never
-        self.tables = load_tables(service.DEFAULT_TABLES)
-        self.tables[t.meta["model_id"]] = t.table
-        meta = service.DEFAULT_SURROGATE / "metadata.json"
-        self.params = json.loads(meta.read_text()).get("params", {}) if meta.exists() else {}
-        self.params["n_jobs"] = 1
+        self.settings = settings
+        self.learner = Learner.without_family(t.meta["family"], t.meta["model_id"], t.table, service.DEFAULT_STORE,
+                                              service.DEFAULT_TABLES, service.DEFAULT_SURROGATE)  # fmt: skip
         self.allowed = {g: (QuantType[q],) for g, q in t.meta["fixed"].items()} | {g: tuple(t.types) for g in t.free}
-        self.default_types = DEFAULT_TYPES
-        self._records_cache: dict[int, dict] = {}
-        self.settings = Settings()
-        self._probe_decision: bool | None = None
-        self._outside: list[str] = []
+        self._records: dict[int, dict] = {}
+        self.outside: list[str] = []
 
     def training(self) -> dict:
         """What the surrogate learns from besides the revealed records (for the benchmark's output)."""
-        import hashlib
+        return self.learner.describe()
 
-        keys = "\n".join(sorted(self.shipped["key"]))
-        return {"shipped_records": int(len(self.shipped)), "families": sorted(set(self.shipped["family"])),
-                "excluded_family": self.t.meta["family"], "keys_sha256": hashlib.sha256(keys.encode()).hexdigest()[:16],
-                "params": self.params}  # fmt: skip
-
-    # ------------------------------------------------------------------ records the surrogate learns from
-    def _record(self, r: int) -> dict:
-        if r in self._records_cache:
-            return self._records_cache[r]
+    # ------------------------------------------------------------------ the snapshot the policy decides on
+    def _record(self, r: int, partial: bool = False) -> dict:
+        """Row ``r`` as the store's record of its search-slice measurement (or of its first stage)."""
+        if (r, partial) in self._records:
+            return self._records[r, partial]
         t, m = self.t, self.t.meta
         row = t.df.iloc[r]
-        rec = {**m["identity"], "corpus": m["corpus"], "ctx": m["ctx"], "n_batch": m["n_batch"],
-               "chunk_offset": m["chunk_offset"], "n_chunks": m["n_chunks"], "build": m["build"],
-               "status": "ok", "config": row["config"], "fractions": t.fractions(r), "bpw": float(row["bpw"]),
-               "size_bytes": int(row["size_bytes"]), "kld_mean": float(row["kld_mean"]),
-               "kld_mean_err": float(row["kld_mean_err"]), "kld_p99": float(row["kld_p99"]),
+        win = self._stage_windows if partial else t.search_windows
+        x = t.V[r][: win * t.per_window]
+        rec = {**m["identity"], "key": f"r{r}" + ("p" if partial else ""), "types_key": t.keys[r],
+               "corpus": m["corpus"], "ctx": m["ctx"], "n_batch": m["n_batch"], "chunk_offset": m["chunk_offset"],
+               "n_chunks": win, "build": m["build"], "imatrix_id": m.get("imatrix_id"),
+               "status": "partial" if partial else "ok", "config": row["config"], "fractions": t.fractions(r),
+               "bpw": float(row["bpw"]), "size_bytes": int(row["size_bytes"]), "kld_mean": float(x.mean()),
+               "kld_mean_err": float(x.std(ddof=1) / math.sqrt(len(x))), "kld_p99": float(np.quantile(x, 0.99)),
                "same_top_p": float(row["same_top_p"]),
                "source": "preset" if row["source"] == "preset" else "proposed"}  # fmt: skip
-        self._records_cache[r] = rec
+        self._records[r, partial] = rec
         return rec
 
-    def fit(self, full_rows: list[int], seed: int):
-        from mqpredict.surrogate.data import build
-        from mqpredict.surrogate.model import Surrogate
+    @property
+    def _stage_windows(self) -> int:
+        return max(1, round(self.t.search_windows * self.settings.stage_fraction))
 
-        own = pd.DataFrame([self._record(int(r)) for r in [*self.t.preset_rows, *full_rows]])
-        recs = pd.concat([self.shipped, own], ignore_index=True)
-        data = build(recs, self.tables)
-        s = Surrogate(**{**self.params, "seed": seed}).fit(data)
-        if set(data.rows.loc[data.rows["family"] == self.t.meta["family"], "config"]) - set(own["config"]):
-            raise InputError("the surrogate learnt from ground-truth rows the search has not revealed")  # never
-        return s
+    def snapshot(self, o: Oracle, stopped: list[int]):
+        from mqpredict.search.snapshot import Snapshot
 
-    def uses_probes(self, budget: int) -> bool:
-        """``probes=auto``: probes first iff the model is outside the surrogate's range and they fit budget // 3."""
-        if self._probe_decision is None:
-            from mqpredict.surrogate import features as F
-            from mqpredict.surrogate.service import score_configs
+        t = self.t
+        full = [int(r) for r in t.preset_rows] + list(o.full)
+        ok = pd.DataFrame([self._record(r) for r in full])
+        part = pd.DataFrame([self._record(r, True) for r in stopped])
+        vectors = {f"r{r}": t.search_vec(r) for r in full}
+        return Snapshot(ok, vectors, t.per_window, part, frozenset(o.known))
 
-            s = self.fit([], 0)
-            x = score_configs(self.t.model, self.t.table, [Config.parse("default=Q8_0")])[0].features
-            self._outside = s.out_of_range(F.matrix([x]))[0]
-            self._probe_decision = bool(self._outside)
-        return self._probe_decision and len(probe_indices(self.t)) <= budget // 3
+    # ------------------------------------------------------------------ one campaign of ``budget`` confirmations
+    def run(self, seed: int, o: Oracle, budget: int) -> dict:
+        from mqpredict.search.confirm import judge
+        from mqpredict.search.policy import Policy, spread, told_from
 
-    # ------------------------------------------------------------------ the loop
-    def run(self, seed: int, o: Oracle, budget: int) -> str:
-        from mqpredict.search.acquisition import frontier
-        from mqpredict.search.confirm import Reference, judge
-        from mqpredict.search.proposer import Proposer
-
-        t, cfg = self.t, self.settings
-        proposer = Proposer(t.model, t.table, tuple(t.types), seed=seed, allowed=self.allowed)
-        ln_ref = float(t.ln_kld[t.row_of(np.zeros(len(t.free), dtype=np.int64))])
-        predictions: dict[int, float] = {}  # row → predicted ln KLD
-        first = True
+        t = self.t
+        st = dataclasses.replace(self.settings, budget=budget, seed=seed, reconfirm=t.heldout_windows >= 2)
+        policy = Policy(t.model, t.table, self.learner, st, tuple(t.types), self.allowed)
+        stopped: list[int] = []
+        why = "budget spent"
+        stage_tok = self._stage_windows * t.per_window
         while not o.done():
-            ok_rows = [int(r) for r in t.preset_rows] + list(o.full)
-            ref = Reference(t.line, {str(r): t.V[r] for r in ok_rows}, [(float(t.bpw[r]), str(r)) for r in ok_rows],
-                            t.per_window)  # fmt: skip
-            s = self.fit(o.full, seed)
-            hw = float(s.halfwidth_[0])
-            res = [abs(t.ln_kld[r] - p) for r, p in predictions.items() if r in o.full]
-            if len(res) >= 3:
-                hw = max(hw, float(np.quantile(res, s.coverage)))
-            if first and self.uses_probes(budget):
-                first = False
-                self.say(f"  mqpredict: outside the surrogate's range ({'; '.join(self._outside)}): probes first")
-                for a in probe_indices(t):
-                    if o.done():
-                        break
-                    o.measure(t.row_of(a))
-                continue
-            first = False
-            front = frontier([t.point(r) for r in ok_rows])
-            measured = set(o.known)
-            props = proposer.ask(cfg.batch, s, ln_ref, hw, front, measured, s.coverage)
-            if not props or max(p.ei for p in props) < cfg.ei_threshold:
-                return "no candidate is expected to improve the frontier by more than the threshold"
+            snap = self.snapshot(o, stopped)
+            room = budget - len(o.events) - policy.reserve(snap)
+            if room <= 0:
+                break
+            props = policy.ask(snap, min(st.batch, room))
+            self.outside = policy.outside_
+            if not props:
+                why = policy.stopped
+                break
+            ref = policy.reference(snap)
+            told = []
             for p in props:
                 if o.done():
                     break
-                r = t.row_of_key[p.types_key]
-                predictions[r] = math.log(p.kld_pred)
-                x1 = t.V[r][: STAGE_WINDOWS * t.per_window]
-                _m, reason = judge(x1, float(t.bpw[r]), ref, cfg.z)
-                if reason is not None:
-                    o.stop_early(r, STAGE_WINDOWS)
-                else:
-                    o.measure(r)
-        return "budget spent"
+                r = t.row_of_key.get(p.types_key)
+                if r is None:  # a warm start outside the space (not in this truth): nothing to reveal
+                    continue
+                if p.source != "probe" and t.search_windows > self._stage_windows:
+                    _m, reason = judge(t.V[r][:stage_tok], float(t.bpw[r]), ref)
+                    if reason is not None:
+                        o.stop_early(r, self._stage_windows)
+                        stopped.append(r)
+                        told.append(told_from(p.types_key, t.V[r][:stage_tok], t.per_window, False))
+                        continue
+                o.measure(r)
+                told.append(told_from(p.types_key, t.search_vec(r), t.per_window, True))
+            policy.tell(told)
+        # re-confirm the candidate wins on the held-out windows, within what is left of the budget
+        declared: list[int] = []
+        if t.heldout_windows >= 2:
+            snap = self.snapshot(o, stopped)
+            cands = policy.candidate_wins(snap)
+            bpw = {k: float(t.bpw[int(k[1:])]) for k, _ in cands}
+            hvec = {str(int(r)): t.heldout_vec(int(r)) for r in t.preset_rows}
+            hline = Line.from_presets(Point(float(t.bpw[r]), float(hvec[str(int(r))].mean()), str(int(r)))
+                                      for r in t.preset_rows)  # fmt: skip
+            tests = []
+            for key, _m in spread(cands, bpw):
+                if len(o.events) >= budget:
+                    break
+                r = int(key[1:])
+                o.reconfirm(r)
+                hm = margin_to_line(t.heldout_vec(r), float(t.bpw[r]), hline, hvec, t.per_window)
+                if hm is not None:
+                    tests.append((key, hm))
+            declared = [int(k[1:]) for k in policy.reconfirmed(tests)]
+        return {"stopped": why, "declared": declared}
 
 
 # ============================================================================ scoring a run
@@ -605,7 +634,8 @@ def score(t: Truth, run: Run, budgets: list[int]) -> dict:
             break
     return {"hv_conf": hv_c, "hv_tokens": hv_t, "hv_with_presets": hv_p, "wins_found": wins, "first_win_runs": first,
             "first_win_full_runs_of_tokens": first_tok, "n_runs": len(_prefix_conf(run, bmax)),
-            "n_stopped_early": sum(not e.complete for e in _prefix_conf(run, bmax)),
+            "n_stopped_early": sum(not e.complete and not e.heldout for e in _prefix_conf(run, bmax)),
+            "n_heldout": sum(e.heldout for e in _prefix_conf(run, bmax)),
             "n_runs_token_budget": len(_prefix_tokens(run, bmax * full, full)),
             "n_runs_simulated": len(run.events), "stopped": run.stopped, "seconds": run.seconds,
             "events": [[e.row, int(e.complete)] for e in run.events]}  # fmt: skip
@@ -619,7 +649,7 @@ RUNNERS = {"random": run_random, "greedy": run_greedy, "evolutionary": run_evolu
 HV_KEYS = ("hv_conf", "hv_tokens", "hv_with_presets", "wins_found")  # per-budget metrics
 
 
-def simulate(t: Truth, method: str, seed: int, budgets: list[int], mq: MqSearch | None = None) -> dict:
+def simulate(t: Truth, method: str, seed: int, budgets: list[int], mq: MqPredict | None = None) -> dict:
     """One method, one seed → its scores at every budget (see the module docstring)."""
     bmax = max(budgets)
     if method != "mqpredict":
@@ -628,25 +658,21 @@ def simulate(t: Truth, method: str, seed: int, budgets: list[int], mq: MqSearch 
         stopped = RUNNERS[method](t, seed, o)
         run = Run(method, seed, o.events, stopped, time.perf_counter() - t0)
         return score(t, run, budgets)
-    mq = mq or MqSearch(t)
-    groups: dict[bool, list[int]] = {}
-    for b in budgets:
-        groups.setdefault(mq.uses_probes(b), []).append(b)
-    merged: dict = {}
-    for _probes, bs in sorted(groups.items()):
-        o = Oracle(t, max(bs), max(bs) * t.full_tokens)
+    mq = mq or MqPredict(t)
+    merged: dict = {"declared_wins": {}, "false_wins": {}, "seconds": 0.0}
+    for b in sorted(budgets):  # one campaign per budget
+        o = Oracle(t, b, b * t.full_tokens)
         t0 = time.perf_counter()
-        stopped = mq.run(seed, o, max(bs))
-        run = Run(method, seed, o.events, stopped, time.perf_counter() - t0)
-        sc = score(t, run, bs)
-        if not merged or max(bs) == bmax:
-            merged = {**sc, **{k: {**merged.get(k, {}), **sc[k]} for k in HV_KEYS},
-                      "seconds": merged.get("seconds", 0.0) + sc["seconds"]}  # fmt: skip
-        else:
-            for k in HV_KEYS:
-                merged[k].update(sc[k])
-            merged["seconds"] += sc["seconds"]
-    merged["probes_used"] = {str(b): mq.uses_probes(b) for b in budgets}
+        got = mq.run(seed, o, b)
+        run = Run(method, seed, o.events, got["stopped"], time.perf_counter() - t0)
+        sc = score(t, run, [b])
+        for k in HV_KEYS:
+            merged.setdefault(k, {})[b] = sc[k][b]
+        merged["declared_wins"][b] = len(got["declared"])
+        merged["false_wins"][b] = sum(r not in t.wins for r in got["declared"])
+        merged["seconds"] += sc["seconds"]
+        if b == bmax:
+            merged.update({k: v for k, v in sc.items() if k not in (*HV_KEYS, "seconds")})
     return merged
 
 
@@ -664,8 +690,8 @@ def run(truth: Truth, methods: list[str], seeds: list[int], budgets: list[int],
         raise InputError(f"unknown method(s) {', '.join(bad)}", f"choose from {', '.join(METHODS)}")
     budgets = sorted(set(int(b) for b in budgets))
     two_pct = math.ceil(0.02 * len(truth.space_rows))
-    per_budget = sorted(set(budgets) | ({two_pct} if two_pct <= max(budgets) else set()))
-    mq = MqSearch(truth, say) if "mqpredict" in methods else None
+    per_budget = sorted(set(budgets) | {two_pct})  # 2% of the space: always reported (the issue's target)
+    mq = MqPredict(truth, say) if "mqpredict" in methods else None
     raw: dict[str, list[dict]] = {}
     t_all = time.perf_counter()
     for m in methods:
@@ -686,20 +712,30 @@ def run(truth: Truth, methods: list[str], seeds: list[int], budgets: list[int],
             "n_runs_token_budget": _agg([r["n_runs_token_budget"] for r in rs]),
             "seconds": _agg([r["seconds"] for r in rs]),
         }
+        if m == "mqpredict":
+            dec = sum(sum(r["declared_wins"].values()) for r in rs)
+            false = sum(sum(r["false_wins"].values()) for r in rs)
+            summary[m]["declared_wins"] = {str(b): _agg([r["declared_wins"][b] for r in rs]) for b in per_budget}
+            summary[m]["false_win_rate"] = {"false": false, "declared": dec, "rate": false / dec if dec else None,
+                                            "over": f"every run: {len(rs)} seed(s) × {len(per_budget)} budget(s)"}  # fmt: skip
     for rs in raw.values():
         for r in rs:
-            for k in HV_KEYS:
-                r[k] = {str(b): v for b, v in r[k].items()}
+            for k in (*HV_KEYS, "declared_wins", "false_wins"):
+                if k in r:
+                    r[k] = {str(b): v for b, v in r[k].items()}
     return {
         "truth": {"folder": str(truth.folder), "model_id": truth.meta["model_id"], "family": truth.meta["family"],
                   "n_space": int(len(truth.space_rows)), "n_presets": int(len(truth.preset_rows)),
                   "n_true_wins": len(truth.wins), "hv_true": truth.hv_true,
                   "hv_true_with_presets": truth.hv_true_presets, "hv_presets_alone": truth.hv_presets, "reference_point": list(truth.ref_point),
                   "full_run_tokens": truth.full_tokens, "two_percent_budget": two_pct,
-                  "probes_outside_range": mq._outside if mq else None},  # fmt: skip
+                  "complete": truth.complete, "search_windows": truth.search_windows,
+                  "heldout_windows": truth.heldout_windows, "imatrix_id": truth.meta.get("imatrix_id"),
+                  "probes_outside_range": mq.outside if mq else None},  # fmt: skip
         "surrogate_training": mq.training() if mq else None,
-        "settings": {"methods": methods, "seeds": seeds, "budgets": budgets, "z": Z, "stage_windows": STAGE_WINDOWS,
-                     "batch": Settings.batch, "ei_threshold": Settings.ei_threshold},  # fmt: skip
+        "settings": {"methods": methods, "seeds": seeds, "budgets": budgets,
+                     "policy": {k: (v.value if hasattr(v, "value") else v)
+                                for k, v in dataclasses.asdict(mq.settings if mq else POLICY).items()}},  # fmt: skip
         "summary": summary,
         "runs": raw,
         "seconds": time.perf_counter() - t_all,
@@ -719,9 +755,11 @@ def markdown(res: dict) -> str:
     head = "| method | " + " | ".join(f"B={b}" for b in bs)
     rule = "|---|" + "---:|" * len(bs)
     lines = [
-        f"Ground truth `{tr['folder']}`: {tr['n_space']} space configs (distinct files) + {tr['n_presets']} presets "
-        f"(free seeds); {tr['n_true_wins']} true nonlinear wins (ground-truth paired margin below the presets' line by "
-        f"> {st['z']:g} errors on all 8 windows). HV in (bpw, ln KLD) with reference point "
+        f"Ground truth `{tr['folder']}`{'' if tr['complete'] else ' (**incomplete**: only the configs measured so far)'}: "
+        f"{tr['n_space']} space configs (distinct files) + {tr['n_presets']} presets "
+        f"(free seeds); {tr['n_true_wins']} true nonlinear wins (significantly below the presets' line at "
+        f"{st['policy']['alpha']:g}, paired t over all {tr['search_windows'] + tr['heldout_windows']} windows); searches "
+        f"confirm on {tr['search_windows']} windows, re-confirm on {tr['heldout_windows']} held out. HV in (bpw, ln KLD) with reference point "
         f"({tr['reference_point'][0]:.3f}, {tr['reference_point'][1]:.3f}) = (max bpw, max ln KLD) of the space; "
         f"2% of the space = {tr['two_percent_budget']} runs. {len(st['seeds'])} seeds: mean ± std.",
         "",
@@ -757,4 +795,10 @@ def markdown(res: dict) -> str:
         lines.append(f"| {m} | " + " | ".join(_cell(a["hv_with_presets"][str(b)]) for b in bs)
                      + f" | {a['seconds']['mean']:.1f} |")
     lines += ["", "(k/n): only k of n seeds found a true win within the largest budget; the mean is over those k."]
+    fw = sm.get("mqpredict", {}).get("false_win_rate")
+    if fw:
+        rate = "—" if fw["rate"] is None else f"{fw['rate']:.3f}"
+        lines += ["", f"**mqpredict's declared wins** (re-confirmed on the held-out windows, Holm): "
+                  + ", ".join(f"B={b}: {_cell(sm['mqpredict']['declared_wins'][str(b)], 1)}" for b in bs)
+                  + f"; false wins {fw['false']} of {fw['declared']} declared (rate {rate}; {fw['over']})."]
     return "\n".join(lines)

@@ -164,7 +164,8 @@ def run(
                                         "after it is held out for re-confirmation.")] = CAMPAIGN_TOKENS,  # fmt: skip
     probes: Annotated[str, typer.Option("--probes", help="Isolation probes first: auto (when the model is outside the "
                                         "surrogate's range and they fit the budget), yes, no.")] = "auto",  # fmt: skip
-    z: Annotated[float, typer.Option("--z", help="Paired standard errors for 'significantly' below/above.")] = 2.0,
+    alpha: Annotated[float, typer.Option("--alpha", help="One-sided level of every paired test (t over windows; "
+                                         "Bonferroni/Holm-corrected where several are made).")] = 0.05,  # fmt: skip
     stage: Annotated[float, typer.Option("--stage", help="First stage of a confirmation, as a share of the search slice.")] = 0.25,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the search and the surrogate.")] = 0,
     scoring: ScoringOpt = None,
@@ -209,7 +210,7 @@ def run(
     """
     from mqpredict.measure.corpus import EvalSpec
     from mqpredict.report.survivors import Rules
-    from mqpredict.search.campaign import Campaign, Probes, Settings
+    from mqpredict.workflows.campaign import Campaign, Probes, Settings
 
     if budget < 1 or batch < 1:
         raise InputError("--budget and --batch must be at least 1")
@@ -217,10 +218,10 @@ def run(
         pm = Probes(probes)
     except ValueError:
         raise InputError(f"--probes {probes!r} is not one of: auto, yes, no") from None
-    settings = Settings(budget=budget, batch=batch, stage_fraction=stage, z=z, probes=pm, seed=seed,
+    settings = Settings(budget=budget, batch=batch, stage_fraction=stage, alpha=alpha, probes=pm, seed=seed,
                         **({"types": _types(types)} if types is not None else {}))  # fmt: skip
     spec = EvalSpec.from_tokens(tokens, ctx, scoring=scoring_for(scoring, engine))
-    rules, bud = Rules(spacing, min_gain, z), _budget(target_size, target_bpw, vram, vram_ctx)
+    rules, bud = Rules(spacing, min_gain, alpha), _budget(target_size, target_bpw, vram, vram_ctx)
     xo = _executor_options(executor, address, task_cpus, task_gpus, task_memory, retries, sync, ship, llama_bin)
     with progress_bar(not json) as progress:
         path = _base(base, progress)
@@ -264,7 +265,7 @@ def resume(
 
     from mqpredict.report.survivors import Rules
     from mqpredict.report.budget import Budget
-    from mqpredict.search.campaign import Campaign, State
+    from mqpredict.workflows.campaign import Campaign, State
 
     st = State.load(out_dir)
     if budget is not None:
@@ -278,7 +279,7 @@ def resume(
                          lambda s: err.print(s, highlight=False), progress, executor=xo.build(eng, st.settings.batch))  # fmt: skip
             if c.ident.model_id != st.model_id:
                 raise InputError(f"{st.base} is not the base this campaign started on", "restore the file, or start anew")
-            _run(c, Rules(z=st.settings.z), Budget(), 8192, json)
+            _run(c, Rules(alpha=st.settings.alpha), Budget(), 8192, json)
 
 
 def report(
@@ -290,7 +291,8 @@ def report(
     vram_ctx: VramCtxOpt = 8192,
     spacing: SpacingOpt = 0.1,
     min_gain: MinGainOpt = 0.02,
-    z: Annotated[float | None, typer.Option("--z", help="Paired errors for a real gain (default: the campaign's).")] = None,
+    alpha: Annotated[float | None, typer.Option("--alpha", help="Level of the paired test of a real gain (default: "
+                                                "the campaign's).")] = None,  # fmt: skip
     speed: Annotated[bool, typer.Option("--speed", help="Build each survivor and measure prompt (pp) and generation "
                                         "(tg) tokens/s with llama-bench on this machine (5 repeats, median ± spread).")] = False,  # fmt: skip
     objective: Annotated[str, typer.Option("--objective", help="How the budget's best survivor is chosen: kld, speed "
@@ -302,14 +304,14 @@ def report(
     --target-size / --target-bpw / --vram pick the best survivor that fits; --speed adds tokens/s."""
     from mqpredict.report.campaign_report import write_report
     from mqpredict.report.survivors import Rules
-    from mqpredict.search.campaign import Campaign, State
+    from mqpredict.workflows.campaign import Campaign, State
 
     st = State.load(out_dir)
     with progress_bar(not json) as progress:
         eng = _engine_of(st, None, threads, progress)
         with eng:
             c = Campaign(eng, _store(store), out_dir, st, None, lambda s: err.print(s, highlight=False), progress)
-            rep = write_report(c, Rules(spacing, min_gain, z if z is not None else st.settings.z),
+            rep = write_report(c, Rules(spacing, min_gain, alpha if alpha is not None else st.settings.alpha),
                                _budget(target_size, target_bpw, vram, vram_ctx), vram_ctx, speed, objective, threads,
                                progress)  # fmt: skip
     if json:
@@ -343,11 +345,10 @@ def propose(
     one, and the commands quantize with it). Nothing is measured here.
     """
     from mqpredict.measure.corpus import EvalSpec
-    from mqpredict.search.campaign import Campaign, Settings, State
     from mqpredict.quant.resolve import quantize_command, tensor_type_lines
-    from mqpredict.search.acquisition import frontier
-    from mqpredict.search.proposer import Proposer
+    from mqpredict.search.policy import Probes
     from mqpredict.surrogate.weight_error import error_table
+    from mqpredict.workflows.campaign import Campaign, Settings, State
     from mqpredict.util.atomic import atomic_write_text
 
     spec = EvalSpec.from_tokens(tokens, ctx, scoring=scoring_for(scoring))
@@ -360,8 +361,8 @@ def propose(
 
             ident = identify(eng.model)
             st = State("propose", str(path), eng.corpus.id, str(corpus), eng.name, spec.ctx, spec.n_chunks, 0,
-                       ident.model_id, ident.family, Settings(), "", str(im.path) if im else "", im.id if im else "",
-                       spec.scoring.value)  # fmt: skip
+                       ident.model_id, ident.family, Settings(probes=Probes.no), "", str(im.path) if im else "",
+                       im.id if im else "", spec.scoring.value)  # fmt: skip
             out_dir.mkdir(parents=True, exist_ok=True)
             c = Campaign(eng, _store(store), out_dir, st, None, lambda s: err.print(s, highlight=False), progress)
             c.all_sources = True
@@ -373,13 +374,9 @@ def propose(
                                  f"seed it first: mqpredict seed {path} --corpus {corpus} --tokens {tokens} "
                                  f"--scoring {spec.scoring.value}"
                                  + (f" --imatrix {imatrix}" if im is not None else " --no-imatrix"))  # fmt: skip
-            import math
-
             table = error_table(eng, ident.model_id, progress=progress)
-            s = c._fit(table)
-            ln_ref = math.log(float(ok[ok["config"] == "preset=Q8_0"]["kld_mean"].iloc[0]))
-            props = Proposer(eng.model, table, imatrix=im).ask(
-                n, s, ln_ref, float(s.halfwidth_[0]), frontier(c._points(ok)), set(ok["types_key"]), s.coverage)
+            policy = c.policy(table)  # the campaign's policy: the same proposals a campaign would make next
+            props = policy.ask(c.snapshot(), n)
             rows = []
             for i, p in enumerate(props, 1):
                 name = f"proposal-{i:02d}"
@@ -419,9 +416,9 @@ def clone(
 
     from mqpredict.quant.config import Config
     from mqpredict.quant.model import ModelInfo
-    from mqpredict.search.campaign import State
+    from mqpredict.workflows.campaign import State
     from mqpredict.search.clone import check_layout, clone as do_clone
-    from mqpredict.search.line import Line, Point
+    from mqpredict.pareto import Line, Point
     from mqpredict.search.paired import line_weights
 
     st = State.load(from_dir)

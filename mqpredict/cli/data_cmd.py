@@ -218,7 +218,7 @@ def seed(
     where it stopped. Prints the model's records with the presets' line.
     """
     from mqpredict.quant.model import ModelInfo
-    from mqpredict.records import seed as seeding
+    from mqpredict.workflows import seed as seeding
     from mqpredict.records.ingest import from_gguf as derive
     from mqpredict.records.ingest import load_recipes
 

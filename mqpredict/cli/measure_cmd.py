@@ -95,7 +95,7 @@ def short(text: str, n: int = 60) -> str:
 
 def print_table(rows: list[dict], title: str | None = None, line: bool = False) -> None:
     """The measurements as a table; with ``line``, each row's position against the presets' line."""
-    from mqpredict.search.line import Line, Point, position
+    from mqpredict.pareto import Line, Point, position
 
     pts = {r["config"]: Point(r["bpw"], r["kld_mean"], r["config"].removeprefix("preset=")) for r in rows}
     presets = [pts[r["config"]] for r in rows if is_plain_preset(r["config"])]

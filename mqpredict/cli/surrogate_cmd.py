@@ -72,7 +72,7 @@ def train(
             meta["cv_summary"] = js.loads(summ.to_json(orient="records"))
             doc["cv"] = meta["cv_summary"]
             for r in meta["cv_summary"]:
-                if r["mode"] == "reference" and r["method"] == "surrogate":
+                if r["mode"] == "reference" and r["method"] == "surrogate" and r["rows"] == "all":
                     tracker.log_metrics({f"cv_{r['kind']}_{k}": v for k, v in r.items() if isinstance(v, float)})
         s.save(out_dir, meta)
         for f in sorted(out_dir.iterdir()):
@@ -92,12 +92,12 @@ def train(
 def print_cv_summary(summary: list[dict], title: str) -> None:
     """The CV summary (one row per kind, mode and method) as a table."""
     t = Table(title=title, show_edge=False)
-    cols = ["kind", "mode", "method", "spearman", "spearman_band", "spearman_margin", "precision_at_k", "regret",
-            "mae_log10", "coverage"]  # fmt: skip
+    cols = ["kind", "rows", "mode", "method", "n_models", "spearman", "spearman_band", "spearman_margin",
+            "precision_at_k", "regret", "mae_log10", "coverage"]  # fmt: skip
     for c in cols:
-        t.add_column(c, justify="left" if c in cols[:3] else "right")
-    for r in summary:
-        t.add_row(*[str(r[c]) if c in cols[:3] else ("" if r[c] is None else f"{r[c]:.3f}") for c in cols])
+        t.add_column(c, justify="left" if c in cols[:4] else "right")
+    for r in summary:  # a summary stored before rows/n_models existed shows them empty
+        t.add_row(*[str(r.get(c, "")) if c in cols[:5] else ("" if r.get(c) is None else f"{r[c]:.3f}") for c in cols])
     out.print(t)
 
 
@@ -188,13 +188,17 @@ def predict(
         emit_json(rows)
         return
     t = Table(title=f"{path.name} · surrogate prediction ({rows[0]['mode']})", show_edge=False)
-    for c in ("config", "size MB", "bpw", "KLD predicted", "80% interval", "notes"):
+    calibrated = all(r.get("interval_calibrated", True) for r in rows)
+    for c in ("config", "size MB", "bpw", "KLD predicted", "80% interval" if calibrated else "interval (uncalibrated)", "notes"):
         t.add_column(c, justify="left" if c in ("config", "notes") else "right", no_wrap=c == "config")
     for r in rows:
         note = "measured reference" if r.get("reference") else "; ".join(r["out_of_range"]) or ""
         t.add_row(r["config"][:70], fmt_mb(r["size_bytes"]), f"{r['bpw']:.3f}", f"{r['kld_pred']:.4f}",
                   f"{r['kld_lo']:.4f} – {r['kld_hi']:.4f}", note)  # fmt: skip
     out.print(t)
+    if not calibrated:
+        err.print("the interval is not calibrated (too few families with references to calibrate zero-shot "
+                  "predictions): it is twice the reference mode's width, a guess, not an 80% interval")
     for r in rows:
         if "command" in r:
             out.print(f"{r['config']}: {r['command']}  # with tensor-types.txt: {' '.join(r['tensor_types'])}",

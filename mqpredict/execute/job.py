@@ -1,10 +1,15 @@
-"""One unit of measuring work and what came back from it — the same on every executor.
+"""One unit of work and what came back from it — the same on every executor.
 
-A :class:`Job` is a build + measure of one config on one token slice: a plain measurement (seeds,
-held-out presets) or a staged confirmation against a :class:`~mqpredict.search.confirm.Reference`.
-:func:`run_job` runs it on an engine and never raises for llama.cpp's own failures: they come back
-as an error the driver records as ``failed``. Bad input (a base missing on a node) is raised: it is
-the cluster's set-up that is wrong, not the config.
+A :class:`Job` is a function and its payload: ``fn(engine, *args)`` run on a worker's engine under the
+driver's step number. The executor knows nothing of what the function decides: a plain measurement is
+:func:`measure` (here), a staged confirmation is the search's own function, passed in by the driver.
+Functions must be importable module-level functions (Ray sends them by reference).
+
+:func:`run_job` runs a job on an engine and never raises for llama.cpp's own failures: they come back as
+an error the driver records as ``failed``. Bad input (a base missing on a node) is raised: it is the
+cluster's set-up that is wrong, not the config. A job's value is a
+:class:`~mqpredict.llama.engine.Measurement` or a frozen dataclass with a ``measurement`` field; its
+per-token scores travel back with it when the worker's disk is not the driver's (:func:`land`).
 """
 
 from __future__ import annotations
@@ -13,40 +18,28 @@ import dataclasses
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import Any
 
 from mqpredict.errors import LlamaError
 from mqpredict.llama.engine import Engine, Measurement, load_scores
-from mqpredict.measure.corpus import EvalSpec
+from mqpredict.measure.corpus import EvalSpec, Scoring
 from mqpredict.measure.kld import TokenScores
 from mqpredict.quant.config import Config
-
-if TYPE_CHECKING:
-    from mqpredict.search.confirm import Outcome, Reference
-
-
-class JobKind(StrEnum):
-    measure = "measure"  # the whole slice, one run
-    confirm = "confirm"  # staged: may stop after the first stage (a partial measurement)
 
 
 @dataclass(frozen=True)
 class Job:
     id: int  # the driver's step number: results are stored under it
-    kind: JobKind
-    config: Config
-    spec: EvalSpec
-    reference: Reference | None = None  # what a staged confirmation is judged against (confirm jobs)
-    fraction: float = 1.0
-    z: float = 2.0
+    fn: Callable[..., Any]  # fn(engine, *args) → a Measurement, or a dataclass with a ``measurement`` field
+    args: tuple = ()
 
 
 @dataclass(frozen=True)
 class JobResult:
     job: Job
-    outcome: Outcome | None  # None when the job failed
+    value: Any  # what the job's function returned; None when the job failed
     error: str | None = None  # llama.cpp's reason, or why the cluster gave up on the job
     scores: TokenScores | None = None  # per-token scores, carried back when the worker's disk is not the driver's
     worker: str = ""  # host:pid that ran it
@@ -54,7 +47,18 @@ class JobResult:
 
     @property
     def measurement(self) -> Measurement | None:
-        return self.outcome.measurement if self.outcome is not None else None
+        return _measurement_of(self.value)
+
+
+def _measurement_of(value: Any) -> Measurement | None:
+    if value is None or isinstance(value, Measurement):
+        return value
+    return getattr(value, "measurement", None)
+
+
+def measure(engine: Engine, config: Config, spec: EvalSpec) -> Measurement:
+    """The plain job: build ``config`` and measure it on the whole of ``spec``."""
+    return engine.measure(config, spec=spec)
 
 
 def worker_name() -> str:
@@ -63,21 +67,16 @@ def worker_name() -> str:
 
 def run_job(engine: Engine, job: Job, carry_scores: bool = False) -> JobResult:
     """Run ``job`` on ``engine``; ``carry_scores`` puts the per-token scores into the result."""
-    from mqpredict.search.confirm import Outcome, confirm
-
     t0 = time.perf_counter()
     try:
-        if job.kind == JobKind.confirm:
-            o = confirm(engine, job.config, job.spec, job.reference, job.fraction, job.z)
-        else:
-            m = engine.measure(job.config, spec=job.spec)
-            o = Outcome(m, True, None, None, m.forward_tokens)
+        value = job.fn(engine, *job.args)
     except LlamaError as e:
         return JobResult(job, None, e.message, worker=worker_name(), seconds=time.perf_counter() - t0)
     scores = None
-    if carry_scores and o.measurement.per_token_path:
-        scores = load_scores(o.measurement.per_token_path)
-    return JobResult(job, o, None, scores, worker_name(), time.perf_counter() - t0)
+    m = _measurement_of(value)
+    if carry_scores and m is not None and m.per_token_path:
+        scores = load_scores(m.per_token_path)
+    return JobResult(job, value, None, scores, worker_name(), time.perf_counter() - t0)
 
 
 def land(result: JobResult, engine: Engine) -> JobResult:
@@ -97,8 +96,9 @@ def land(result: JobResult, engine: Engine) -> JobResult:
                          "at the same base file")  # fmt: skip
     if result.scores is None:
         return result
-    spec = result.job.spec.part(m.chunk_offset, m.n_chunks)
+    spec = EvalSpec(m.ctx, m.n_chunks, m.chunk_offset, scoring=Scoring(m.scoring))  # where the driver keeps them
     path = engine.per_token_path(m.types_key, spec)
     save_scores(path, result.scores)
     local = dataclasses.replace(m, per_token_path=str(path))
-    return dataclasses.replace(result, outcome=dataclasses.replace(result.outcome, measurement=local), scores=None)
+    value = local if isinstance(result.value, Measurement) else dataclasses.replace(result.value, measurement=local)
+    return dataclasses.replace(result, value=value, scores=None)

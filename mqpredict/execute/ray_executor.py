@@ -68,10 +68,22 @@ def _remote_call(recipe: EngineRecipe, fn, args: tuple, *shared):
         return (type(e).__name__, e.message, e.hint, worker_name())
 
 
-def _measure(engine, job: Job, reference: Reference | None = None) -> JobResult:
-    """A measurement job on a worker, its reference (if any) from the object store: its per-token scores travel
-    back with the result, the reference does not (the driver has it)."""
-    full = dataclasses.replace(job, reference=reference) if reference is not None else job
+@dataclass(frozen=True)
+class _InStore:
+    """Stands in a job's arguments for one that travels through the object store (resolved on the worker)."""
+
+
+def _shared(arg) -> bool:
+    """Arguments put in the object store once (a decision's reference: the line and per-token vectors, the
+    same object for every job of that decision) rather than pickled into every task: their class says so."""
+    return bool(getattr(type(arg), "OBJECT_STORE", False))
+
+
+def _measure(engine, job: Job, *shared) -> JobResult:
+    """A job on a worker, its shared arguments (if any) from the object store: its per-token scores travel
+    back with the result, the shared arguments do not (the driver has them)."""
+    it = iter(shared)
+    full = dataclasses.replace(job, args=tuple(next(it) if isinstance(a, _InStore) else a for a in job.args))
     return dataclasses.replace(run_job(engine, full, carry_scores=True), job=job)
 
 
@@ -138,11 +150,12 @@ class RayExecutor(Executor):
 
     def submit(self, job: Job) -> None:
         t0 = time.perf_counter()
-        if job.reference is None:
+        shared = [a for a in job.args if _shared(a)]
+        if not shared:
             ref = self._measure.remote(self.recipe, _measure, (job,))
         else:  # the reference (per-token vectors) goes in the object store once; each task carries its handle
-            ref = self._measure.remote(self.recipe, _measure, (dataclasses.replace(job, reference=None),),
-                                       self._put_reference(job.reference))  # fmt: skip
+            stripped = dataclasses.replace(job, args=tuple(_InStore() if _shared(a) else a for a in job.args))
+            ref = self._measure.remote(self.recipe, _measure, (stripped,), *map(self._put_reference, shared))
         self._pending[ref] = (job, time.time())
         self.tasks += 1
         self.overhead += time.perf_counter() - t0

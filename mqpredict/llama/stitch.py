@@ -20,7 +20,7 @@ from mqpredict.quant.imatrix import Imatrix
 from mqpredict.quant.model import ModelInfo
 from mqpredict.quant.size import REMOVED_KEYS, appended_keys
 from mqpredict.quant.types import QuantType
-from mqpredict.util.ggufwrite import FileRange, TensorOut, copied_kvs, kv_str, kv_u32, write_gguf
+from mqpredict.quant.ggufwrite import FileRange, TensorOut, copied_kvs, kv_str, kv_u32, write_gguf
 
 GGML_QNT_VERSION = 2
 

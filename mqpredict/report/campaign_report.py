@@ -10,7 +10,7 @@ from mqpredict.records.schema import Source
 from mqpredict.report import write as W
 from mqpredict.report.budget import Budget
 from mqpredict.report.survivors import Entry, Rules, select
-from mqpredict.search.campaign import Campaign
+from mqpredict.workflows.campaign import Campaign
 from mqpredict.search.paired import against, margin_to_line
 from mqpredict.util import faults
 
@@ -85,8 +85,8 @@ def write_report(c: Campaign, rules: Rules = Rules(), budget: Budget = Budget(),
              f"({st.scoring} scoring, offset {st.chunk_offset}) + {st.n_chunks} held-out · campaign `{st.id}`.",
              f"{len(ok)} configs fully measured on the search slice ({sum(1 for r in recs.values() if r['source'] == 'preset')} "
              f"presets); {len(wins)} re-confirmed nonlinear win(s).",
-             f"Rules: Pareto front; a bigger survivor must gain > {rules.min_gain:.3f} ln KLD and > {rules.z:g} paired "
-             f"errors; near-duplicates closer than {rules.spacing_bpw} bpw collapse; wins are kept."]  # fmt: skip
+             f"Rules: Pareto front; a bigger survivor must gain > {rules.min_gain:.3f} ln KLD, significant at "
+             f"{rules.alpha:g} (paired t test over windows); near-duplicates closer than {rules.spacing_bpw} bpw collapse; wins are kept."]  # fmt: skip
     if speed:
         sp = next(r.speed for r in rows if r.speed is not None)
         notes.append(f"Speed: llama-bench on this machine, {sp.threads} threads, pp{sp.n_prompt} / tg{sp.n_gen}, median "

@@ -3,8 +3,8 @@
 1. **Dominance**: only the Pareto front over (size, KLD) of every fully measured config.
 2. **Wins stay**: a re-confirmed nonlinear win on the front is kept (of near-duplicates, see 4).
 3. **Size premium only for a real gain**: walking the front from small to large, a bigger config is kept
-   only if its KLD is lower than the last survivor's by more than ``min_gain`` (in ln KLD) *and* by more
-   than ``z`` paired errors on the same tokens.
+   only if its KLD is lower than the last survivor's by more than ``min_gain`` (in ln KLD) *and*
+   significantly so on the same tokens (paired block error, one-sided t test at level ``alpha``).
 4. **Near-duplicates collapse**: a config closer than ``spacing_bpw`` to the last survivor replaces it
    with a real gain (rule 3), or when it is a win and the survivor is not; otherwise the smaller stays.
 """
@@ -21,7 +21,7 @@ from mqpredict.search.paired import Paired
 class Rules:
     spacing_bpw: float = 0.1
     min_gain: float = 0.02
-    z: float = 2.0
+    alpha: float = 0.05  # one-sided level of the paired test of a real gain
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def select(entries: list[Entry], rules: Rules, compare: Callable[[Entry, Entry],
             continue
         prev = out[-1]
         d = compare(e, prev)
-        real = -d.diff > rules.min_gain and d.below(rules.z)
+        real = -d.diff > rules.min_gain and d.below(rules.alpha)
         if e.bpw - prev.bpw < rules.spacing_bpw:  # a near-duplicate of the last survivor: one of them stays
             if real or (e.win and not prev.win):
                 out[-1] = e

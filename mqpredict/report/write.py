@@ -17,7 +17,7 @@ from mqpredict.quant.model import ModelInfo
 from mqpredict.quant.resolve import quantize_command, tensor_type_lines
 from mqpredict.report.budget import Budget, smallest_vram
 from mqpredict.report.survivors import Entry
-from mqpredict.search.line import Line
+from mqpredict.pareto import Line
 from mqpredict.search.paired import Paired
 from mqpredict.util.atomic import atomic_open, atomic_write_text
 from mqpredict.util.figures import save_figure
@@ -86,8 +86,9 @@ def write_markdown(path: Path, title: str, rows: list[Row], notes: list[str], ct
             f"{'' if r.fits_gb is None else str(r.fits_gb) + ' GB'} | `{v['effective_config']}` |"
         )  # fmt: skip
     lines += ["", "Margins are paired (same tokens as the presets of the line): ln KLD below the line, as a % of KLD, "
-              "± one paired standard error. A win is below the line by more than the campaign's z errors on both "
-              "the search and the held-out tokens.", ""]  # fmt: skip
+              "± one paired (window-block) standard error. A win is significantly below the line on the search tokens "
+              "(one-sided t test at the campaign's alpha) and again on the held-out tokens (Holm-corrected over "
+              "the wins re-confirmed).", ""]  # fmt: skip
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 

@@ -1,18 +1,20 @@
-"""Which candidates to measure next: expected improvement below the frontier, in batches diverse in size.
+"""Which candidates to measure next: expected hypervolume improvement, in batches that do not repeat.
 
-The **frontier** is the lower convex hull, in (bpw, ln KLD), of everything measured on the model so far
-(presets and hybrids), interpolated like the line and never extrapolated. A candidate with predicted
-ln KLD ~ Normal(μ, σ) — σ from the surrogate's calibrated 80% interval, ``σ = half-width / 1.2816`` —
-improves the frontier at its bpw by ``max(0, f(bpw) − ln KLD)``, whose expectation is
+The front is the Pareto staircase, in (bpw, ln KLD), of the configs measured in full so far (with the
+presets when the policy counts them: :class:`~mqpredict.search.policy.PolicySettings`). ``f(x)`` is the
+front's best ln KLD at any size ≤ x (the reference level ``r_y`` left of the front's first point), and
+the hypervolume is the area between the staircase and the reference point ``(r_x, r_y)``. A candidate
+of (exact) size ``b`` and predicted ln KLD ``Y ~ Normal(μ, σ)`` — σ from its own calibrated interval —
+adds the area ``HVI(Y) = ∫_b^{r_x} max(0, f(x) − Y) dx``: it improves the front at its own size *and*
+at every larger size the front does not already reach, so the acquisition values the whole front, not
+only the margin at one size. On each step of the staircase ``f`` is a constant ``c_k`` of width
+``w_k``, so the expectation is exact, in closed form (2-D):
 
-    EI = (f − μ) Φ(z) + σ φ(z),   z = (f − μ) / σ.
+    EHVI = Σ_k w_k · [(c_k − μ) Φ(z_k) + σ φ(z_k)],   z_k = (c_k − μ) / σ.
 
-Because the frontier starts as the presets' line, a positive EI is an expected win below the line (or
-below a hybrid already found). Candidates outside the frontier's bpw range get no EI.
-
-Batches: the frontier's bpw range is cut into as many equal bands as the batch has slots, and each
-band contributes its best candidate (then the remaining best by EI), so one batch explores the whole
-frontier instead of piling up at one size.
+Batches (:func:`batch`): a greedy "Kriging believer" — take the best candidate, pretend it was measured
+at its predicted mean (add it to the front), recompute everyone's EHVI, take the next best — so a batch
+spreads over the front instead of piling four near-copies where one would already be enough.
 """
 
 from __future__ import annotations
@@ -21,26 +23,9 @@ import math
 
 import numpy as np
 
-from mqpredict.search.line import Line, Point
-
-def frontier(points: list[Point]) -> Line:
-    """The lower hull of every measured point (the line of presets and hybrids together)."""
-    return Line.from_presets(points)
-
-
-def frontier_at(front: Line, bpw: np.ndarray) -> np.ndarray:
-    """The frontier's ln KLD at each bpw (NaN outside its range)."""
-    h = front.hull
-    if not h:
-        return np.full(len(bpw), np.nan)
-    xs = np.array([p.bpw for p in h])
-    ys = np.array([p.ln_kld for p in h])
-    out = np.interp(bpw, xs, ys) if len(h) > 1 else np.where(bpw == xs[0], ys[0], np.nan)
-    return np.where((bpw < xs[0]) | (bpw > xs[-1]), np.nan, out)
-
 
 def expected_improvement(mu: np.ndarray, sigma: np.ndarray, f: np.ndarray) -> np.ndarray:
-    """EI of ln KLD below ``f`` (0 where ``f`` is NaN)."""
+    """E[max(0, f − Y)] for Y ~ Normal(μ, σ) (0 where ``f`` is NaN)."""
     from scipy.stats import norm
 
     sigma = np.maximum(sigma, 1e-9)
@@ -49,30 +34,49 @@ def expected_improvement(mu: np.ndarray, sigma: np.ndarray, f: np.ndarray) -> np
     return np.where(np.isnan(f), 0.0, np.maximum(ei, 0.0))
 
 
-def diverse_batch(bpw: np.ndarray, score: np.ndarray, n: int, lo: float, hi: float) -> list[int]:
-    """``n`` indices with the best score, one per equal bpw band of [lo, hi] first (bands without a
-    positive score are skipped), then the best of the rest."""
-    if n <= 0:
-        return []
+def staircase(points: list[tuple[float, float]], ref: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """The front's steps: left edges ``xs`` (the first is −inf) and levels, capped at the reference level."""
+    pts = sorted((b, y) for b, y in points if b < ref[0])
+    xs, levels, best = [-math.inf], [ref[1]], ref[1]
+    for b, y in pts:
+        if y < best:
+            best = y
+            if b == xs[-1]:
+                levels[-1] = y
+            else:
+                xs.append(b)
+                levels.append(y)
+    return np.array(xs), np.array(levels)
+
+
+def ehvi(bpw: np.ndarray, mu: np.ndarray, sigma: np.ndarray, points: list[tuple[float, float]],
+         ref: tuple[float, float]) -> np.ndarray:  # fmt: skip
+    """Expected hypervolume improvement of each candidate over ``points`` (module docstring)."""
+    xs, levels = staircase(points, ref)
+    right = np.append(xs[1:], ref[0])
+    out = np.zeros(len(bpw))
+    for x0, x1, c in zip(xs, right, levels):
+        width = np.clip(x1 - np.maximum(bpw, x0), 0.0, None)
+        live = width > 0
+        if live.any():
+            out[live] += width[live] * expected_improvement(mu[live], sigma[live], np.full(live.sum(), c))
+    return out
+
+
+def batch(bpw: np.ndarray, mu: np.ndarray, sigma: np.ndarray, points: list[tuple[float, float]],
+          ref: tuple[float, float], n: int) -> tuple[list[int], np.ndarray]:  # fmt: skip
+    """``n`` candidates by EHVI with Kriging-believer fantasies, and the first round's EHVI of every candidate."""
+    pts = list(points)
+    first = ehvi(bpw, mu, sigma, pts, ref)
+    score = first.copy()
     picked: list[int] = []
-    order = np.argsort(-score, kind="stable")
-    edges = np.linspace(lo, hi, n + 1) if hi > lo else np.array([lo, hi])
-    for a, b in zip(edges, edges[1:]):
-        inside = order[(bpw[order] >= a) & (bpw[order] <= b) & (score[order] > 0)]
-        for i in inside:
-            if i not in picked:
-                picked.append(int(i))
-                break
-    for i in order:
-        if len(picked) >= n or score[i] <= 0:
+    while len(picked) < n:
+        if picked:
+            score = ehvi(bpw, mu, sigma, pts, ref)
+            score[picked] = -1.0
+        i = int(np.argmax(score))
+        if score[i] <= 0:
             break
-        if int(i) not in picked:
-            picked.append(int(i))
-    return picked[:n]
-
-
-def sigma_from_halfwidth(halfwidth: float, coverage: float = 0.8) -> float:
-    """The normal σ whose central ``coverage`` interval has this half-width."""
-    from scipy.stats import norm
-
-    return halfwidth / float(norm.ppf(0.5 + coverage / 2)) if halfwidth > 0 else math.inf
+        picked.append(i)
+        pts.append((float(bpw[i]), float(mu[i])))
+    return picked, first

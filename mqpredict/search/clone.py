@@ -15,7 +15,7 @@ from mqpredict.errors import InputError
 from mqpredict.llama.engine import Engine, Measurement, load_scores
 from mqpredict.quant.config import Config
 from mqpredict.quant.model import ModelInfo
-from mqpredict.search.line import Line, Point
+from mqpredict.pareto import Line, Point
 from mqpredict.search.paired import Paired, margin_to_line
 
 

@@ -3,12 +3,16 @@
 The space is every assignable group × allowed type, deduplicated by the files it makes (effective
 per-tensor types after llama.cpp's fallbacks). When it has at most ``exhaustive_limit`` configs it is
 enumerated and every distinct file is scored; beyond that an evolutionary search on the surrogate
-(random population, then rounds of one- and two-group mutations of the best by expected improvement)
-finds the candidates. Candidates already measured (same file) are never proposed again.
+(random population, then rounds of one- and two-group mutations of the best by expected hypervolume
+improvement) finds the candidates. Each candidate gets its own predicted ln KLD and calibrated interval
+(:meth:`~mqpredict.surrogate.model.Surrogate.kld_halfwidth`); the batch is chosen by EHVI with
+Kriging-believer fantasies (:mod:`mqpredict.search.acquisition`). Candidates already measured (same
+file) are never proposed again.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,8 +22,7 @@ from mqpredict.quant.imatrix import Imatrix
 from mqpredict.quant.model import ModelInfo
 from mqpredict.quant.resolve import resolve, types_key
 from mqpredict.quant.types import QuantType
-from mqpredict.search.acquisition import diverse_batch, expected_improvement, frontier_at, sigma_from_halfwidth
-from mqpredict.search.line import Line
+from mqpredict.search.acquisition import batch, ehvi
 from mqpredict.search.space import DEFAULT_TYPES, CandidateSpace
 from mqpredict.search.vectorized import Featurizer, Space
 from mqpredict.surrogate.model import Surrogate
@@ -35,11 +38,13 @@ class Proposal:
     kld_pred: float  # predicted mean KLD
     kld_lo: float  # 80% interval
     kld_hi: float
-    ei: float  # expected improvement of ln KLD below the frontier
+    ei: float  # expected hypervolume improvement (bpw × ln KLD) when it was chosen
+    source: str = "proposed"  # proposed (by EHVI), probe, warm-start (the allocator's configs)
 
     def to_json(self) -> dict:
         return {"config": self.config.key, "types_key": self.types_key, "size_bytes": self.size_bytes, "bpw": self.bpw,
-                "kld_pred": self.kld_pred, "kld_lo": self.kld_lo, "kld_hi": self.kld_hi, "ei": self.ei}  # fmt: skip
+                "kld_pred": self.kld_pred, "kld_lo": self.kld_lo, "kld_hi": self.kld_hi, "ei": self.ei,
+                "source": self.source}  # fmt: skip
 
 
 @dataclass
@@ -68,13 +73,20 @@ class Proposer:
     def n_configs(self) -> int:
         return self._space.n_total
 
-    def _score(self, A: np.ndarray, s: Surrogate, ln_ref: float, sigma: float, front: Line):
-        sizes, bpw = self._space.sizes(A)
-        mu = ln_ref + s.predict(self._feat.matrix(A, bpw))["kld"].mean
-        ei = expected_improvement(mu, np.full(len(A), sigma), frontier_at(front, bpw))
-        return sizes, bpw, mu, ei
+    @property
+    def max_bpw(self) -> float:
+        """The bpw of the space's largest file (every group at its largest type)."""
+        sp = self._space
+        top = np.array([[int(np.argmax(b)) for b in sp.raw_bytes]], dtype=np.int64)
+        return float(sp.sizes(top)[1][0])
 
-    def _pool(self, s: Surrogate, ln_ref: float, sigma: float, front: Line) -> np.ndarray:
+    def predict(self, A: np.ndarray, s: Surrogate, ln_ref: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Exact sizes and bpw, predicted ln KLD and its calibrated half-width of each row of ``A``."""
+        sizes, bpw = self._space.sizes(A)
+        X = self._feat.matrix(A, bpw)
+        return sizes, bpw, ln_ref + s.predict(X)["kld"].mean, s.kld_halfwidth(X)
+
+    def _pool(self, s: Surrogate, ln_ref: float, points, ref, z80: float) -> np.ndarray:
         sp = self._space
         if sp.n_total <= self.exhaustive_limit:
             A = sp.enumerate()
@@ -84,8 +96,9 @@ class Proposer:
         A = (rng.random((self.population, len(radices))) * radices).astype(np.int16)
         A = A[sp.unique(A)]
         for _ in range(self.generations):  # keep the best, mutate one or two groups of each
-            ei = self._score(A, s, ln_ref, sigma, front)[3]
-            elite = A[np.argsort(-ei)[: max(1, len(A) // 20)]]
+            _sz, bpw, mu, hw = self.predict(A, s, ln_ref)
+            score = ehvi(bpw, mu, hw / z80, points, ref)
+            elite = A[np.argsort(-score)[: max(1, len(A) // 20)]]
             kids = np.repeat(elite, 4, axis=0)
             for _k in range(2):
                 rows = np.arange(len(kids))
@@ -96,38 +109,44 @@ class Proposer:
             A = A[sp.unique(A)]
         return A
 
-    def ask(self, n: int, s: Surrogate, ln_ref: float, halfwidth: float, front: Line, measured: set[str],
-            coverage: float = 0.8) -> list[Proposal]:  # fmt: skip
-        """The next ``n`` configs by expected improvement below ``front``, spread over its bpw range."""
-        sigma = sigma_from_halfwidth(halfwidth, coverage)
-        A = self._pool(s, ln_ref, sigma, front)
-        sizes, bpw, mu, ei = self._score(A, s, ln_ref, sigma, front)
-        if not front.hull:
-            return []
-        lo, hi = front.hull[0].bpw, front.hull[-1].bpw
-        edges = np.linspace(lo, hi, n + 1)
+    def ask(self, n: int, s: Surrogate, ln_ref: float, points: list[tuple[float, float]], ref: tuple[float, float],
+            exclude: frozenset[str] | set[str], inflation: float = 1.0, coverage: float = 0.8,
+            shortlist: int = 50) -> list[Proposal]:  # fmt: skip
+        """The next ``n`` configs by EHVI over ``points`` (the front, in (bpw, ln KLD)) up to ``ref``; every
+        interval widened by ``inflation`` (the campaign's own recalibration); files in ``exclude`` never."""
+        from scipy.stats import norm
+
+        z80 = float(norm.ppf(0.5 + coverage / 2))
+        A = self._pool(s, ln_ref, points, ref, z80)
+        sizes, bpw, mu, hw = self.predict(A, s, ln_ref)
+        hw = hw * inflation
+        first = ehvi(bpw, mu, hw / z80, points, ref)
         keys: dict[int, str] = {}
-        taken: set[str] = set()
-        per_band = max(10, 40 // max(1, n))
-        for a, b in [(lo, hi), *zip(edges, edges[1:])]:  # the global best, then the best of every band
-            inside = np.flatnonzero((bpw >= a) & (bpw <= b) & (ei > 0))
-            got = 0
-            for i in inside[np.argsort(-ei[inside], kind="stable")]:
-                if got >= (4 * n if a == lo and b == hi else per_band):
-                    break
-                if int(i) in keys:
-                    continue
-                k = types_key(self.model, resolve(self.model, self._space.config(A[i]), imatrix=self.imatrix))
-                if k in measured or k in taken:
-                    continue
+        for i in np.argsort(-first, kind="stable"):  # a shortlist of unmeasured files, best first
+            if first[i] <= 0 or len(keys) >= shortlist * max(1, n):
+                break
+            k = types_key(self.model, resolve(self.model, self._space.config(A[i]), imatrix=self.imatrix))
+            if k not in exclude:
                 keys[int(i)] = k
-                taken.add(k)
-                got += 1
         if not keys:
             return []
-        keep = sorted(keys)
-        idx = np.array(keep)
-        chosen = [keep[j] for j in diverse_batch(bpw[idx], ei[idx], n, lo, hi)]
-        return [Proposal(self._space.config(A[i]), keys[i], int(sizes[i]), float(bpw[i]), float(np.exp(mu[i])),
-                         float(np.exp(mu[i] - halfwidth)), float(np.exp(mu[i] + halfwidth)), float(ei[i]))
-                for i in chosen]  # fmt: skip
+        idx = np.array(list(keys))
+        picked, _ = batch(bpw[idx], mu[idx], hw[idx] / z80, points, ref, n)
+        out = []
+        for j in picked:
+            i = int(idx[j])
+            out.append(Proposal(self._space.config(A[i]), keys[i], int(sizes[i]), float(bpw[i]), float(np.exp(mu[i])),
+                                float(np.exp(mu[i] - hw[i])), float(np.exp(mu[i] + hw[i])), float(first[i])))  # fmt: skip
+        return out
+
+    def proposal(self, config: Config, s: Surrogate, ln_ref: float, source: str, inflation: float = 1.0) -> Proposal:
+        """A given config (a probe, a warm start) as a proposal with its prediction (its EHVI is not computed)."""
+        from mqpredict.surrogate import features as F
+        from mqpredict.surrogate.service import score_configs
+
+        sc = score_configs(self.model, self.table, [config], imatrix=self.imatrix)[0]
+        X = F.matrix([sc.features])
+        mu = ln_ref + float(s.predict(X)["kld"].mean[0])
+        hw = float(s.kld_halfwidth(X)[0]) * inflation
+        return Proposal(config, sc.types_key, sc.size_bytes, sc.bpw, math.exp(mu), math.exp(mu - hw), math.exp(mu + hw),
+                        0.0, source)  # fmt: skip

@@ -14,6 +14,14 @@ model's measured Q8_0 reference. Metrics per held-out model (models weigh the sa
 * ``mae_log10`` — mean |log10 predicted − log10 measured KLD|;
 * ``coverage`` — share of measured values inside the 80 % interval (surrogate only).
 
+**Every method is scored on the same rows.** A held-out model's scored rows are its measured configs
+except its isolation probes (the probes baseline is built from them) and its Q8_0 reference (every
+method predicts relative to it); a model enters the means only with at least :data:`MIN_ROWS` scored
+rows. The probes baseline predicts only configs whose every group was probed at its type, so it is
+compared on a second subset, ``rows = "probe-predictable"``: every method on exactly the rows it can
+predict (models with at least :data:`MIN_ROWS` of them); ``rows = "all"`` holds the other methods on
+every scored row.
+
 Baselines: ``bpw`` (a linear fit of the delta on bpw alone), ``probes`` (KLD(Q8_0) + Σ_g the measured
 isolation-probe increments on that model; only where every group's type was probed), ``allocator``
 (the zero-run allocator's objective, :meth:`~mqpredict.surrogate.weight_error.ErrorTable.config_error`: the
@@ -33,12 +41,14 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from mqpredict.search.line import Line, Point
+from mqpredict.pareto import Line, Point
 from mqpredict.surrogate import features as F
 from mqpredict.surrogate.data import TrainingSet, model_weights
 from mqpredict.surrogate.model import Surrogate
 
 METRICS = ("spearman", "spearman_band", "spearman_margin", "precision_at_k", "regret", "mae_log10", "coverage")
+MIN_ROWS = 10  # scored rows a held-out model needs to enter a mean
+REFERENCE = "preset=Q8_0"
 METHODS = ("surrogate", "bpw", "probes", "allocator")
 
 
@@ -148,8 +158,12 @@ def evaluate(data: TrainingSet, make: Callable[[], Surrogate], progress=None) ->
         te = np.flatnonzero(~tr)
         for ctx in data.rows.loc[te, "context"].unique():
             idx = te[(data.rows.loc[te, "context"] == ctx).to_numpy()]
-            rows = data.rows.loc[idx].reset_index(drop=True)
-            X = data.X[idx]
+            every = data.rows.loc[idx].reset_index(drop=True)  # the probes baseline reads the probe rows
+            probes = probe_prediction(every)
+            keep = ((every["source"] != "probe") & (every["config"] != REFERENCE)).to_numpy()
+            rows, X, probes = every[keep].reset_index(drop=True), data.X[idx][keep], probes[keep]
+            if len(rows) < MIN_ROWS:
+                continue
             ln_ref = math.log(rows["ref_kld"].iloc[0])
             p = s.predict(X)["kld"]
             info = {"model_id": rows["model_id"].iloc[0], "model_name": rows["model_name"].iloc[0], "family": fam,
@@ -157,15 +171,20 @@ def evaluate(data: TrainingSet, make: Callable[[], Surrogate], progress=None) ->
             preds = {
                 "surrogate": (ln_ref + p.mean, ln_ref + p.lo, ln_ref + p.hi),
                 "bpw": (ln_ref + np.polyval(lin_bpw, X[:, bpw_i]), None, None),
-                "probes": (probe_prediction(rows), None, None),
                 "allocator": (ln_ref + np.polyval(lin_alloc, rows["alloc_dlerr"].to_numpy()), None, None),
             }
             for method, (m, lo, hi) in preds.items():
-                out.append({**info, "method": method, "mode": "reference", **model_metrics(rows, m, lo, hi)})
+                out.append({**info, "method": method, "mode": "reference", "rows": "all", **model_metrics(rows, m, lo, hi)})
+            sub = np.isfinite(probes)
+            if sub.sum() >= MIN_ROWS:  # the same rows for every method: the ones the probes can predict
+                for method, (m, lo, hi) in {**preds, "probes": (probes, None, None)}.items():
+                    cut = (lambda a: None if a is None else a[sub])  # noqa: E731
+                    out.append({**info, "method": method, "mode": "reference", "rows": "probe-predictable",
+                                **model_metrics(rows[sub].reset_index(drop=True), m[sub], cut(lo), cut(hi))})  # fmt: skip
             ref_x = data.X_ref[(data.refs["context"] == ctx).to_numpy()]
             if len(ref_x) and not math.isnan(s.halfwidth_zero_):
                 zero = s.predict_reference(ref_x[:1])[0] + p.mean
-                out.append({**info, "method": "surrogate", "mode": "zero-shot",
+                out.append({**info, "method": "surrogate", "mode": "zero-shot", "rows": "all",
                             **model_metrics(rows, zero, zero - s.halfwidth_zero_, zero + s.halfwidth_zero_)})  # fmt: skip
     if progress:
         progress("cross-validation", len(fams), len(fams))
@@ -173,6 +192,9 @@ def evaluate(data: TrainingSet, make: Callable[[], Surrogate], progress=None) ->
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean of each metric per (real/synthetic, mode, method): each held-out model weighs the same."""
+    """Mean of each metric per (real/synthetic, rows, mode, method): each held-out model weighs the same;
+    ``n_models`` says how many entered the mean."""
     t = table.assign(kind=np.where(table["synthetic"], "synthetic", "real"))
-    return t.groupby(["kind", "mode", "method"])[list(METRICS)].mean().reset_index()
+    keys = ["kind", "rows", "mode", "method"]
+    out = t.groupby(keys)[list(METRICS)].mean().reset_index()
+    return out.merge(t.groupby(keys).size().rename("n_models").reset_index(), on=keys)

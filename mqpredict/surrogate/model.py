@@ -5,15 +5,20 @@ scikit-learn conventions: parameters in ``__init__``, ``fit`` learns, fitted sta
 * One booster per target (``kld``, ``p99``, ``miss``; :mod:`mqpredict.surrogate.data`), trained with each
   model weighing the same. No monotone constraints: more bits do not always mean less KLD in
   combination, and bits do not order quality across type families.
-* **Intervals** are split-conformal on leave-one-family-out residuals: for each family, boosters trained
-  without it predict it, and the half-width is the weighted ``coverage`` quantile of the absolute
-  residuals (each held-out model weighing the same). So the interval is honest on *new* models, and its
-  coverage is what the CV table reports.
+* **Intervals** are conformal on leave-one-family-out residuals: for each family, boosters trained
+  without it predict it (each held-out model weighing the same). Their width **varies by candidate**
+  (normalized conformal): a small booster learns the log of the absolute held-out residual from the
+  features (``scale``: large where the training data is sparse or the models disagree), and the
+  half-width is ``q · scale(x)``, with ``q`` the weighted ``coverage`` quantile of ``|residual| / scale``
+  where each family's scale comes from a scale booster fitted *without* that family's residuals. So the
+  interval is honest on *new* models, and its coverage is what the CV table reports. ``halfwidth_`` keeps
+  the constant (plain split-conformal) half-width of each target; the p99 and miss targets use it.
 * **Zero-shot**: a ridge regression predicts the reference's ln KLD from the model (few models: kept
   simple); its interval is calibrated the same way, on the total (reference + delta) residuals.
 * Predictions for models or configs outside the training range are flagged.
 
-Persistence: ``<dir>/{kld,p99,miss}.txt`` (LightGBM text format) + ``metadata.json``; never pickle.
+Persistence: ``<dir>/{kld,p99,miss}.txt`` and ``kld_scale.txt`` (LightGBM text format) + ``metadata.json``;
+never pickle.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ from mqpredict.surrogate.data import TARGETS, TrainingSet, model_weights
 from mqpredict.util.atomic import atomic_write_text
 
 SURROGATE_VERSION = 2  # 2: expert slots split (moe_experts_up_gate/_down), active-parameter features (MoE), imatrix
+#: the booster of ln |held-out residual| (small: it learns where the surrogate is unsure, not the KLD)
+SCALE_PARAMS = {"num_leaves": 7, "min_data_in_leaf": 20, "learning_rate": 0.05, "rounds": 150}
+_SCALE_FLOOR = 1e-3  # ln-KLD residuals below this count as this (a log of zero has no scale)
 REF_FEATURES = ("lwerr", "log_params", "vocab_share", "tied", "dithered", "log2_embd")
 RANGE_FEATURES = ("log_params", "log2_embd", "n_layers", "vocab_share", "bpw", "dlwerr", "active_share")
 
@@ -98,7 +106,10 @@ class Surrogate(BaseEstimator):
         idx = [F.FEATURES.index(f) for f in REF_FEATURES]
         return np.c_[np.ones(len(Xr)), (Xr[:, idx] - mu) / sd] @ coef
 
-    def fit(self, data: TrainingSet) -> Surrogate:
+    def fit(self, data: TrainingSet, calibration: Surrogate | None = None) -> Surrogate:
+        """Fit the boosters; calibrate the intervals on leave-one-family-out residuals, or take the calibration
+        of ``calibration`` (a surrogate fitted on nearly the same data: a campaign's refits keep its first
+        calibration and recalibrate on their own measurements instead)."""
         if len(data.X) == 0:
             raise InputError("no training rows", "the records need Q8_0 references and weight-error tables")
         w = model_weights(data.rows["model_id"])
@@ -108,7 +119,11 @@ class Surrogate(BaseEstimator):
                         for f in RANGE_FEATURES}  # fmt: skip
         self.train_models_ = sorted(set(zip(data.rows["model_id"], data.rows["family"], data.rows["model_name"])))
         self.train_families_ = sorted(data.rows["family"].unique())
-        self.calibrate(data)
+        if calibration is None:
+            self.calibrate(data)
+        else:
+            for a in ("halfwidth_", "halfwidth_zero_", "calibrated_", "scale_", "scale_q_"):
+                setattr(self, a, getattr(calibration, a))
         return self
 
     def calibrate(self, data: TrainingSet) -> None:
@@ -118,9 +133,10 @@ class Surrogate(BaseEstimator):
             res = data.Y - self._predict_raw(data.X)
             self.halfwidth_ = [float(np.quantile(np.abs(res[:, j]), self.coverage)) for j in range(len(TARGETS))]
             self.halfwidth_zero_ = float("nan")
+            self.scale_, self.scale_q_ = None, float("nan")
             self.calibrated_ = False
             return
-        res, wts, zres, zw = [], [], [], []
+        res, wts, zres, zw, xs, fam_of = [], [], [], [], [], []
         for fam in fams:
             tr, te = (data.rows["family"] != fam).to_numpy(), (data.rows["family"] == fam).to_numpy()
             rtr, rte = (data.refs["family"] != fam).to_numpy(), (data.refs["family"] == fam).to_numpy()
@@ -130,6 +146,8 @@ class Surrogate(BaseEstimator):
             pred = np.column_stack([b.predict(data.X[te]) for b in bs])
             res.append(np.abs(data.Y[te] - pred))
             wts.append(model_weights(data.rows["model_id"][te]))
+            xs.append(data.X[te])
+            fam_of.append(np.full(int(te.sum()), fam, dtype=object))
             if rtr.sum() >= 2 and rte.any():
                 coef, _, mu, sd = self._fit_ref(data.X_ref[rtr], data.refs["ln_kld_ref"].to_numpy()[rtr])
                 ref_hat = dict(zip(data.refs["model_id"][rte], self._ref_predict(data.X_ref[rte], coef, mu, sd)))
@@ -140,8 +158,37 @@ class Surrogate(BaseEstimator):
                 zw.append(model_weights(rows["model_id"]))
         R, W = np.vstack(res), np.concatenate(wts)
         self.halfwidth_ = [_weighted_quantile(R[:, j], W, self.coverage) for j in range(len(TARGETS))]
+        self._calibrate_scale(np.vstack(xs), R[:, 0], W, np.concatenate(fam_of))
         self.halfwidth_zero_ = _weighted_quantile(np.concatenate(zres), np.concatenate(zw), self.coverage) if zres else float("nan")
         self.calibrated_ = True
+
+    def _fit_scale(self, X: np.ndarray, r: np.ndarray, w: np.ndarray) -> lgb.Booster:
+        p = {**self._params(), "num_leaves": SCALE_PARAMS["num_leaves"], "min_data_in_leaf": SCALE_PARAMS["min_data_in_leaf"],
+             "learning_rate": SCALE_PARAMS["learning_rate"]}  # fmt: skip
+        y = np.log(np.maximum(r, _SCALE_FLOOR))
+        return lgb.train(p, lgb.Dataset(X, y, weight=w, feature_name=list(F.FEATURES), free_raw_data=False),
+                         num_boost_round=SCALE_PARAMS["rounds"])  # fmt: skip
+
+    def _calibrate_scale(self, X: np.ndarray, r: np.ndarray, w: np.ndarray, fam: np.ndarray) -> None:
+        """Normalized conformal for the kld target (module docstring): ``scale_`` and ``scale_q_``."""
+        fams = sorted(set(fam))
+        if len(fams) < 3:  # too few families to learn where residuals are large: constant width
+            self.scale_, self.scale_q_ = None, float("nan")
+            return
+        score = np.empty(len(r))
+        for f in fams:
+            te = fam == f
+            g = self._fit_scale(X[~te], r[~te], w[~te])
+            score[te] = r[te] / np.exp(g.predict(X[te]))
+        self.scale_q_ = _weighted_quantile(score, w, self.coverage)
+        self.scale_ = self._fit_scale(X, r, w)
+
+    def kld_halfwidth(self, X: np.ndarray) -> np.ndarray:
+        """The calibrated half-width of each row's ln-KLD interval (per candidate when a scale was learnt)."""
+        X = np.atleast_2d(X)
+        if getattr(self, "scale_", None) is None:
+            return np.full(len(X), float(self.halfwidth_[0]))
+        return self.scale_q_ * np.exp(self.scale_.predict(X))
 
     # -------------------------------------------------------------------------- predict
     def _predict_raw(self, X: np.ndarray) -> np.ndarray:
@@ -149,9 +196,10 @@ class Surrogate(BaseEstimator):
 
     def predict(self, X: np.ndarray) -> dict[str, Prediction]:
         """Deltas to the reference, in ln space, with the calibrated ``coverage`` interval."""
-        raw = self._predict_raw(np.atleast_2d(X))
-        return {t: Prediction(raw[:, j], raw[:, j] - self.halfwidth_[j], raw[:, j] + self.halfwidth_[j])
-                for j, t in enumerate(TARGETS)}  # fmt: skip
+        X = np.atleast_2d(X)
+        raw = self._predict_raw(X)
+        hw = [self.kld_halfwidth(X) if t == "kld" else np.full(len(X), self.halfwidth_[j]) for j, t in enumerate(TARGETS)]
+        return {t: Prediction(raw[:, j], raw[:, j] - hw[j], raw[:, j] + hw[j]) for j, t in enumerate(TARGETS)}
 
     def predict_reference(self, X_ref: np.ndarray) -> np.ndarray:
         """Zero-shot: the reference's ln KLD, from the model alone."""
@@ -175,6 +223,11 @@ class Surrogate(BaseEstimator):
         folder.mkdir(parents=True, exist_ok=True)
         for t, b in zip(TARGETS, self.boosters_):
             atomic_write_text(folder / f"{t}.txt", b.model_to_string())
+        scale = getattr(self, "scale_", None)
+        if scale is not None:
+            atomic_write_text(folder / "kld_scale.txt", scale.model_to_string())
+        else:
+            (folder / "kld_scale.txt").unlink(missing_ok=True)
         meta = {
             "schema_version": SURROGATE_VERSION,
             "params": self.get_params(),
@@ -183,6 +236,7 @@ class Surrogate(BaseEstimator):
             "targets": list(TARGETS),
             "halfwidth": self.halfwidth_,
             "halfwidth_zero": None if math.isnan(self.halfwidth_zero_) else self.halfwidth_zero_,
+            "kld_scale_q": None if scale is None else self.scale_q_,
             "calibrated": self.calibrated_,
             "coverage": self.coverage,
             "reference_model": {"features": list(REF_FEATURES), "coef": self.ref_coef_.tolist(),
@@ -224,6 +278,9 @@ class Surrogate(BaseEstimator):
         hz = meta.get("halfwidth_zero")
         s.halfwidth_zero_ = float("nan") if hz is None else hz
         s.calibrated_ = meta["calibrated"]
+        q = meta.get("kld_scale_q")
+        s.scale_ = lgb.Booster(model_file=str(folder / "kld_scale.txt")) if q is not None else None
+        s.scale_q_ = float("nan") if q is None else q
         rm = meta["reference_model"]
         s.ref_coef_, s.ref_mu_, s.ref_sd_ = (np.array(rm[k]) for k in ("coef", "mu", "sd"))
         s.ranges_ = {k: tuple(v) for k, v in meta["ranges"].items()}

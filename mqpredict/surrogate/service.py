@@ -112,16 +112,20 @@ def predict_rows(s: Surrogate, scored: list[Scored], ln_ref: float | None, ref_x
     p = s.predict(X)
     if ln_ref is None:
         base = float(s.predict_reference(F.matrix([ref_x]))[0])
-        hw = s.halfwidth_zero_ if not math.isnan(s.halfwidth_zero_) else s.halfwidth_[0] * 2
+        calibrated = not math.isnan(s.halfwidth_zero_)
+        # without zero-shot calibration (fewer than two families with references) the width is a guess:
+        # twice the reference mode's; the row says so (``interval_calibrated``) and the CLI prints it
+        hw = s.halfwidth_zero_ if calibrated else 2 * s.kld_halfwidth(X)
         lo, hi = base + p["kld"].mean - hw, base + p["kld"].mean + hw
         mode = "zero-shot"
     else:
         base, lo, hi, mode = ln_ref, ln_ref + p["kld"].lo, ln_ref + p["kld"].hi, "reference"
+        calibrated = bool(s.calibrated_)
     mean = base + p["kld"].mean
     flags = s.out_of_range(X)
     return [
         {"config": x.config.key, "size_bytes": x.size_bytes, "bpw": x.bpw, "types_key": x.types_key,
          "kld_pred": float(np.exp(mean[i])), "kld_lo": float(np.exp(lo[i])), "kld_hi": float(np.exp(hi[i])),
-         "mode": mode, "out_of_range": flags[i]}
+         "mode": mode, "interval_calibrated": calibrated, "out_of_range": flags[i]}
         for i, x in enumerate(scored)
     ]  # fmt: skip

@@ -1,6 +1,9 @@
-"""The line: what the standard presets of one model achieve, size against quality.
+"""Size against quality in (bpw, ln KLD): the line, the frontier and the hypervolume — one neutral module.
 
-The line is the monotone lower hull of the Pareto-optimal measured presets in (bpw, ln KLD),
+Everything that compares configs by size and KLD (the surrogate's CV, the search, reports, benchmarks)
+imports these from here; this module imports nothing of mqpredict.
+
+The **line** is what the standard presets of one model achieve: it is the monotone lower hull of the Pareto-optimal measured presets in (bpw, ln KLD),
 interpolated linearly and never extrapolated: below the smallest or above the largest hull preset a
 config has no line value (compare it only with the presets that dominate it). A config's **margin** is
 ``ln KLD(config) − line(bpw)``: negative means below the line, and ``exp(margin) − 1`` is the relative
@@ -12,6 +15,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -86,3 +91,30 @@ def position(p: Point, line: Line, presets: Iterable[Point]) -> str:
 
 def _cross(o: Point, a: Point, b: Point) -> float:
     return (a.bpw - o.bpw) * (b.ln_kld - o.ln_kld) - (a.ln_kld - o.ln_kld) * (b.bpw - o.bpw)
+
+
+def frontier(points: list[Point]) -> Line:
+    """The lower hull of every measured point (the line of presets and hybrids together)."""
+    return Line.from_presets(points)
+
+
+def frontier_at(front: Line, bpw: np.ndarray) -> np.ndarray:
+    """The frontier's ln KLD at each bpw (NaN outside its range)."""
+    h = front.hull
+    if not h:
+        return np.full(len(bpw), np.nan)
+    xs = np.array([p.bpw for p in h])
+    ys = np.array([p.ln_kld for p in h])
+    out = np.interp(bpw, xs, ys) if len(h) > 1 else np.where(bpw == xs[0], ys[0], np.nan)
+    return np.where((bpw < xs[0]) | (bpw > xs[-1]), np.nan, out)
+
+
+def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:
+    """Area dominated by ``points`` (bpw, ln KLD; both minimised) up to the reference point ``ref``."""
+    pts = sorted((b, k) for b, k in points if b <= ref[0] and k <= ref[1])
+    area, best = 0.0, ref[1]
+    for i, (b, k) in enumerate(pts):
+        best = min(best, k)
+        nxt = pts[i + 1][0] if i + 1 < len(pts) else ref[0]
+        area += (nxt - b) * (ref[1] - best)
+    return area

@@ -1,4 +1,9 @@
-"""The campaign: seed → fit → propose → confirm for real → record → refit, until the budget is spent.
+"""The campaign: seed → ask the policy → confirm for real → record → tell, until the budget is spent.
+
+A campaign is three things: the search :class:`~mqpredict.search.policy.Policy` (every decision: what
+to propose, when a staged confirmation stops, which configs are wins), a scheduler (the
+:class:`~mqpredict.execute.executor.Executor` the jobs run on) and a recorder (the records store, MLflow,
+the console). ``bench search`` runs the same policy against a ground truth's oracle.
 
 One campaign works on one base model, one corpus and one **search slice** of it (``ctx`` × ``n_chunks``
 windows); a second slice of the same size right after it is **held out** and used only to re-confirm
@@ -12,11 +17,12 @@ already measured is never proposed again — a campaign killed any number of tim
 of one never interrupted (``mqpredict bench faults`` checks it). The surrogate is refitted before every
 batch on the shipped dataset *without the model's family* plus this campaign's own records of the model.
 
-Wins: a config is a **candidate win** when its paired margin to the line on the search slice is below
-zero by more than ``z`` paired errors; it becomes a **nonlinear win** when the same holds on the held-out
-slice, against the line of the same presets measured there (winning the best of many candidates picks
-up noise; the held-out slice does not). Held-out re-measurements count against the budget: budget is
-every run the campaign spends beyond seeds.
+Wins: a config is a **candidate win** when its paired margin to the line on the search slice is
+significantly below zero (window-block error, one-sided t test at ``alpha``); it becomes a **nonlinear
+win** when the same holds on the held-out slice, against the line of the same presets measured there,
+with Holm's correction over the candidates re-confirmed (winning the best of many candidates picks up
+noise; the held-out slice does not). Held-out re-measurements count against the budget: budget is every
+run the campaign spends beyond seeds.
 """
 
 from __future__ import annotations
@@ -36,26 +42,26 @@ import pandas as pd
 
 from mqpredict.errors import InputError
 from mqpredict.execute.executor import Executor, LocalExecutor
-from mqpredict.execute.job import Job, JobKind, JobResult
+from mqpredict.execute.job import Job, JobResult
 from mqpredict.llama.engine import Engine, load_scores
 from mqpredict.measure.corpus import EvalSpec, Scoring
-from mqpredict.records.context import Context
+from mqpredict.pareto import Line, Point, hypervolume
 from mqpredict.quant.config import Config
-from mqpredict.quant.resolve import types_key
 from mqpredict.quant.types import QuantType
+from mqpredict.records.context import Context
 from mqpredict.records.convert import Provenance, failed, from_measurement
 from mqpredict.records.identity import ModelIdentity, identify
 from mqpredict.records.schema import Source, Status
-from mqpredict.records.seed import Candidate, preset_candidates, seed, seed_presets
 from mqpredict.records.store import Store
-from mqpredict.search.acquisition import frontier
-from mqpredict.search.confirm import Outcome, Reference, stage_specs
-from mqpredict.search.line import Line, Point
-from mqpredict.search.paired import Paired, margin_to_line
-from mqpredict.search.proposer import Proposal, Proposer
-from mqpredict.search.space import DEFAULT_TYPES, CandidateSpace
+from mqpredict.search.confirm import Outcome, Reference, confirm, stage_specs
+from mqpredict.search.paired import Paired, holm, margin_to_line
+from mqpredict.search.policy import Learner, Policy, PolicySettings, Probes, spread, told_from
+from mqpredict.search.proposer import Proposal
+from mqpredict.search.snapshot import Snapshot
+from mqpredict.search.space import DEFAULT_TYPES
 from mqpredict.tracking import Tracker
 from mqpredict.util import faults
+from mqpredict.workflows.seed import Candidate, preset_candidates, seed, seed_presets
 from mqpredict.util.atomic import atomic_write_text
 
 STATE = "campaign.json"
@@ -64,19 +70,13 @@ BATCHES = "batches.jsonl"  # one line per batch asked, written whole before any 
 CAMPAIGN_PREFIX = "campaign:"  # provenance_file of the records a campaign measures: campaign:<id>
 
 
-class Probes(StrEnum):
-    auto = "auto"  # when the model is outside the surrogate's training range and the probes fit the budget
-    yes = "yes"
-    no = "no"
-
-
 @dataclass(frozen=True)
 class Settings:
     budget: int = 20
     batch: int = 4
     stage_fraction: float = 0.25  # first stage of a confirmation: this share of the search slice
-    z: float = 2.0  # paired standard errors for "significantly" below/above
-    ei_threshold: float = 0.002  # stop when no candidate is expected to improve ln KLD by more
+    alpha: float = 0.05  # one-sided level of every paired test (Bonferroni/Holm where several are made)
+    stop_share: float = 1e-4  # stop when no candidate's EHVI reaches this share of the front's hypervolume
     probes: Probes = Probes.auto
     types: tuple[str, ...] = tuple(t.name for t in DEFAULT_TYPES)
     seed: int = 0
@@ -84,6 +84,22 @@ class Settings:
 
     def reserve(self) -> int:
         return self.max_heldout or max(1, self.budget // 4)
+
+    def policy(self) -> PolicySettings:
+        return PolicySettings(self.budget, self.batch, self.stage_fraction, self.alpha, self.stop_share, self.probes,
+                              self.seed, self.max_heldout)  # fmt: skip
+
+    @classmethod
+    def from_json(cls, d: dict) -> Settings:
+        """Settings from ``campaign.json`` (one written before ``alpha`` had ``z``: the same one-sided level)."""
+        from scipy.stats import norm
+
+        d = dict(d)
+        if "z" in d and "alpha" not in d:
+            d["alpha"] = float(norm.sf(d["z"]))
+        d["probes"] = Probes(d["probes"])
+        d["types"] = tuple(d["types"])
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
@@ -147,10 +163,7 @@ class State:
             raise InputError(f"{out} holds no {STATE}", "give the --out folder of a campaign started with 'campaign run'")
         try:
             d = json.loads(p.read_text())
-            st = d.pop("settings")
-            st["probes"] = Probes(st["probes"])
-            st["types"] = tuple(st["types"])
-            return cls(settings=Settings(**st), **d)
+            return cls(settings=Settings.from_json(d.pop("settings")), **d)
         except (ValueError, KeyError, TypeError) as e:
             raise InputError(f"{p} is not a campaign state file ({e})", "start a new campaign with 'campaign run'") from e
 
@@ -211,27 +224,6 @@ def clear(out: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:
-    """Area dominated by ``points`` (bpw, ln KLD; both minimised) up to the reference point ``ref``."""
-    pts = sorted((b, k) for b, k in points if b <= ref[0] and k <= ref[1])
-    area, best = 0.0, ref[1]
-    for i, (b, k) in enumerate(pts):
-        best = min(best, k)
-        nxt = pts[i + 1][0] if i + 1 < len(pts) else ref[0]
-        area += (nxt - b) * (ref[1] - best)
-    return area
-
-
-def spread(cands: list[tuple[str, Paired]], bpw: dict[str, float], spacing: float = 0.1) -> list[tuple[str, Paired]]:
-    """Candidates best first, but one per ``spacing``-bpw neighbourhood before any second one: the held-out
-    budget re-confirms wins across the size range, not five near-copies of the best."""
-    first: list[tuple[str, Paired]] = []
-    for k, m in cands:
-        if all(abs(bpw[k] - bpw[j]) >= spacing for j, _ in first):
-            first.append((k, m))
-    return first + [c for c in cands if c not in first]
-
-
 class Campaign:
     """One campaign on one engine (base + corpus) and one store; ``run()`` runs or resumes it."""
 
@@ -259,6 +251,11 @@ class Campaign:
         self._vectors: dict[str, np.ndarray] = {}
         self.surrogate_ = None  # the last refitted surrogate (saved into the campaign folder at the end)
         self._table = None  # the base's weight-error table (set by run)
+        self.policy_: Policy | None = None
+        #: configs the policy measures first (warm start). The hook for the zero-run allocator's answers
+        #: (``mqpredict allocate``: its configs across the size range are candidates and a warm start);
+        #: empty until that library function is on this branch
+        self.warm_start: tuple[Config, ...] = ()
         self._predictions = self._load_predictions()
 
     # ------------------------------------------------------------------------ construction
@@ -390,17 +387,17 @@ class Campaign:
                     continue
         return out
 
-    def _note_batch(self, jobs: list[tuple[int, Config, Proposal | None, Source, str]]) -> None:
+    def _note_batch(self, jobs: list[tuple[int, Proposal]]) -> None:
         """A batch, before any of it is submitted: one line, written and synced at once."""
-        line = json.dumps({"jobs": [{"step": s, "config": c.key, "source": src.value, "types_key": tk,
-                                     "proposal": p.to_json() if p else None} for s, c, p, src, tk in jobs]})  # fmt: skip
+        line = json.dumps({"jobs": [{"step": s_, "config": p.config.key, "source": p.source, "types_key": p.types_key,
+                                     "proposal": p.to_json()} for s_, p in jobs]})  # fmt: skip
         with open(self.out / BATCHES, "a") as f:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
         faults.point("propose", f"batch@{jobs[0][0] if jobs else 'none'}")
 
-    def _unfinished(self, spent: pd.DataFrame) -> list[tuple[int, Config, Proposal | None, Source, str]]:
+    def _unfinished(self, spent: pd.DataFrame) -> list[tuple[int, Proposal]]:
         """The jobs of noted batches that have no record yet (a killed process's batch), in step order."""
         done = set(spent["types_key"]) if len(spent) else set()
         out = []
@@ -408,45 +405,41 @@ class Campaign:
             for j in jobs:
                 if j["types_key"] not in done:
                     d = j["proposal"]
-                    p = None if d is None else Proposal(Config.parse(d["config"]), d["types_key"], d["size_bytes"], d["bpw"],
-                                                        d["kld_pred"], d["kld_lo"], d["kld_hi"], d["ei"])  # fmt: skip
-                    out.append((int(j["step"]), Config.parse(j["config"]), p, Source(j["source"]), j["types_key"]))
+                    out.append((int(j["step"]), Proposal(Config.parse(d["config"]), d["types_key"], d["size_bytes"],
+                                                         d["bpw"], d["kld_pred"], d["kld_lo"], d["kld_hi"], d["ei"],
+                                                         d.get("source", "proposed"))))  # fmt: skip
         return sorted(out, key=lambda x: x[0])
 
-    # ------------------------------------------------------------------------ the surrogate
-    def _fit(self, table, without: frozenset[str] = frozenset()):
-        """The surrogate refitted on the shipped dataset without this family + this campaign's records
-        (those of the types keys ``without`` left out)."""
-        from mqpredict.surrogate.data import build, load_tables
-        from mqpredict.surrogate.model import Surrogate
+    # ------------------------------------------------------------------------ the policy
+    def policy(self, table) -> Policy:
+        """The search policy of this campaign, with what it proposed and measured so far (a resume continues)."""
+        learner = Learner.without_family(self.ident.family, self.ident.model_id, table, self.train_store,
+                                         self.train_tables, self.surrogate_folder)  # fmt: skip
+        pol = Policy(self.engine.model, table, learner, self.settings.policy(), self.types, say=self.say,
+                     warm_start=self.warm_start, imatrix=self.engine.imatrix)  # fmt: skip
+        for d in self._predictions.values():
+            pol.remember(d)
+        snap = self.snapshot()
+        per_window = self.state.search.scored_per_chunk
+        pol.tell(told_from(r["types_key"], snap.vectors[r["key"]], per_window, r["status"] == Status.ok.value)
+                 for df in (snap.own, snap.partial) if len(df) for _, r in df.iterrows()
+                 if r["types_key"] in self._predictions and r["key"] in snap.vectors)  # fmt: skip
+        return pol
 
-        params = {}
-        if (self.surrogate_folder / "metadata.json").exists():
-            params = json.loads((self.surrogate_folder / "metadata.json").read_text()).get("params", {})
-        # one LightGBM thread: next to llama.cpp's own threads in this process, two OpenMP threads spin and
-        # a 2-second fit took a minute on 2 cores; the fit is small, one thread is enough
-        params = {**params, "n_jobs": 1}
-        shipped = Store(self.train_store, create=False).load() if (self.train_store / "STORE.json").exists() else pd.DataFrame()
-        if not shipped.empty:
-            shipped = shipped[shipped["family"] != self.ident.family]
-        own = self._records(self.state.search, without=without)
-        recs = pd.concat([shipped, own], ignore_index=True) if not shipped.empty else own
-        tables = load_tables(self.train_tables) if self.train_tables.exists() else {}
-        tables[table.key] = table  # the (model, imatrix) table: records with an imatrix need their own
-        return Surrogate(**params).fit(build(recs, tables))
-
-    def _halfwidth(self, s) -> float:
-        """The calibrated half-width, widened if this campaign's own errors so far are larger."""
-        hw = float(s.halfwidth_[0])
-        measured = self._measured_kld
-        res = []
-        for k, d in self._predictions.items():
-            got = measured.get(k)
-            if got:
-                res.append(abs(math.log(got) - math.log(d["kld_pred"])))
-        if len(res) >= 3:
-            hw = max(hw, float(np.quantile(res, s.coverage)))
-        return hw
+    def snapshot(self, pending: set[str] = frozenset(), without: frozenset[str] = frozenset()) -> Snapshot:
+        """The store read once for one decision: this campaign's context on the search slice (without its own
+        records of the types keys ``without``: the store as it was when a batch was asked)."""
+        st = self.state
+        ok = self._records(st.search, without=without)
+        spent = self._spent()
+        if without and len(spent):
+            spent = spent[~spent["types_key"].isin(without)]
+        part = spent[spent["status"] == Status.partial.value] if len(spent) else spent
+        vectors = {r["key"]: self._vector(r) for df in (ok, part) if len(df) for _, r in df.iterrows()}
+        measured = set(self._records(st.search, status=None)["types_key"]) if len(ok) else set()
+        measured |= set(spent["types_key"]) if len(spent) else set()
+        measured |= self._taken()  # by anyone in the store (another campaign too): never proposed again
+        return Snapshot(ok, vectors, st.search.scored_per_chunk, part, frozenset(measured | set(pending)))
 
     # ------------------------------------------------------------------------ the loop
     def run(self, on_finish: Callable[[Campaign], object] | None = None) -> Result:
@@ -473,8 +466,8 @@ class Campaign:
             seed(e, self.store, preset_candidates(seed_presets(e.imatrix is not None, bool(e.model.n_expert))), self.progress, self.say, tracker=self.tracker,
                  own_run=False, executor=ex, spec=st.search)  # fmt: skip
             table = self._table = self._error_table()
-            proposer = Proposer(e.model, table, self.types, seed=self.settings.seed, imatrix=e.imatrix)
-            self._loop(proposer, table, res)
+            self.policy_ = self.policy(table)
+            self._loop(self.policy_, res)
             self._heldout(res)
             self._finish(res)
             if on_finish:
@@ -495,126 +488,85 @@ class Campaign:
         table.save(path)
         return table
 
-    @property
-    def _measured_kld(self) -> dict[str, float]:
-        df = self._records(self.state.search)
-        return dict(zip(df["types_key"], df["kld_mean"]))
-
     def _reference(self, without: frozenset[str] = frozenset()) -> tuple[Line, Reference, float, pd.DataFrame]:
-        st = self.state
-        ok = self._records(st.search, without=without)
-        line, _presets = self._line(st.search, ok)
-        if not line.hull:
+        """The line, what a first stage is judged against, the reference's ln KLD and the ok records (without
+        this campaign's records of the types keys ``without``: the store as it was when a batch was asked)."""
+        snap = self.snapshot(without=without)
+        if not snap.line.hull:
             raise InputError("no preset could be measured on this model", "see the failed records: mqpredict data list")
-        ref = ok[ok["config"] == "preset=Q8_0"]
-        if ref.empty:
+        if snap.ln_ref is None:
             raise InputError("the Q8_0 reference could not be measured on this model", "see mqpredict data list")
-        vectors = {r["key"]: self._vector(r) for _, r in ok.iterrows()}
-        incumbents = [(float(r.bpw), r.key) for r in ok.itertuples()]
-        per_window = st.search.scored_per_chunk
-        return line, Reference(line, vectors, incumbents, per_window), math.log(float(ref["kld_mean"].iloc[0])), ok
+        ref = Reference(snap.line, dict(snap.vectors), [(float(r.bpw), r.key) for r in snap.ok.itertuples()],
+                        snap.per_window, self.settings.alpha)  # fmt: skip
+        return snap.line, ref, snap.ln_ref, snap.ok
 
     def _candidate_wins(self, line: Line, ok: pd.DataFrame) -> list[tuple[str, Paired]]:
         """Measured configs of this campaign significantly below the line on the search slice, best first."""
         out = []
-        vectors = self._vectors_by_key(ok)
         for _, r in ok[ok["provenance_file"] == self.state.tag].iterrows():
-            m = margin_to_line(self._vector(r), float(r["bpw"]), line, vectors, self.state.search.scored_per_chunk)
-            if m is not None and m.below(self.settings.z):
+            m = margin_to_line(self._vector(r), float(r["bpw"]), line, self._vectors_by_key(ok),
+                               self.state.search.scored_per_chunk)  # fmt: skip
+            if m is not None and m.below(self.settings.alpha):
                 out.append((r["key"], m))
         return sorted(out, key=lambda km: km[1].diff)
 
     def _vectors_by_key(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
         return {r["key"]: self._vector(r) for _, r in df.iterrows()}
 
-    def _use_probes(self, s, proposer: Proposer, ln_ref: float) -> list[Config]:
-        mode = self.settings.probes
-        if mode == Probes.no:
-            return []
-        probes = list(CandidateSpace(self.engine.model, self.types).probes())
-        if mode == Probes.auto:
-            from mqpredict.surrogate import features as F
-            from mqpredict.surrogate.service import score_configs
-
-            ref_x = score_configs(self.engine.model, proposer.table, [Config.parse("default=Q8_0")])[0].features
-            outside = s.out_of_range(F.matrix([ref_x]))[0]
-            if not outside or len(probes) > self.settings.budget // 3:
-                return []
-            self.say(f"the model is outside the surrogate's training range ({'; '.join(outside)}): "
-                     f"{len(probes)} isolation probes first")  # fmt: skip
-        return probes
-
-    def _loop(self, proposer: Proposer, table, res: Result) -> None:
+    def _loop(self, policy: Policy, res: Result) -> None:
         """Ask → submit → tell, as the executor allows: a synchronous executor takes a batch of
-        ``settings.batch`` and returns it whole before the next refit (the same records wherever the jobs
-        run); an asynchronous one is topped up with new proposals, after a refit, whenever a job returns."""
+        ``settings.batch`` and returns it whole before the next ask (the same records wherever the jobs
+        run); an asynchronous one is topped up with new proposals whenever a job returns."""
         st, cfg, ex = self.state, self.settings, self.executor
         spent = self._spent()
         resumed = self._unfinished(spent)
-        step = max([len(spent)] + [j[0] for j in resumed])
-        first = True
-        pending: dict[int, tuple[Config, Proposal | None, Source, str]] = {}  # job id → (config, proposal, source, types key)
+        step = max([len(spent)] + [s_ for s_, _ in resumed])
+        pending: dict[int, Proposal] = {}  # job id → proposal
         if resumed:  # finish what a killed process had asked, judged against the records it was asked on
-            unfinished = {j[4] for j in resumed}
+            unfinished = {p.types_key for _, p in resumed}
             before = frozenset(j["types_key"] for jobs in self._journal() if unfinished & {j["types_key"] for j in jobs}
                                for j in jobs)  # fmt: skip
-            _line, ref, _ln_ref, _ok = self._reference(before)
+            ref = policy.reference(self.snapshot(without=before))
             self.say(f"finishing the batch a stopped run had started ({len(resumed)} config(s))")
-            for s_, c, p, source, tk in resumed:
-                staged = source == Source.proposed
-                ex.submit(Job(s_, JobKind.confirm, c, st.search, ref, cfg.stage_fraction if staged else 1.0, cfg.z))
-                pending[s_] = (c, p, source, tk)
+            for s_, p in resumed:
+                fraction = cfg.stage_fraction if p.source != "probe" else 1.0
+                ex.submit(Job(s_, confirm, (p.config, st.search, ref, fraction)))
+                pending[s_] = p
         asking = True
         while True:
-            spent = self._spent()
-            res.spent = len(spent)
-            line, ref, ln_ref, ok = self._reference()
-            reserve = min(len(self._candidate_wins(line, ok)), cfg.reserve())
+            snap = self.snapshot({p.types_key for p in pending.values()})  # running now: never measured twice
+            res.spent = len(self._spent())
+            reserve = policy.reserve(snap)
             room = cfg.budget - res.spent - reserve - len(pending)
             free = min(ex.free(), room) if asking else 0
             if room <= 0 and not pending:
                 res.stopped = "budget spent" if reserve == 0 else f"budget spent (kept {reserve} for held-out re-confirmation)"
                 return
             if free > 0:
-                self.say(f"fitting the surrogate ({len(ok)} records of this model + the shipped dataset without "
+                self.say(f"asking the policy ({len(snap.ok)} records of this model + the shipped dataset without "
                          f"{self.ident.family})")  # fmt: skip
-                s = self._fit(table)
-                self.surrogate_ = s
-                hw = self._halfwidth(s)
-                measured = self._taken()
-                measured |= set(spent["types_key"]) if len(spent) else set()
-                measured |= {tk for *_, tk in pending.values()}  # running now: never measured twice
-                batch: list[tuple[Config, Proposal | None, Source]] = []
-                if first and step == 0:
-                    probes = [c for c in self._use_probes(s, proposer, ln_ref)
-                              if types_key(self.engine.model, self.engine.resolve(c)) not in measured][:room]  # fmt: skip
-                    batch = [(c, None, Source.probe) for c in probes]
-                first = False
-                if not batch:
-                    n = min(cfg.batch, room) if ex.synchronous else free
-                    front = frontier(self._points(ok))
-                    props = proposer.ask(n, s, ln_ref, hw, front, measured, s.coverage)
-                    if not props or max(p.ei for p in props) < cfg.ei_threshold:
-                        res.stopped = "no candidate is expected to improve the frontier by more than the threshold"
-                        asking = False
-                        props = []
-                    batch = [(p.config, p, Source.proposed) for p in props]
-                jobs = [(step + i, c, p, source, p.types_key if p else types_key(self.engine.model, self.engine.resolve(c)))
-                        for i, (c, p, source) in enumerate(batch, 1)]  # fmt: skip
+                n = min(cfg.batch, room) if ex.synchronous else free
+                props = policy.ask(snap, n)
+                self.surrogate_ = policy.surrogate_
+                if not props:
+                    res.stopped = policy.stopped
+                    asking = False
+                ref = policy.reference(snap) if props else None
+                jobs = [(step + i, p) for i, p in enumerate(props, 1)]
                 step += len(jobs)
-                for *_, p, _source, _tk in jobs:
-                    if p is not None:
-                        self._note_prediction(p)
-                self._note_batch(jobs)  # from here on, a resume finishes this batch rather than asking anew
-                for s_, c, p, source, tk in jobs:
-                    staged = source == Source.proposed
-                    ex.submit(Job(s_, JobKind.confirm, c, st.search, ref, cfg.stage_fraction if staged else 1.0, cfg.z))
-                    pending[s_] = (c, p, source, tk)
+                for _, p in jobs:
+                    self._note_prediction(p)
+                if jobs:
+                    self._note_batch(jobs)  # from here on, a resume finishes this batch rather than asking anew
+                for s_, p in jobs:
+                    fraction = cfg.stage_fraction if p.source != "probe" else 1.0
+                    ex.submit(Job(s_, confirm, (p.config, st.search, ref, fraction)))
+                    pending[s_] = p
             if not pending:
                 return
             r = ex.wait()
-            c, p, source, _tk = pending.pop(r.job.id)
-            self._tell(r, c, p, source, res)
+            p = pending.pop(r.job.id)
+            self._tell(r, p.config, p, Source.probe if p.source == "probe" else Source.proposed, res)
             self.progress("campaign", min(res.spent + 1, cfg.budget), cfg.budget)  # _tell stored one record
             if not pending or not ex.synchronous:
                 self._log_progress(r.job.id)
@@ -635,13 +587,18 @@ class Campaign:
         st, e, step = self.state, self.engine, r.job.id
         prov = Provenance(st.tag, None, "mqpredict campaign")
         if r.error is not None:
-            rec = failed(e, self.ident, c, e.resolve(c), r.job.spec, source, r.error, prov)
+            spec = next(a for a in r.job.args if isinstance(a, EvalSpec))  # the slice the job was to measure
+            rec = failed(e, self.ident, c, e.resolve(c), spec, source, r.error, prov)
             self.store.append([rec.replace(mlflow_run_id=self.tracker.log_record(rec, step))])
             res.steps.append(Step(c.key, rec["bpw"], p.kld_pred if p else None, None, "failed", None, None, r.error, heldout))
             self.say(f"[{step}] {c.key}: measurement failed ({r.error}); recorded as failed, going on")
             return
-        res.forward_tokens += r.outcome.forward_tokens
-        self._store_outcome(r.outcome, c, p, source, prov, res, step, heldout)
+        res.forward_tokens += r.value.forward_tokens
+        self._store_outcome(r.value, c, p, source, prov, res, step, heldout)
+        m = r.value.measurement
+        if p is not None and not heldout and m.per_token_path and self.policy_ is not None:
+            x = load_scores(m.per_token_path).kld
+            self.policy_.tell([told_from(m.types_key, x, self.state.search.scored_per_chunk, r.value.complete)])
 
     def _store_outcome(self, o: Outcome, c: Config, p: Proposal | None, source: Source, prov: Provenance,
                        res: Result, step: int, heldout: bool = False) -> None:  # fmt: skip
@@ -657,7 +614,7 @@ class Campaign:
                    "pred_error_ln": math.log(m.stats.kld_mean) - math.log(p.kld_pred) if p else None,
                    "margin_ln": o.margin.diff if o.margin else None, "margin_se": o.margin.se if o.margin else None,
                    "forward_tokens": o.forward_tokens}  # fmt: skip
-        win = bool(o.complete and o.margin is not None and o.margin.below(self.settings.z))
+        win = bool(o.complete and o.margin is not None and o.margin.below(self.settings.alpha))
         tags = {"nonlinear_win": "candidate" if win and not heldout else ("yes" if win else "no"),
                 "campaign_id": st.id, "slice": "held-out" if heldout else "search"}  # fmt: skip
         rec = rec.replace(mlflow_run_id=self.tracker.log_record(rec, step, metrics, tags))
@@ -686,7 +643,7 @@ class Campaign:
              tracker=self.tracker, own_run=False, executor=self.executor, spec=st.heldout)  # fmt: skip
         hline, hpresets = self._line(st.heldout)
         hvec = self._vectors_by_key(hpresets)
-        href = Reference(hline, hvec, [], st.heldout.scored_per_chunk)
+        href = Reference(hline, hvec, [], st.heldout.scored_per_chunk, cfg.alpha)
         done = self._records(st.heldout, status=None)
         done_types = set(done["types_key"]) if len(done) else set()
         by_key = ok.set_index("key")
@@ -701,20 +658,21 @@ class Campaign:
                 continue
             step += 1
             configs[step] = Config.parse(r["config"])
-            self.executor.submit(Job(step, JobKind.confirm, configs[step], st.heldout, href, 1.0, cfg.z))
+            self.executor.submit(Job(step, confirm, (configs[step], st.heldout, href, 1.0)))
         for r in self.executor.drain():
             self._tell(r, configs[r.job.id], None, Source.proposed, res, heldout=True)
 
     # ------------------------------------------------------------------------ results
     def wins(self) -> dict[str, tuple[Paired, Paired]]:
-        """Types key → (search margin, held-out margin) of every re-confirmed nonlinear win."""
+        """Types key → (search margin, held-out margin) of every re-confirmed nonlinear win: the candidate wins
+        re-measured on the held-out slice that Holm's procedure keeps (family-wise level ``alpha``)."""
         st = self.state
         line, _ref, _, ok = self._reference()
         hline, hpresets = self._line(st.heldout)
         held = self._records(st.heldout)
         hvec = self._vectors_by_key(hpresets)
-        out = {}
         types = dict(zip(ok["key"], ok["types_key"]))
+        tests, search = [], {}
         for key, m in self._candidate_wins(line, ok):
             tk = types[key]
             h = held[(held["types_key"] == tk) & (held["provenance_file"] == st.tag)]
@@ -722,9 +680,11 @@ class Campaign:
                 continue
             hr = h.iloc[0]
             hm = margin_to_line(self._vector(hr), float(hr["bpw"]), hline, hvec, st.heldout.scored_per_chunk)
-            if hm is not None and hm.below(self.settings.z):
-                out[tk] = (m, hm)
-        return out
+            if hm is not None:
+                tests.append((tk, hm))
+                search[tk] = m
+        held_m = dict(tests)
+        return {tk: (search[tk], held_m[tk]) for tk in holm(tests, self.settings.alpha)}
 
     def _finish(self, res: Result) -> None:
         st = self.state

@@ -153,7 +153,7 @@ class _Seeding:
 
     def __call__(self) -> None:
         """Plan (adapt, resolve, skip what is measured), submit everything, store each result as it lands."""
-        from mqpredict.execute.job import Job, JobKind
+        from mqpredict.execute.job import Job, measure
 
         engine, spec, report = self.engine, self.spec, self.report
         ident = identify(engine.model)
@@ -180,7 +180,7 @@ class _Seeding:
             planned[key] = name
             jobs[i] = (cand, cfg, types, key)
         for i, (_cand, cfg, _types, _key) in jobs.items():
-            self.executor.submit(Job(i, JobKind.measure, cfg, spec))
+            self.executor.submit(Job(i, measure, (cfg, spec)))
         for done, res in enumerate(self.executor.drain()):
             self.progress("seed", done, len(jobs))
             cand, cfg, types, key = jobs[res.job.id]

@@ -1,0 +1,303 @@
+"""The search policy: one ask/tell object, run by the campaign and by ``bench search`` alike.
+
+Optuna's sampler is the model: the caller owns the loop and the measurements, the policy owns every
+decision. ``ask(snapshot, n)`` returns the next proposals; ``tell(results)`` hands back what they
+measured; the same object also decides the staged confirmations (:meth:`Policy.reference`: what a first
+stage is judged against, and at which level), which measured configs are candidate wins and which of
+them the held-out slice re-confirms (:meth:`Policy.reconfirmed`, Holm over the wins tested). A
+campaign (``mqpredict.workflows.campaign``) is this policy + an executor + a recorder (store, MLflow,
+console); ``bench search`` runs the very same object against a ground truth's oracle.
+
+Decisions, in order, on each ``ask``:
+
+1. **Isolation probes** first (``probes=auto``: when the model is outside the surrogate's training
+   range and the probes fit a third of the budget), a batch at a time.
+2. **Warm start**: configs given up front (the zero-run allocator's answers, when the caller has them)
+   that are not measured yet.
+3. **EHVI**: the surrogate is refitted (:class:`Learner`: the shipped records without the model's
+   family + this model's own; the intervals' leave-one-family-out calibration is made on the first fit
+   and kept), each candidate gets its own calibrated interval, widened by the campaign's own
+   recalibration (:meth:`Policy.inflation`), and the batch is the expected hypervolume
+   improvement's best with Kriging-believer fantasies (:mod:`mqpredict.search.acquisition`). The policy
+   stops when the best candidate's EHVI is below ``stop_share`` of the front's hypervolume.
+
+Recalibration counts every measured config the policy proposed, **including those stopped early**:
+each told result is a measured ln KLD with its (block) standard error — a partial one has a larger
+error — and its score is ``|measured − predicted| / sqrt(hw² + (z₈₀·se)²)`` (the interval of a noisy
+observation of the predicted value). Once three are told, intervals are widened by the ``coverage``
+quantile of the scores when it exceeds 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mqpredict.errors import InputError
+from mqpredict.pareto import hypervolume
+from mqpredict.quant.config import Config
+from mqpredict.quant.imatrix import Imatrix
+from mqpredict.quant.model import ModelInfo
+from mqpredict.quant.resolve import resolve, types_key
+from mqpredict.quant.types import QuantType
+from mqpredict.search.confirm import Reference
+from mqpredict.search.paired import Paired, holm, margin_to_line
+from mqpredict.search.proposer import Proposal, Proposer
+from mqpredict.search.snapshot import Snapshot
+from mqpredict.search.space import DEFAULT_TYPES, CandidateSpace
+from mqpredict.surrogate.model import Surrogate
+from mqpredict.surrogate.weight_error import ErrorTable
+
+
+class Probes(StrEnum):
+    auto = "auto"  # when the model is outside the surrogate's training range and the probes fit the budget
+    yes = "yes"
+    no = "no"
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    budget: int = 20  # confirmations the caller will spend (decides whether probes fit)
+    batch: int = 4
+    stage_fraction: float = 0.25  # first stage of a confirmation: this share of the search slice's windows
+    alpha: float = 0.05  # one-sided level of every paired test (Bonferroni/Holm where several are made)
+    stop_share: float = 1e-4  # stop when no candidate's EHVI reaches this share of the front's hypervolume
+    probes: Probes = Probes.auto
+    seed: int = 0
+    max_heldout: int = 0  # re-confirmations kept in reserve (0: a quarter of the budget, at least 1)
+    presets_in_front: bool = False  # EHVI over the front of presets and hybrids (True) or of hybrids only
+    coverage: float = 0.8
+    reconfirm: bool = True  # candidate wins are re-confirmed on held-out tokens (False: nothing is reserved)
+
+    def reserve(self) -> int:
+        if not self.reconfirm:
+            return 0
+        return self.max_heldout or max(1, self.budget // 4)
+
+
+@dataclass(frozen=True)
+class Told:
+    """What one proposal measured: ln KLD on the tokens scored, its block standard error, complete or not."""
+
+    types_key: str
+    ln_kld: float
+    se: float
+    complete: bool = True
+
+
+def told_from(types_key: str, vector: np.ndarray, per_window: int, complete: bool) -> Told:
+    """A result from its per-token vector: ln of the mean and the block (window) error of that ln."""
+    from mqpredict.search.paired import paired
+
+    p = paired(vector, [], per_window)
+    return Told(types_key, p.diff, p.se if math.isfinite(p.se) else 1.0, complete)
+
+
+# ============================================================================ the surrogate it learns
+@dataclass
+class Learner:
+    """Fits the surrogate on the shipped records without the model's family, plus the model's own."""
+
+    shipped: pd.DataFrame  # training records (any models), the model's family already removed
+    tables: dict[str, ErrorTable]  # table key (model, imatrix) → weight-error table (the model's own included)
+    params: dict  # the surrogate's hyper-parameters
+    family: str  # the model's family: it may enter training only through the model's own records
+    calibration_: Surrogate | None = None  # the first fit's (its interval calibration is kept by later fits)
+
+    @classmethod
+    def without_family(cls, family: str, model_id: str, table: ErrorTable, store: Path, tables: Path,
+                       surrogate_folder: Path) -> Learner:  # fmt: skip
+        from mqpredict.records.store import Store
+        from mqpredict.surrogate.data import load_tables
+
+        shipped = Store(store, create=False).load() if (store / "STORE.json").exists() else pd.DataFrame()
+        if not shipped.empty:
+            shipped = shipped[shipped["family"] != family].reset_index(drop=True)
+        tabs = load_tables(tables) if tables.exists() else {}
+        tabs[table.key] = table  # the (model, imatrix) table: records with an imatrix need their own
+        params = {}
+        if (surrogate_folder / "metadata.json").exists():
+            params = json.loads((surrogate_folder / "metadata.json").read_text()).get("params", {})
+        # one LightGBM thread: next to llama.cpp's own threads two OpenMP threads spin, and the fit is small
+        return cls(shipped, tabs, {**params, "n_jobs": 1}, family)
+
+    def fit(self, own: pd.DataFrame, seed: int | None = None) -> Surrogate:
+        from mqpredict.surrogate.data import build
+
+        recs = pd.concat([self.shipped, own], ignore_index=True) if len(self.shipped) else own
+        data = build(recs, self.tables)
+        params = {**self.params, **({"seed": seed} if seed is not None else {})}
+        learnt = set(data.rows.loc[data.rows["family"] == self.family, "config"]) if len(data.rows) else set()
+        if learnt - set(own["config"] if len(own) else []):
+            raise InputError(f"the surrogate would learn {self.family} rows that are not the model's own")  # never
+        s = Surrogate(**params).fit(data, self.calibration_)
+        if self.calibration_ is None:
+            self.calibration_ = s
+        return s
+
+    def describe(self) -> dict:
+        keys = "\n".join(sorted(self.shipped["key"])) if len(self.shipped) else ""
+        return {"shipped_records": int(len(self.shipped)), "excluded_family": self.family,
+                "families": sorted(set(self.shipped["family"])) if len(self.shipped) else [],
+                "keys_sha256": hashlib.sha256(keys.encode()).hexdigest()[:16], "params": self.params}  # fmt: skip
+
+
+# ============================================================================ the policy
+@dataclass
+class Policy:
+    model: ModelInfo
+    table: ErrorTable
+    learner: Learner
+    settings: PolicySettings = field(default_factory=PolicySettings)
+    types: tuple[QuantType, ...] = DEFAULT_TYPES
+    allowed: dict[str, tuple[QuantType, ...]] | None = None  # per group (default: ``types``)
+    warm_start: tuple[Config, ...] = ()  # the allocator's configs, when the caller has them
+    imatrix: Imatrix | None = None  # what every candidate is quantized with (its types allowed, its keys sized)
+    say: Callable[[str], None] = field(default=lambda s: None, repr=False)
+    surrogate_: Surrogate | None = field(init=False, default=None)
+    stopped: str = field(init=False, default="")  # why the last ask returned nothing
+    outside_: list[str] = field(init=False, default_factory=list)  # why probes were chosen
+    _asked: dict[str, tuple[float, float]] = field(init=False, default_factory=dict)  # types key → (μ, half-width)
+    _told: dict[str, Told] = field(init=False, default_factory=dict)
+    _probes: list[Config] | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.proposer = Proposer(self.model, self.table, self.types, seed=self.settings.seed, allowed=self.allowed,
+                                 imatrix=self.imatrix)  # fmt: skip
+
+    # ------------------------------------------------------------------ ask / tell
+    def ask(self, snap: Snapshot, n: int) -> list[Proposal]:
+        """The next ``n`` (or fewer) proposals; none when the policy has nothing worth measuring (``stopped``)."""
+        self.stopped = ""
+        if snap.ln_ref is None:
+            raise InputError("the Q8_0 reference is not measured on this model", "see mqpredict data list")
+        s = self.learner.fit(snap.ok, self.settings.seed)
+        self.surrogate_ = s
+        infl = self.inflation()
+        if self._probes is None:
+            self._probes = self._decide_probes(s)
+        for source, queue in (("probe", self._probes), ("warm-start", list(self.warm_start))):
+            todo = [c for c in queue if self._key(c) not in snap.known]
+            if todo:
+                return [self._remember(self.proposer.proposal(c, s, snap.ln_ref, source, infl)) for c in todo[:n]]
+        pts, ref = self.front(snap)
+        props = self.proposer.ask(n, s, snap.ln_ref, pts, ref, snap.known, infl, self.settings.coverage)
+        hv = hypervolume(pts, ref)
+        if not props or max(p.ei for p in props) < self.settings.stop_share * max(hv, 1e-12):
+            self.stopped = "no candidate is expected to improve the front's hypervolume by more than the threshold"
+            return []
+        return [self._remember(p) for p in props]
+
+    def tell(self, results: Iterable[Told]) -> None:
+        for r in results:
+            self._told[r.types_key] = r
+
+    def remember(self, prediction: dict) -> None:
+        """A proposal made before a resume (``predictions.jsonl``): its prediction counts for recalibration."""
+        mu = math.log(prediction["kld_pred"])
+        self._asked[prediction["types_key"]] = (mu, math.log(prediction["kld_hi"]) - mu)
+
+    def _remember(self, p: Proposal) -> Proposal:
+        mu = math.log(p.kld_pred)
+        self._asked[p.types_key] = (mu, math.log(p.kld_hi) - mu)
+        return p
+
+    def _key(self, c: Config) -> str:
+        return types_key(self.model, resolve(self.model, c, imatrix=self.imatrix))
+
+    def inflation(self) -> float:
+        """How much to widen the intervals: the ``coverage`` quantile of this run's own scores (≥ 1)."""
+        from scipy.stats import norm
+
+        z = float(norm.ppf(0.5 + self.settings.coverage / 2))
+        scores = []
+        for k, t in self._told.items():
+            if k in self._asked:
+                mu, hw = self._asked[k]
+                scores.append(abs(t.ln_kld - mu) / math.hypot(hw, z * t.se))
+        if len(scores) < 3:
+            return 1.0
+        return max(1.0, float(np.quantile(scores, self.settings.coverage)))
+
+    def _decide_probes(self, s: Surrogate) -> list[Config]:
+        mode = self.settings.probes
+        if mode == Probes.no:
+            return []
+        probes = list(CandidateSpace(self.model, self.types, self.imatrix).probes()) if self.allowed is None else self._allowed_probes()
+        if mode == Probes.auto:
+            from mqpredict.surrogate import features as F
+            from mqpredict.surrogate.service import score_configs
+
+            x = score_configs(self.model, self.table, [Config.parse("default=Q8_0")], imatrix=self.imatrix)[0].features
+            self.outside_ = s.out_of_range(F.matrix([x]))[0]
+            if not self.outside_ or len(probes) > self.settings.budget // 3:
+                return []
+            self.say(f"the model is outside the surrogate's training range ({'; '.join(self.outside_)}): "
+                     f"{len(probes)} isolation probes first")  # fmt: skip
+        return probes
+
+    def _allowed_probes(self) -> list[Config]:
+        """One group changed on all-Q8_0 (the highest allowed type), for each other allowed type."""
+        top = {g: ts[0] for g, ts in self.allowed.items()}
+        out = []
+        for g, ts in self.allowed.items():
+            for t in ts[1:]:
+                out.append(Config(default=next(iter(top.values())), groups=tuple({**top, g: t}.items())))
+        return out
+
+    # ------------------------------------------------------------------ the front it values
+    def front(self, snap: Snapshot) -> tuple[list[tuple[float, float]], tuple[float, float]]:
+        """The points of the front EHVI improves and its reference point: the largest bpw of the space
+        and of what is measured, and the largest ln KLD measured (every measured point counts)."""
+        base = snap.ok if self.settings.presets_in_front else snap.own
+        pts = [(float(r.bpw), math.log(float(r.kld_mean))) for r in base.itertuples()]
+        allp = [(float(r.bpw), math.log(float(r.kld_mean))) for r in snap.ok.itertuples()]
+        ref = (max(self.proposer.max_bpw, *(b for b, _ in allp)) + 1e-6, max(y for _, y in allp) + 1e-6)
+        return pts, ref
+
+    # ------------------------------------------------------------------ decisions on measurements
+    def reference(self, snap: Snapshot) -> Reference:
+        """What a staged confirmation's first stage is judged against (the rule the confirm job applies)."""
+        if not snap.line.hull:
+            raise InputError("no preset could be measured on this model", "see the failed records: mqpredict data list")
+        incumbents = [(float(r.bpw), str(r.key)) for r in snap.ok.itertuples()]
+        return Reference(snap.line, dict(snap.vectors), incumbents, snap.per_window, self.settings.alpha)
+
+    def margin(self, snap: Snapshot, key: str) -> Paired | None:
+        r = snap.ok[snap.ok["key"] == key].iloc[0]
+        return margin_to_line(snap.vectors[key], float(r["bpw"]), snap.line, snap.vectors, snap.per_window)
+
+    def candidate_wins(self, snap: Snapshot) -> list[tuple[str, Paired]]:
+        """Configs the search measured in full that are significantly below the line, best first."""
+        out = []
+        for key in snap.own["key"]:
+            m = self.margin(snap, key)
+            if m is not None and m.below(self.settings.alpha):
+                out.append((str(key), m))
+        return sorted(out, key=lambda km: km[1].diff)
+
+    def reserve(self, snap: Snapshot) -> int:
+        """Confirmations to keep for re-confirming candidate wins on held-out tokens."""
+        return min(len(self.candidate_wins(snap)), self.settings.reserve())
+
+    def reconfirmed(self, tests: list[tuple[str, Paired]]) -> list[str]:
+        """Of the held-out margins of the candidate wins re-measured, the wins Holm's procedure keeps."""
+        return holm(tests, self.settings.alpha)
+
+
+def spread(cands: list[tuple[str, Paired]], bpw: dict[str, float], spacing: float = 0.1) -> list[tuple[str, Paired]]:
+    """Candidates best first, but one per ``spacing``-bpw neighbourhood before any second one: the held-out
+    budget re-confirms wins across the size range, not five near-copies of the best."""
+    first: list[tuple[str, Paired]] = []
+    for k, m in cands:
+        if all(abs(bpw[k] - bpw[j]) >= spacing for j, _ in first):
+            first.append((k, m))
+    return first + [c for c in cands if c not in first]

@@ -1,0 +1,69 @@
+"""The search policy's pure parts: exact EHVI, Kriging-believer batches, recalibration from told results."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mqpredict.pareto import hypervolume
+from mqpredict.search.acquisition import batch, ehvi, staircase
+
+FRONT = [(4.0, -1.0), (5.0, -2.0), (6.5, -3.0)]  # (bpw, ln KLD) of the hybrids measured so far
+REF = (8.0, 0.0)
+
+
+def _hvi(b: float, y: np.ndarray) -> np.ndarray:
+    """The hypervolume a point (b, y) adds to FRONT, computed from the definition for each y."""
+    base = hypervolume(FRONT, REF)
+    return np.array([hypervolume([*FRONT, (b, float(v))], REF) - base for v in y])
+
+
+@pytest.mark.parametrize("b,mu,sigma", [(4.5, -1.8, 0.3), (3.0, -0.5, 0.5), (6.0, -3.2, 0.1), (7.9, -1.0, 1.0)])
+def test_ehvi_is_the_expected_hypervolume_improvement(b, mu, sigma):
+    y = np.random.default_rng(0).normal(mu, sigma, 40_000)
+    mc = _hvi(b, y).mean()
+    got = ehvi(np.array([b]), np.array([mu]), np.array([sigma]), FRONT, REF)[0]
+    assert got == pytest.approx(mc, rel=0.02, abs=1e-4)
+
+
+def test_ehvi_values_the_whole_front_not_one_size():
+    """A candidate below the front at small size also improves every larger size the front does not reach."""
+    sig = np.full(2, 1e-6)
+    small, large = ehvi(np.array([4.5, 6.8]), np.array([-2.5, -3.1]), sig, FRONT, REF)
+    assert small == pytest.approx(_hvi(4.5, np.array([-2.5]))[0], rel=1e-6)
+    assert large == pytest.approx(_hvi(6.8, np.array([-3.1]))[0], rel=1e-6)
+    dominated = ehvi(np.array([5.5]), np.array([-1.5]), np.array([1e-6]), FRONT, REF)[0]
+    assert dominated == pytest.approx(0.0, abs=1e-9)
+
+
+def test_staircase_keeps_the_pareto_steps():
+    xs, levels = staircase([(5.0, -2.0), (4.0, -1.0), (4.5, -0.5), (6.5, -3.0), (9.0, -5.0)], REF)
+    assert list(xs) == [-math.inf, 4.0, 5.0, 6.5] and list(levels) == [0.0, -1.0, -2.0, -3.0]
+
+
+def test_a_batch_does_not_pile_up_where_one_point_is_enough():
+    """Two near-copies and one elsewhere: the believer takes one copy, then the other region."""
+    bpw = np.array([4.5, 4.5, 6.9])
+    mu = np.array([-2.6, -2.6, -3.2])
+    sigma = np.full(3, 0.02)
+    picked, first = batch(bpw, mu, sigma, FRONT, REF, 2)
+    assert first[0] == pytest.approx(first[1]) and first[0] > first[2]
+    assert sorted(picked) == [0, 2] or sorted(picked) == [1, 2]
+
+
+def test_the_policy_widens_its_intervals_by_what_it_measured():
+    from mqpredict.search.policy import Policy, PolicySettings, Told
+
+    pol = Policy.__new__(Policy)  # only the bookkeeping of ask/tell, no model
+    pol.settings = PolicySettings()
+    pol._asked, pol._told = {}, {}
+    assert pol.inflation() == 1.0
+    for i, err in enumerate([0.05, 0.5, 0.6, 0.7]):  # predicted ln KLD 0 ± 0.1, measured off by err
+        pol._asked[f"k{i}"] = (0.0, 0.1)
+        pol.tell([Told(f"k{i}", err, 0.01, complete=i % 2 == 0)])  # stopped-early ones count too
+    before = pol.inflation()
+    assert before > 4  # the 80% quantile of |error| / interval is well above 1
+    pol.tell([Told("k3", 0.7, 10.0, complete=False)])  # the same miss, as a partial estimate with a huge error
+    assert 1 < pol.inflation() < before  # counts, but says less
