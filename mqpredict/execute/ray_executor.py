@@ -4,7 +4,8 @@ Each job is one Ray task with its resources declared (``num_cpus`` = the engine'
 ``memory``), so Ray places it on a node that has them and runs as many at once as the cluster holds.
 The driver stays the single writer of the records store and MLflow: a task returns its measurement and
 per-token scores, and the driver stores them. What a staged confirmation is judged against (a decision's
-:class:`~mqpredict.search.confirm.Reference`: the line and the per-token vectors of the measured configs)
+:class:`~mqpredict.search.confirm.Reference`: the line and the per-token vectors of the measured configs;
+any argument whose class sets ``OBJECT_STORE``)
 goes into Ray's object store once per decision (``ray.put``); its tasks carry only the handle.
 
 Faults. A worker (or its node) that dies mid-task makes Ray run the task again elsewhere, at most
@@ -22,16 +23,12 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from mqpredict.errors import InputError
 from mqpredict.execute.executor import Executor
 from mqpredict.execute.job import Job, JobResult, land, run_job, worker_name
 from mqpredict.execute.worker import EngineRecipe, engine_for
 from mqpredict.llama.engine import Engine
-
-if TYPE_CHECKING:
-    from mqpredict.search.confirm import Reference
 
 SHIP_LIMIT = 256 * 2**20  # files up to this size also travel through the object store
 
@@ -131,7 +128,7 @@ class RayExecutor(Executor):
         self.waited = 0.0  # driver seconds blocked waiting for a result
         self.tasks = 0
         self.reference_puts = 0  # references put in the object store (one per decision, not one per task)
-        self._reference: tuple[Reference, object] | None = None  # the last one put, and its object ref
+        self._reference: tuple[object, object] | None = None  # the last one put, and its object ref
         self._described: dict = {}
         self.describe()
         if self._cluster_slots() == 0:
@@ -160,7 +157,7 @@ class RayExecutor(Executor):
         self.tasks += 1
         self.overhead += time.perf_counter() - t0
 
-    def _put_reference(self, reference: Reference):
+    def _put_reference(self, reference):
         """The object-store handle of ``reference``: put once, when a decision makes a new one (the campaign
         builds one Reference per decision and hands it to every job of that decision). Only the last is
         kept here; Ray frees an older one when its last task is done."""
