@@ -347,6 +347,11 @@ def table_for(model: ModelInfo, model_id: str, imatrix: Imatrix | None = None, t
     return table
 
 
+def table_path(engine, model_id: str) -> Path:
+    """Where the engine's cache keeps the table of its base and imatrix."""
+    return engine.cache / "weight_errors" / table_file(model_id, engine.imatrix_id)
+
+
 def error_table(engine, model_id: str, types=None, cache: Path | None = None, progress=None) -> ErrorTable:
     """The (cached) table of the engine's base, quantized with the engine's imatrix (if any), on the engine's
     threads (``cache``: the folder of tables, default the engine's cache)."""
