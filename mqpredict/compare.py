@@ -56,7 +56,7 @@ def _summarise(name: str, parents: list, children: list) -> Compared:
         if "kld_mean" not in m or "bpw" not in m or t.get("status") == "failed":
             continue
         source = t.get("source", p.get("source", ""))
-        if source in ("proposed", "probe") and t.get("slice", "search") == "search":
+        if source in ("proposed", "probe", "allocator") and t.get("slice", "search") == "search":
             c.confirmations += 1
         if t.get("nonlinear_win") == "yes" and t.get("slice") == "search":
             c.wins += 1  # the search-slice run of a re-confirmed win (its held-out run is the evidence)

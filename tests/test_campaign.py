@@ -149,6 +149,7 @@ def test_campaign_spends_its_budget_and_records_everything_once(campaign):
     assert len(mine) == doc["confirmations"]
     search = mine[mine["chunk_offset"] == 0]
     assert search["types_key"].is_unique  # nothing measured twice
+    assert (search["source"] == "allocator").sum() == 1  # the warm start: the zero-run allocator's answer (budget 6)
     partial = mine[mine["status"] == "partial"]
     assert (partial["n_chunks"] < 8).all() and partial["status_reason"].str.contains("stopped early").all()
     assert set(recs[recs["source"] == "preset"]["config"]) >= {"preset=Q8_0", "preset=Q4_K_M", "preset=Q2_K"}

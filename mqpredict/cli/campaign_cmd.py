@@ -167,6 +167,9 @@ def run(
     alpha: Annotated[float, typer.Option("--alpha", help="One-sided level of every paired test (t over windows; "
                                          "Bonferroni/Holm-corrected where several are made).")] = 0.05,  # fmt: skip
     stage: Annotated[float, typer.Option("--stage", help="First stage of a confirmation, as a share of the search slice.")] = 0.25,
+    warm_start: Annotated[int, typer.Option("--warm-start", help="Configs of the zero-run allocator (`mqpredict allocate`) "
+                                            "measured first, at sizes spread over the presets' range: the free answers "
+                                            "the search has to beat (-1: a fifth of the budget, at most 4; 0: none).")] = -1,  # fmt: skip
     seed: Annotated[int, typer.Option("--seed", help="Seed of the search and the surrogate.")] = 0,
     scoring: ScoringOpt = None,
     types: Annotated[str | None, typer.Option("--types", help="Comma-separated quant types the search may give a group "
@@ -219,6 +222,7 @@ def run(
     except ValueError:
         raise InputError(f"--probes {probes!r} is not one of: auto, yes, no") from None
     settings = Settings(budget=budget, batch=batch, stage_fraction=stage, alpha=alpha, probes=pm, seed=seed,
+                        warm_start=warm_start,
                         **({"types": _types(types)} if types is not None else {}))  # fmt: skip
     spec = EvalSpec.from_tokens(tokens, ctx, scoring=scoring_for(scoring, engine))
     rules, bud = Rules(spacing, min_gain, alpha), _budget(target_size, target_bpw, vram, vram_ctx)

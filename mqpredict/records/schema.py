@@ -39,6 +39,7 @@ class Source(StrEnum):
     proposed = "proposed"  # proposed by mqpredict's search and confirmed
     probe = "probe"  # an isolation probe (one group changed on a carrier)
     hybrid = "hybrid"  # a hybrid measured for the dataset (sampled, not proposed)
+    allocator = "allocator"  # the zero-run allocator's answer at a size (mqpredict allocate; a campaign's warm start)
 
 
 @dataclass(frozen=True)

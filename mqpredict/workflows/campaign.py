@@ -81,6 +81,12 @@ class Settings:
     types: tuple[str, ...] = tuple(t.name for t in DEFAULT_TYPES)
     seed: int = 0
     max_heldout: int = 0  # re-confirmations kept in reserve (0: a quarter of the budget, at least 1)
+    #: the zero-run allocator's configs measured first (a warm start, and the answer to beat), spread over the
+    #: presets' sizes; -1: a fifth of the budget, at most 4
+    warm_start: int = -1
+
+    def n_warm_start(self) -> int:
+        return min(4, self.budget // 5) if self.warm_start < 0 else self.warm_start
 
     def reserve(self) -> int:
         return self.max_heldout or max(1, self.budget // 4)
@@ -170,6 +176,7 @@ class State:
 
 #: State fields that do not make two campaigns different: identity, creation time, and paths whose content
 #: is checked by id (base → model_id, corpus → corpus id, imatrix → imatrix_id)
+_SOURCE = {"probe": Source.probe, "warm-start": Source.allocator}  # a proposal's source → its records'
 _SAME_CAMPAIGN_ANYWAY = frozenset({"id", "created", "base", "corpus_path", "imatrix", "family", "settings"})
 #: how the user sets each field (campaign run's options)
 _OPTION = {"model_id": "base", "n_chunks": "slice (--tokens/--ctx windows)", "chunk_offset": "slice offset",
@@ -466,6 +473,8 @@ class Campaign:
             seed(e, self.store, preset_candidates(seed_presets(e.imatrix is not None, bool(e.model.n_expert))), self.progress, self.say, tracker=self.tracker,
                  own_run=False, executor=ex, spec=st.search)  # fmt: skip
             table = self._table = self._error_table()
+            if not self.warm_start:
+                self.warm_start = self._allocator_configs(table)
             self.policy_ = self.policy(table)
             self._loop(self.policy_, res)
             self._heldout(res)
@@ -473,6 +482,25 @@ class Campaign:
             if on_finish:
                 on_finish(self)
         return res
+
+    def _allocator_configs(self, table) -> tuple[Config, ...]:
+        """What ``mqpredict allocate`` answers at ``n_warm_start`` sizes spread inside the presets' range (the
+        search's own types, the campaign's imatrix): measured first, they are the free answers to beat."""
+        from mqpredict.search.allocator import allocations_across
+
+        k = self.settings.n_warm_start()
+        if k <= 0:
+            return ()
+        snap = self.snapshot()
+        if not snap.line.hull:
+            return ()
+        b = [p.bpw for p in snap.line.hull]
+        lo, hi = min(b), max(b)
+        step = (hi - lo) / (k + 1)
+        allocs = allocations_across(self.engine.model, table, k, lo + step, hi - step, self.types, self.engine.imatrix)
+        if allocs:
+            self.say(f"warm start: the allocator's configs at {', '.join(f'{a.bpw:.2f}' for a in allocs)} bpw")
+        return tuple(a.config for a in allocs)
 
     def _error_table(self):
         """The base's weight-error table: from the driver's cache, else computed once by the executor (on a
@@ -566,7 +594,7 @@ class Campaign:
                 return
             r = ex.wait()
             p = pending.pop(r.job.id)
-            self._tell(r, p.config, p, Source.probe if p.source == "probe" else Source.proposed, res)
+            self._tell(r, p.config, p, _SOURCE.get(p.source, Source.proposed), res)
             self.progress("campaign", min(res.spent + 1, cfg.budget), cfg.budget)  # _tell stored one record
             if not pending or not ex.synchronous:
                 self._log_progress(r.job.id)
@@ -648,7 +676,7 @@ class Campaign:
         done_types = set(done["types_key"]) if len(done) else set()
         by_key = ok.set_index("key")
         step = len(self._spent())
-        configs: dict[int, Config] = {}
+        configs: dict[int, tuple[Config, Source]] = {}
         for key, _m in spread(cands, {k: float(by_key.loc[k, "bpw"]) for k, _ in cands}):
             r = by_key.loc[key]
             if r["types_key"] in done_types:
@@ -657,10 +685,11 @@ class Campaign:
                 self.say(f"no budget left to re-confirm {r['config']} on held-out tokens")
                 continue
             step += 1
-            configs[step] = Config.parse(r["config"])
-            self.executor.submit(Job(step, confirm, (configs[step], st.heldout, href, 1.0)))
+            configs[step] = (Config.parse(r["config"]), Source(r["source"]))
+            self.executor.submit(Job(step, confirm, (configs[step][0], st.heldout, href, 1.0)))
         for r in self.executor.drain():
-            self._tell(r, configs[r.job.id], None, Source.proposed, res, heldout=True)
+            c, source = configs[r.job.id]
+            self._tell(r, c, None, source, res, heldout=True)
 
     # ------------------------------------------------------------------------ results
     def wins(self) -> dict[str, tuple[Paired, Paired]]:
