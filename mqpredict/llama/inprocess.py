@@ -13,7 +13,6 @@ quantizations, so any hybrid costs a file copy once the types it uses have been 
 from __future__ import annotations
 
 import ctypes
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
@@ -101,16 +100,8 @@ class Evaluator:
     def __init__(self, model: LoadedModel, spec: EvalSpec, threads: int) -> None:
         lib = runtime.lib()
         self.lib, self.model, self.spec = lib, model, spec
-        cp = lib.llama_context_default_params()
-        cp.n_ctx = spec.n_seq * spec.ctx
-        cp.n_batch = min(spec.n_batch, cp.n_ctx)
-        cp.n_seq_max = spec.n_seq
-        cp.n_threads = cp.n_threads_batch = threads
-        cp.swa_full = False
-        cp.no_perf = True
-        self.ctx = lib.llama_init_from_model(model.ptr, cp)
-        if not self.ctx:
-            raise LlamaError(f"llama.cpp could not create a context for {model.path}: {runtime.LOG.last_error()}")
+        n_ctx = spec.n_seq * spec.ctx
+        self.ctx = runtime.new_context(model, n_ctx, min(spec.n_batch, n_ctx), spec.n_seq, threads)
         n = spec.n_seq * spec.ctx
         self.batch = lib.llama_batch_init(n, 0, 1)
         self.tokens = np.ctypeslib.as_array(self.batch.token, shape=(n,))

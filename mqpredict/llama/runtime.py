@@ -96,6 +96,22 @@ def lib():
     return llama_cpp
 
 
+def new_context(model, n_ctx: int, n_batch: int, n_seq: int, threads: int):
+    """A llama.cpp context on a loaded model, set up as llama-perplexity's (no SWA-full cache, no perf
+    counters); a one-line error naming the model when llama.cpp cannot make it."""
+    from mqpredict.errors import LlamaError
+
+    cp = lib().llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_seq_max = n_ctx, n_batch, n_seq
+    cp.n_threads = cp.n_threads_batch = threads
+    cp.swa_full = False
+    cp.no_perf = True
+    ctx = lib().llama_init_from_model(model.ptr, cp)
+    if not ctx:
+        raise LlamaError(f"llama.cpp could not create a context for {model.path}: {LOG.last_error()}")
+    return ctx
+
+
 def set_verbose(verbose: bool) -> None:
     LOG.verbose = verbose
 

@@ -44,16 +44,7 @@ class StreamEvaluator:
         lib = runtime.lib()
         self.lib, self.model, self.n_ctx, self.h = lib, model, ctx, ctx // 2
         self.keep = keep  # cells never dropped (1: the attention sink; 0 only to show why it stays)
-        cp = lib.llama_context_default_params()
-        cp.n_ctx = ctx
-        cp.n_batch = ctx
-        cp.n_seq_max = 1
-        cp.n_threads = cp.n_threads_batch = threads
-        cp.swa_full = False
-        cp.no_perf = True
-        self.ctx = lib.llama_init_from_model(model.ptr, cp)
-        if not self.ctx:
-            raise LlamaError(f"llama.cpp could not create a context for {model.path}: {runtime.LOG.last_error()}")
+        self.ctx = runtime.new_context(model, ctx, ctx, 1, threads)
         self.mem = lib.llama_get_memory(self.ctx)
         if not lib.llama_memory_can_shift(self.mem):
             self.close()
