@@ -149,7 +149,7 @@ def test_campaign_spends_its_budget_and_records_everything_once(campaign):
     assert len(mine) == doc["confirmations"]
     search = mine[mine["chunk_offset"] == 0]
     assert search["types_key"].is_unique  # nothing measured twice
-    assert (search["source"] == "allocator").sum() == 1  # the warm start: the zero-run allocator's answer (budget 6)
+    assert (search["source"] == "allocator").sum() == 1  # the warm start: the zero-run allocator's answer (budget 8)
     partial = mine[mine["status"] == "partial"]
     assert (partial["n_chunks"] < 8).all() and partial["status_reason"].str.contains("stopped early").all()
     assert set(recs[recs["source"] == "preset"]["config"]) >= {"preset=Q8_0", "preset=Q4_K_M", "preset=Q2_K"}
@@ -195,9 +195,8 @@ def test_campaign_report_files_and_manifests(campaign, tiny, tmp_path):
     assert man["statistics"]["kld_mean"] == pytest.approx(table.iloc[0]["kld_mean"])
     assert "llama-quantize" in man["rebuild"]["llama_quantize"] and man["tensor_types"]
     built = tmp_path / "rebuilt.gguf"
-    assert man["imatrix"] and (out / "recipes" / man["imatrix"]["file"]).exists()  # campaigns quantize with one
-    mq("build", tiny, "--config", man["config"], "-o", built, "--imatrix", out / "recipes" / man["imatrix"]["file"],
-       check=True)  # fmt: skip
+    im = ["--imatrix", out / "recipes" / man["imatrix"]["file"]] if man["imatrix"] else []  # beside the recipes
+    mq("build", tiny, "--config", man["config"], "-o", built, *im, check=True)
     assert built.stat().st_size == man["size_bytes"]  # the manifest's rebuild gives the measured file
 
 
@@ -334,9 +333,8 @@ def test_a_failed_llama_run_is_recorded_and_the_campaign_goes_on(tiny, tmp_path)
 
 def test_propose_exports_recipes_for_configs_not_yet_measured(campaign, tiny, tmp_path):
     d, _doc = campaign
-    imatrix = next((d / "out" / "recipes").glob("*imatrix*.gguf"))  # what the campaign quantized with
     rows = _json(mq("propose", tiny, "--n", 3, "-o", tmp_path / "next", "--store", d / "store", "--corpus", CORPUS,
-                    "--ctx", 128, "--tokens", 512, "--imatrix", imatrix, "--json", timeout=600))  # fmt: skip
+                    "--ctx", 128, "--tokens", 512, "--json", timeout=600))  # fmt: skip
     assert 1 <= len(rows) <= 3
     measured = set(Store(d / "store").load()["types_key"])
     for r in rows:

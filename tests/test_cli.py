@@ -13,7 +13,7 @@ from mqpredict.quant.header import read_header
 from mqpredict.quant.ggufwrite import TensorOut, copied_kvs, write_gguf
 from tests.conftest import mq
 
-SMALL = ["--ctx", "128", "--tokens", "256"]  # 4 windows of 128 → 252 scored tokens
+SMALL = ["--ctx", "128", "--tokens", "256"]  # stream: 256 scored tokens (windows: 4 of 128 → 252)
 
 
 def _json(p: subprocess.CompletedProcess):
@@ -78,7 +78,7 @@ def test_measure_json_contract(tiny, tmp_path):
     assert all(need <= set(r) for r in rows)
     assert [r["config"] for r in rows] == ["preset=Q2_K", "preset=Q8_0"]
     assert rows[1]["kld_mean"] < rows[0]["kld_mean"]
-    assert rows[0]["n_tokens"] == 252
+    assert rows[0]["scoring"] == "stream" and rows[0]["n_tokens"] == 256  # the default: every token once
     kept = sorted(tmp_path.glob("*.gguf"))
     assert len(kept) == 2
     again = _json(mq("measure", tiny, "--gguf", kept[0], *SMALL, "--json"))[0]  # a ready GGUF of the base

@@ -728,8 +728,10 @@ class Campaign:
         self.tracker.log_metrics({"confirmations": res.spent, "wins": len(w), "forward_tokens": res.forward_tokens,
                                   "hypervolume": hypervolume(pts, ref_pt), "hypervolume_presets": hv_presets,
                                   "forward_tokens_per_win": res.forward_tokens / len(w) if w else None})  # fmt: skip
-        if self.surrogate_ is None and (asked := self._journal()):  # resumed after the last ask: refit that one
-            self.surrogate_ = self._fit(self._table, frozenset(j["types_key"] for j in asked[-1]))
+        if self.surrogate_ is None and self.policy_ is not None and (asked := self._journal()):
+            # resumed after the last ask: the surrogate it was asked with, from the records it was asked on
+            snap = self.snapshot(without=frozenset(j["types_key"] for j in asked[-1]))
+            self.surrogate_ = self.policy_.learner.fit(snap.ok, self.settings.policy().seed)
         if self.surrogate_ is not None:  # the surrogate that made the last proposals: LightGBM text + JSON
             folder = self.surrogate_.save(self.out / "surrogate", {"campaign": st.id, "model_id": st.model_id})
             for f in sorted(Path(folder).iterdir()):
