@@ -108,15 +108,15 @@ def test_synchronous_executors_take_a_new_batch_only_when_empty(executor):
     assert executor.free() == executor.slots()
 
 
-def _reference(engine, presets):
+def _reference(engine, presets, spec=SPEC):
     """A decision's reference as the campaign builds it: the presets' line and their per-token vectors."""
     from mqpredict.search.confirm import Reference
     from mqpredict.pareto import Line, Point
 
-    ms = {c: engine.measure(Config.parse(c), spec=SPEC) for c in presets}
+    ms = {c: engine.measure(Config.parse(c), spec=spec) for c in presets}
     line = Line.from_presets(Point(m.bpw, m.stats.kld_mean, c) for c, m in ms.items())
     vectors = {c: load_scores(m.per_token_path).kld.astype(np.float64) for c, m in ms.items()}
-    return Reference(line, vectors, [(m.bpw, c) for c, m in ms.items()], SPEC.scored_per_chunk)
+    return Reference(line, vectors, [(m.bpw, c) for c, m in ms.items()], spec.scored_per_chunk)
 
 
 def test_confirmations_share_one_reference_put_once(executor, engine):
@@ -124,16 +124,17 @@ def test_confirmations_share_one_reference_put_once(executor, engine):
     reference in its object store once, whatever the number of tasks judged against it."""
     from mqpredict.search.confirm import confirm
 
-    first, second = (_reference(engine, ["default=Q8_0", "default=Q4_0"]) for _ in range(2))  # two decisions
+    wide = EvalSpec(ctx=128, n_chunks=8)  # a first stage of 4 windows: enough for a t test to stop one early
+    first, second = (_reference(engine, ["default=Q8_0", "default=Q4_0"], wide) for _ in range(2))  # two decisions
     configs = ["default=Q4_1", "default=Q5_0", "default=Q4_K,ffn_down=Q6_K"]  # the first stops early
     for i, c in enumerate(configs):
-        executor.submit(Job(i, confirm, (Config.parse(c), SPEC, first, 0.5)))
+        executor.submit(Job(i, confirm, (Config.parse(c), wide, first, 0.5)))
     results = list(executor.drain())
-    executor.submit(Job(3, confirm, (Config.parse(configs[0]), SPEC, second, 0.5)))
+    executor.submit(Job(3, confirm, (Config.parse(configs[0]), wide, second, 0.5)))
     results += list(executor.drain())
     for r in results:
         assert r.error is None and r.job.args[2] is (first if r.job.id < 3 else second)  # the job as submitted
-        local = confirm(engine, r.job.args[0], SPEC, r.job.args[2], 0.5)
+        local = confirm(engine, r.job.args[0], wide, r.job.args[2], 0.5)
         o = r.value
         assert (o.complete, o.reason, o.forward_tokens) == (local.complete, local.reason, local.forward_tokens)
         assert (o.margin.diff, o.margin.se) == (local.margin.diff, local.margin.se)

@@ -194,7 +194,7 @@ def moe_data(moe, corpus, tmp_path_factory):
     import numpy as np
 
     from mqpredict.llama.inprocess import InProcessEngine
-    from mqpredict.records import seed as seeding
+    from mqpredict.workflows import seed as seeding
     from mqpredict.records.identity import identify
     from mqpredict.records.schema import Source
     from mqpredict.records.store import Store

@@ -62,7 +62,7 @@ def test_seed_smollm2_gives_records_and_the_line(smollm2, tmp_path):
 
     from tests.conftest import mq
 
-    p = mq("seed", "smollm2", "--store", tmp_path / "s", "--ctx", "512", "--tokens", "512", "--json", timeout=900)
+    p = mq("seed", "smollm2", "--store", tmp_path / "s", "--ctx", "512", "--tokens", "512", "--json", timeout=1500)
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
     recs = doc["records"]

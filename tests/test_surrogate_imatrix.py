@@ -30,7 +30,7 @@ CONFIGS = ("default=Q4_K", "default=Q4_K,ffn_down=Q6_K", "default=Q6_K,attn_q=Q3
 @pytest.fixture(scope="module")
 def both(tiny, tiny_imatrix, corpus, tmp_path_factory):  # noqa: F811
     """The same configs of the tiny model measured without and with the imatrix, in one store; their tables."""
-    from mqpredict.records import seed as seeding
+    from mqpredict.workflows import seed as seeding
 
     store = Store(tmp_path_factory.mktemp("im-records") / "records")
     model = ModelInfo.load(tiny)
