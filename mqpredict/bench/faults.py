@@ -119,7 +119,7 @@ def _cli() -> list[str]:
 def _run_args(plan: Plan, base: Path, corpus: Path, side: Side) -> list[str]:
     return ["campaign", "run", str(base), "--corpus", str(corpus), "--ctx", str(plan.ctx), "--tokens", str(plan.tokens),
             "--budget", str(plan.budget), "--batch", str(plan.batch), "--seed", str(plan.seed), "--types", plan.types,
-            "--no-imatrix", "--threads", "1", "--out", str(side.out), "--store", str(side.store),
+            "--no-imatrix", "--scoring", "windows", "--threads", "1", "--out", str(side.out), "--store", str(side.store),
             "--tracking-uri", side.uri, "--experiment", EXPERIMENT, "--json"]  # fmt: skip
 
 

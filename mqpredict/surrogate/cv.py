@@ -137,7 +137,7 @@ def probe_prediction(rows: pd.DataFrame) -> np.ndarray:
     return np.array(out)
 
 
-def evaluate(data: TrainingSet, make: Callable[[], Surrogate], progress=None) -> pd.DataFrame:
+def evaluate(data: TrainingSet, make: Callable[[], Surrogate], progress=None, min_rows: int = MIN_ROWS) -> pd.DataFrame:
     """One row per (held-out model, method) with the metrics above; plus zero-shot rows."""
     out = []
     fams = data.families
@@ -162,7 +162,7 @@ def evaluate(data: TrainingSet, make: Callable[[], Surrogate], progress=None) ->
             probes = probe_prediction(every)
             keep = ((every["source"] != "probe") & (every["config"] != REFERENCE)).to_numpy()
             rows, X, probes = every[keep].reset_index(drop=True), data.X[idx][keep], probes[keep]
-            if len(rows) < MIN_ROWS:
+            if len(rows) < min_rows:
                 continue
             ln_ref = math.log(rows["ref_kld"].iloc[0])
             p = s.predict(X)["kld"]
@@ -176,7 +176,7 @@ def evaluate(data: TrainingSet, make: Callable[[], Surrogate], progress=None) ->
             for method, (m, lo, hi) in preds.items():
                 out.append({**info, "method": method, "mode": "reference", "rows": "all", **model_metrics(rows, m, lo, hi)})
             sub = np.isfinite(probes)
-            if sub.sum() >= MIN_ROWS:  # the same rows for every method: the ones the probes can predict
+            if sub.sum() >= min_rows:  # the same rows for every method: the ones the probes can predict
                 for method, (m, lo, hi) in {**preds, "probes": (probes, None, None)}.items():
                     cut = (lambda a: None if a is None else a[sub])  # noqa: E731
                     out.append({**info, "method": method, "mode": "reference", "rows": "probe-predictable",
