@@ -243,7 +243,7 @@ def test_a_worker_killed_mid_campaign(tiny, cluster, tmp_path, retries):
             "--ship", "object-store", "--retries", retries]  # fmt: skip
     p = subprocess.Popen([*MQ, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ)
     try:
-        _wait_for_record(store, p, time.time() + 600)
+        _wait_for_record(store, p, time.time() + 1200)
         (ctl / "slow").touch()
         deadline = time.time() + 300
         while not (ctl / "running").exists():  # a worker is inside llama-perplexity now, for 5 s
@@ -295,7 +295,7 @@ def test_a_killed_driver_resumes_on_ray_without_measuring_twice(tiny, cluster, t
     args = ["campaign", "run", tiny, *CAMPAIGN, "--budget", 4, "--batch", 2, "--out", out, "--store", store, *ray_args]
     p = subprocess.Popen([*MQ, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ)
     try:
-        _wait_for_record(store, p, time.time() + 600)
+        _wait_for_record(store, p, time.time() + 1200)
         p.send_signal(signal.SIGKILL)
         p.wait(30)
     finally:
