@@ -245,7 +245,7 @@ def test_compare_two_campaigns_from_mlflow(tiny, tmp_path):
     uri = f"sqlite:///{tmp_path / 'ml.db'}"
     for name in ("a", "b"):
         mq("campaign", "run", tiny, "--corpus", CORPUS, "--ctx", 128, "--tokens", 512, "--budget", 3, "--batch", 3,
-           "--out", tmp_path / name, "--store", tmp_path / f"store-{name}", "--tracking-uri", uri,
+           "--no-imatrix", "--out", tmp_path / name, "--store", tmp_path / f"store-{name}", "--tracking-uri", uri,
            "--experiment", f"exp-{name}", "--seed", 0 if name == "a" else 1, check=True, timeout=900)  # fmt: skip
     rows = _json(mq("compare", "exp-a", "exp-b", "--tracking-uri", uri, "--plot", tmp_path / "cmp.png", "--json"))
     assert [r["name"] for r in rows] == ["exp-a", "exp-b"]
@@ -321,7 +321,7 @@ def test_a_failed_llama_run_is_recorded_and_the_campaign_goes_on(tiny, tmp_path)
     q.chmod(q.stat().st_mode | stat.S_IEXEC)
     store = tmp_path / "store"
     doc = _json(mq("campaign", "run", tiny, "--corpus", CORPUS, "--ctx", 128, "--tokens", 512, "--budget", 2, "--batch", 2,
-                   "--engine", "tools", "--llama-bin", bin_dir, "--out", tmp_path / "out", "--store", store, "--no-track",
+                   "--no-imatrix", "--engine", "tools", "--llama-bin", bin_dir, "--out", tmp_path / "out", "--store", store, "--no-track",
                    "--json", timeout=900))  # fmt: skip
     recs = Store(store).load()
     mine = recs[recs["provenance_file"].fillna("").str.startswith("campaign:")]

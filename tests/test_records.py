@@ -260,16 +260,19 @@ def test_import_llama_perplexity_output(tiny, corpus, tmp_path):
         base_kld = eng.base_logprobs(eng.spec)
         q = eng.build(Config.parse("Q4_K_M"), tmp_path / "q.gguf").path
         ref = eng.measure(Config.parse("Q4_K_M"))
-    for _ in range(10):  # the real tool sometimes loses its statistics at exit (docs/measurement.md): a run
-        # counts only when every statistic the importer reads is there (its own parser decides)
-        p = subprocess.run([str(find_tool("llama-perplexity")), "-m", str(q), "--kl-divergence-base", str(base_kld),
-                            "--kl-divergence", *spec_args], capture_output=True, text=True)  # fmt: skip
-        try:
-            parse_kld_output(p.stderr + p.stdout, ref.stats.n_tokens, "run.txt")
-        except LlamaError:
-            continue
-        if "kl_divergence: computing over" in p.stderr + p.stdout:  # the importer's header line came through too
-            break
+        # the base's log-probs live in the engine's work folder: run the tool while the engine is open
+        for _ in range(10):  # the real tool sometimes loses its statistics at exit (docs/measurement.md): a run
+            # counts only when every statistic the importer reads is there (its own parser decides)
+            p = subprocess.run([str(find_tool("llama-perplexity")), "-m", str(q), "--kl-divergence-base", str(base_kld),
+                                "--kl-divergence", *spec_args], capture_output=True, text=True)  # fmt: skip
+            try:
+                parse_kld_output(p.stderr + p.stdout, ref.stats.n_tokens, "run.txt")
+            except LlamaError:
+                continue
+            if "kl_divergence: computing over" in p.stderr + p.stdout:  # the importer's header line came through too
+                break
+        else:
+            pytest.fail(f"llama-perplexity never printed its statistics in 10 runs; the last said:\n{p.stderr[-2000:]}")
     out = tmp_path / "run.txt"
     out.write_text(p.stderr + p.stdout)
     doc = _json(mq("data", "import", out, "--store", tmp_path / "s", "--base", tiny, "--gguf", q, "--corpus", corpus,
@@ -289,6 +292,15 @@ def test_seed_is_resumable_and_shows_the_line(seeded, tiny):
     assert doc["measured"] == [] and len(doc["same_file"]) == 16  # nothing measured twice
     human = mq("seed", tiny, "--no-imatrix", "--store", seeded, *SMALL)
     assert "on the line" in human.stdout and "preset=Q8_0" in human.stdout
+
+
+def test_seed_only_some_presets(tiny, tmp_path):
+    doc = _json(mq("seed", tiny, "--no-imatrix", "--store", tmp_path / "s", *SMALL, "--only", "Q8_0", "--only", "q4_k_m",
+                   "--no-track", "--json"))  # fmt: skip
+    assert sorted(doc["measured"]) == ["preset=Q4_K_M", "preset=Q8_0"]
+    _fails(mq("seed", tiny, "--no-imatrix", "--store", tmp_path / "s", *SMALL, "--only", "Q9_K"), "Q9_K", "valid presets")
+    _fails(mq("seed", tiny, "--no-imatrix", "--store", tmp_path / "s", *SMALL, "--only", "IQ2_XXS"), "IQ2_XXS", "imatrix")
+    assert len(Store(tmp_path / "s").records()) == 2  # a refused seed measures nothing
 
 
 def test_seed_recipes_and_gguf_configs(tiny, tmp_path):

@@ -108,7 +108,7 @@ def test_server_killed_mid_campaign_then_sync_and_compare(tiny, tmp_path, server
     server.start()
     store = tmp_path / "store"
     env = dict(os.environ, MQPREDICT_NO_PROGRESS="1")
-    p = subprocess.Popen([*MQ, "campaign", "run", str(tiny), "--store", str(store), "--ctx", "128", "--tokens", "512",
+    p = subprocess.Popen([*MQ, "campaign", "run", str(tiny), "--store", str(store), "--ctx", "128", "--tokens", "512", "--no-imatrix",
                           "--budget", "3", "--batch", "3", "--out", str(tmp_path / "camp"),
                           "--tracking-uri", server.uri, "--experiment", "team"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip

@@ -193,6 +193,9 @@ def seed(
     ] = None,
     presets: Annotated[bool, typer.Option("--presets/--no-presets", help="Measure the standard presets (with an "
                                           "imatrix also the 11 made for one, IQ3_M … IQ1_S).")] = True,  # fmt: skip
+    only: Annotated[list[str] | None, typer.Option("--only", metavar="PRESET", help="Measure only this preset "
+                                                   "(repeatable, e.g. --only Q8_0 --only Q4_K_M): a cheap line on a big "
+                                                   "model.")] = None,  # fmt: skip
     imatrix: ImatrixOpt = None,
     no_imatrix: NoImatrixOpt = False,
     ctx: CtxOpt = DEFAULTS["ctx"],
@@ -231,6 +234,11 @@ def seed(
     cands += seeding.gguf_candidates([derive(f) for f in from_gguf or []])
     if not cands and not presets:
         raise InputError("nothing to seed", "keep --presets, or give --recipes / --from-gguf")
+    if only and not presets:
+        raise InputError("--only picks among the presets and --no-presets measures none", "drop one of the two")
+    from mqpredict.quant.presets import require_preset
+
+    chosen = {require_preset(o) for o in only or []}
     st = _store(store, fmt)
     spec = spec_from(ctx, tokens, 0, scoring_for(scoring, engine))
     with progress_bar(not json) as progress:
@@ -238,7 +246,12 @@ def seed(
         im = imatrix_or_default(path, imatrix, no_imatrix, threads, progress)
         if presets:
             moe = bool(ModelInfo.load(path).n_expert)  # a mixture of experts also gets MXFP4_MOE
-            cands = seeding.preset_candidates(seeding.seed_presets(im is not None, moe)) + cands
+            picked = [p for p in seeding.seed_presets(im is not None, moe) if not chosen or p in chosen]
+            if len(picked) < len(chosen):
+                missing = ", ".join(sorted(p.value for p in chosen - set(picked)))
+                raise InputError(f"--only {missing}: not a preset a seed measures here",
+                                 "IQ3_M … IQ1_S need an imatrix and MXFP4_MOE a mixture of experts")  # fmt: skip
+            cands = seeding.preset_candidates(tuple(picked)) + cands
         eng = make_engine(path, corpus, spec, engine, llama_bin, threads, allow_quantized_base, progress, tools_kld, im)
         tracker = make_tracker(no_track, tracking_uri, experiment)
         with eng:
