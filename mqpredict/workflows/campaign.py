@@ -294,10 +294,12 @@ class Campaign:
         return cls(engine, store, out, state, **kw)
 
     # ------------------------------------------------------------------------ records view
-    def _records(self, spec: EvalSpec, status: str | None = "ok", without: frozenset[str] = frozenset()) -> pd.DataFrame:
+    def _records(self, spec: EvalSpec, status: str | None = "ok", without: frozenset[str] = frozenset(),
+                 df: pd.DataFrame | None = None) -> pd.DataFrame:  # fmt: skip
         """This model's records on ``spec``'s slice with this build: presets and this campaign's own (but
-        not its own of the types keys ``without``: the store as it was before a batch was asked)."""
-        df = self.store.load()
+        not its own of the types keys ``without``: the store as it was before a batch was asked). ``df`` is
+        the store already loaded for this decision (else it is read)."""
+        df = self.store.load() if df is None else df
         if df.empty:
             return df
         e = self.engine
@@ -310,12 +312,12 @@ class Campaign:
             m &= ~((df["provenance_file"] == self.state.tag) & df["types_key"].isin(without))
         return df[m]
 
-    def _taken(self) -> set[str]:
+    def _taken(self, df: pd.DataFrame | None = None) -> set[str]:
         """Types keys never to propose: measured by anyone (another campaign in the same store too), with any
         status, on the search slice or its first stage with this build. Measuring one again would only meet
         the record already stored (a duplicate, not counted against this campaign's budget), and the loop
         would propose it again and again."""
-        df = self.store.load()
+        df = self.store.load() if df is None else df
         if df.empty:
             return set()
         e, st = self.engine, self.state
@@ -323,8 +325,8 @@ class Campaign:
         m = Context.of(e, self.ident.model_id, st.search).mask(df) | Context.of(e, self.ident.model_id, first).mask(df)
         return set(df.loc[m & (df["build"] == e.build_id()), "types_key"])
 
-    def _spent(self) -> pd.DataFrame:
-        df = self.store.load()
+    def _spent(self, df: pd.DataFrame | None = None) -> pd.DataFrame:
+        df = self.store.load() if df is None else df
         if df.empty:
             return df
         return df[(df["provenance_file"] == self.state.tag) & (df["model_id"] == self.ident.model_id)]
@@ -437,15 +439,16 @@ class Campaign:
         """The store read once for one decision: this campaign's context on the search slice (without its own
         records of the types keys ``without``: the store as it was when a batch was asked)."""
         st = self.state
-        ok = self._records(st.search, without=without)
-        spent = self._spent()
+        df = self.store.load()  # once: every view below reads the same store state
+        ok = self._records(st.search, without=without, df=df)
+        spent = self._spent(df)
         if without and len(spent):
             spent = spent[~spent["types_key"].isin(without)]
         part = spent[spent["status"] == Status.partial.value] if len(spent) else spent
         vectors = {r["key"]: self._vector(r) for df in (ok, part) if len(df) for _, r in df.iterrows()}
-        measured = set(self._records(st.search, status=None)["types_key"]) if len(ok) else set()
+        measured = set(self._records(st.search, status=None, df=df)["types_key"]) if len(ok) else set()
         measured |= set(spent["types_key"]) if len(spent) else set()
-        measured |= self._taken()  # by anyone in the store (another campaign too): never proposed again
+        measured |= self._taken(df)  # by anyone in the store (another campaign too): never proposed again
         return Snapshot(ok, vectors, st.search.scored_per_chunk, part, frozenset(measured | set(pending)))
 
     # ------------------------------------------------------------------------ the loop
@@ -491,10 +494,10 @@ class Campaign:
         k = self.settings.n_warm_start()
         if k <= 0:
             return ()
-        snap = self.snapshot()
-        if not snap.line.hull:
+        line, _ = self._line(self.state.search)
+        if not line.hull:
             return ()
-        b = [p.bpw for p in snap.line.hull]
+        b = [p.bpw for p in line.hull]
         lo, hi = min(b), max(b)
         step = (hi - lo) / (k + 1)
         allocs = allocations_across(self.engine.model, table, k, lo + step, hi - step, self.types, self.engine.imatrix)
