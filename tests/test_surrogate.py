@@ -75,6 +75,8 @@ def test_fit_predict_and_round_trip(dataset, tmp_path):
     p = s.predict(data.X)["kld"]
     assert np.corrcoef(p.mean, data.Y[:, 0])[0, 1] > 0.9  # learns the training data
     assert (p.lo <= p.mean).all() and (p.mean <= p.hi).all() and s.calibrated_
+    mean, hw = s.predict_kld(data.X)  # what a search scores its pool with: the same numbers
+    assert np.array_equal(mean, p.mean) and np.array_equal(mean + hw, p.hi) and np.array_equal(mean - hw, p.lo)
     s.save(tmp_path / "m")
     files = sorted(f.name for f in (tmp_path / "m").iterdir())
     assert files == ["kld.txt", "metadata.json", "miss.txt", "p99.txt"]  # LightGBM text + JSON, no pickle

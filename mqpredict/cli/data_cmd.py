@@ -243,15 +243,15 @@ def seed(
     spec = spec_from(ctx, tokens, 0, scoring_for(scoring, engine))
     with progress_bar(not json) as progress:
         path = _base(base, progress)
-        im = imatrix_or_default(path, imatrix, no_imatrix, threads, progress)
-        if presets:
+        if presets:  # checked before the imatrix is computed: a refusal costs nothing
             moe = bool(ModelInfo.load(path).n_expert)  # a mixture of experts also gets MXFP4_MOE
-            picked = [p for p in seeding.seed_presets(im is not None, moe) if not chosen or p in chosen]
+            picked = [p for p in seeding.seed_presets(not no_imatrix, moe) if not chosen or p in chosen]
             if len(picked) < len(chosen):
                 missing = ", ".join(sorted(p.value for p in chosen - set(picked)))
                 raise InputError(f"--only {missing}: not a preset a seed measures here",
                                  "IQ3_M … IQ1_S need an imatrix and MXFP4_MOE a mixture of experts")  # fmt: skip
             cands = seeding.preset_candidates(tuple(picked)) + cands
+        im = imatrix_or_default(path, imatrix, no_imatrix, threads, progress)
         eng = make_engine(path, corpus, spec, engine, llama_bin, threads, allow_quantized_base, progress, tools_kld, im)
         tracker = make_tracker(no_track, tracking_uri, experiment)
         with eng:

@@ -83,8 +83,8 @@ class Proposer:
     def predict(self, A: np.ndarray, s: Surrogate, ln_ref: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Exact sizes and bpw, predicted ln KLD and its calibrated half-width of each row of ``A``."""
         sizes, bpw = self._space.sizes(A)
-        X = self._feat.matrix(A, bpw)
-        return sizes, bpw, ln_ref + s.predict(X)["kld"].mean, s.kld_halfwidth(X)
+        mean, hw = s.predict_kld(self._feat.matrix(A, bpw))
+        return sizes, bpw, ln_ref + mean, hw
 
     def _pool(self, s: Surrogate, ln_ref: float, points, ref, z80: float) -> np.ndarray:
         sp = self._space
@@ -146,7 +146,7 @@ class Proposer:
 
         sc = score_configs(self.model, self.table, [config], imatrix=self.imatrix)[0]
         X = F.matrix([sc.features])
-        mu = ln_ref + float(s.predict(X)["kld"].mean[0])
-        hw = float(s.kld_halfwidth(X)[0]) * inflation
+        mean, hw = s.predict_kld(X)
+        mu, hw = ln_ref + float(mean[0]), float(hw[0]) * inflation
         return Proposal(config, sc.types_key, sc.size_bytes, sc.bpw, math.exp(mu), math.exp(mu - hw), math.exp(mu + hw),
                         0.0, source)  # fmt: skip

@@ -201,6 +201,12 @@ class Surrogate(BaseEstimator):
         hw = [self.kld_halfwidth(X) if t == "kld" else np.full(len(X), self.halfwidth_[j]) for j, t in enumerate(TARGETS)]
         return {t: Prediction(raw[:, j], raw[:, j] - hw[j], raw[:, j] + hw[j]) for j, t in enumerate(TARGETS)}
 
+    def predict_kld(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ln-KLD delta and its calibrated half-width, as ``predict(X)["kld"]`` has them, without the other
+        targets' boosters: what a search scores a pool of thousands with, at a fraction of the cost."""
+        X = np.atleast_2d(X)
+        return self.boosters_[TARGETS.index("kld")].predict(X), self.kld_halfwidth(X)
+
     def predict_reference(self, X_ref: np.ndarray) -> np.ndarray:
         """Zero-shot: the reference's ln KLD, from the model alone."""
         return self._ref_predict(np.atleast_2d(X_ref), self.ref_coef_, self.ref_mu_, self.ref_sd_)
