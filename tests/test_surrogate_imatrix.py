@@ -111,3 +111,26 @@ def test_candidate_space_with_an_imatrix(tiny, tiny_imatrix):  # noqa: F811
     assert exact.size_bytes > size_of(model, resolve(model, cfg, imatrix=tiny_imatrix)).size_bytes  # its keys
     assert np.allclose(fz.matrix(row, bpw)[0], [s.features[k] for k in F.FEATURES], atol=1e-9)
     assert s.features["imatrix"] == 1.0
+
+
+def test_a_576_wide_model_with_an_imatrix_proposes_and_allocates_only_what_llama_cpp_writes(tiny576, tmp_path):
+    """SmolLM2's widths: IQ2_XS asked for token_embd falls back to another type, but mqpredict refuses the
+    request itself (no imatrix weights there) — the search space, its features and the allocator must agree
+    with that refusal (the README's main command once stopped on it after seeding)."""
+    from mqpredict.llama.imatrix import ImatrixSettings, compute_imatrix
+    from mqpredict.quant.resolve import quantizable
+    from mqpredict.search.allocator import allocations_across
+    from mqpredict.search.proposer import Proposer
+    from mqpredict.search.space import space_types
+    from mqpredict.util.paths import DEFAULT_CALIBRATION
+
+    model = ModelInfo.load(tiny576)
+    im, _ = compute_imatrix(tiny576, DEFAULT_CALIBRATION, tmp_path / "im.gguf", ImatrixSettings(4, 128), threads=2)
+    assert not im.has("token_embd.weight")
+    table = compute(model, "tiny576", im, space_types(im), 2, sample_elements=4096)
+    prop = Proposer(model, table, space_types(im), imatrix=im)  # its Featurizer resolves every (group, type)
+    emb = dict(zip(prop._space.groups, prop._space.types))["embeddings"]
+    assert T.IQ2_XS not in emb and T.IQ2_XXS not in emb and T.Q8_0 in emb
+    for a in allocations_across(model, table, 4, 2.5, 7.5, None, im):
+        assert all(quantizable(n, q, im) for n, q in a.types.items())
+        resolve(model, a.config, imatrix=im)  # builds as it is

@@ -82,17 +82,30 @@ def check_imatrix_preset(config: Config, imatrix: Imatrix | None) -> None:
         raise ConfigError(f"preset {config.preset.value} needs an importance matrix", _NEED_IMATRIX_HINT)
 
 
+def needs_weights(name: str, qt: QuantType, preset: Preset | None = None) -> bool:
+    """Whether llama.cpp refuses (or aborts on) type ``qt`` for tensor ``name`` without importance-matrix
+    weights for that very tensor: the low-bit IQ types (token_embd/output exempt), and IQ2_XXS/IQ2_XS/IQ1_S
+    everywhere (even token_embd/output, which an imatrix never holds)."""
+    needs = qt in IMATRIX_TYPES or (qt == QuantType.Q2_K and preset == Preset.Q2_K_S)
+    return (needs and name not in _IMATRIX_EXEMPT) or qt in WEIGHTS_REQUIRED
+
+
+def quantizable(name: str, qt: QuantType, imatrix: Imatrix | None) -> bool:
+    """Whether llama.cpp quantizes tensor ``name`` to ``qt`` with ``imatrix`` (or none) — what a search or an
+    allocator may choose; :func:`check_types` refuses the rest with the reason."""
+    return not needs_weights(name, qt) or (imatrix is not None and imatrix.has(name))
+
+
 def check_types(model: ModelInfo, types: Mapping[str, QuantType], config: Config, imatrix: Imatrix | None = None) -> None:
     """Refuse what llama.cpp would refuse (or abort on): the low-bit IQ types need an importance matrix,
     and IQ2_XXS/IQ2_XS/IQ1_S need its weights for the very tensor (even token_embd/output)."""
     for name, qt in types.items():
         if model.group_map.get(name) is None:
             continue
-        needs = qt in IMATRIX_TYPES or (qt == QuantType.Q2_K and config.preset == Preset.Q2_K_S)
-        refused = needs and name not in _IMATRIX_EXEMPT
-        if imatrix is None and (refused or qt in WEIGHTS_REQUIRED):
+        hard = needs_weights(name, qt, config.preset)
+        if imatrix is None and hard:
             raise ConfigError(f"type {qt.name} (tensor {name}) needs an importance matrix", _NEED_IMATRIX_HINT)
-        if imatrix is not None and (refused or qt in WEIGHTS_REQUIRED) and not imatrix.has(name):
+        if imatrix is not None and hard and not imatrix.has(name):
             raise ConfigError(
                 f"type {qt.name} for tensor {name} needs importance-matrix weights, which {imatrix.path.name} does "
                 "not hold for that tensor (llama.cpp would refuse or abort)",

@@ -40,7 +40,7 @@ from mqpredict.quant.derive import config_from_types
 from mqpredict.quant.header import pad, tensor_nbytes
 from mqpredict.quant.imatrix import Imatrix
 from mqpredict.quant.model import ModelInfo
-from mqpredict.quant.resolve import resolve
+from mqpredict.quant.resolve import quantizable, resolve
 from mqpredict.quant.size import header_size, size_of
 from mqpredict.quant.types import NoFallback, QuantType, T, effective_type
 from mqpredict.surrogate.weight_error import ERROR_TYPES, IMATRIX_ONLY_TYPES, ErrorTable
@@ -102,7 +102,7 @@ class _Unit:
 
 
 def _options(model: ModelInfo, table: ErrorTable, names: Sequence[str], types: Sequence[QuantType],
-             padded: bool) -> tuple[list[tuple[QuantType, ...]], list[int], list[float]]:  # fmt: skip
+             padded: bool, imatrix: Imatrix | None) -> tuple[list[tuple[QuantType, ...]], list[int], list[float]]:  # fmt: skip
     tmap, align = model.header.tensor_map, model.header.alignment
     seen, out_t, out_c, out_e = set(), [], [], []
     for q in types:
@@ -110,8 +110,8 @@ def _options(model: ModelInfo, table: ErrorTable, names: Sequence[str], types: S
             eff = tuple(effective_type(q, tmap[n].shape[0]) for n in names)
         except NoFallback:
             continue
-        if eff in seen:
-            continue
+        if eff in seen or not all(quantizable(n, e, imatrix) for n, e in zip(names, eff)):
+            continue  # (llama.cpp refuses e.g. IQ2_XS on token_embd, which no imatrix holds)
         errs = [table.abs_error(n, e.name) for n, e in zip(names, eff)]
         if any(x is None for x in errs):  # llama.cpp would refuse it here (or the table lacks it)
             continue
@@ -135,7 +135,7 @@ def _pareto(types, cost, error) -> tuple[list, np.ndarray, np.ndarray]:
 
 
 def _units(model: ModelInfo, table: ErrorTable, types: Sequence[QuantType], padded: bool, by: str,
-           allowed: Mapping[str, Sequence[QuantType]] | None) -> list[_Unit]:  # fmt: skip
+           allowed: Mapping[str, Sequence[QuantType]] | None, imatrix: Imatrix | None) -> list[_Unit]:  # fmt: skip
     if not table.tensors:
         raise InputError(f"the weight-error table of {model.path.name} has no per-tensor errors (an old table)",
                          "delete it from the cache: mqpredict computes a new one in seconds")  # fmt: skip
@@ -144,7 +144,7 @@ def _units(model: ModelInfo, table: ErrorTable, types: Sequence[QuantType], padd
         cands = tuple(allowed[g]) if allowed is not None and g in allowed else tuple(types)
         blocks = [tuple(t.name for t in ts)] if by == "group" else [(t.name,) for t in ts]
         for names in blocks:
-            ty, c, e = _options(model, table, names, cands, padded)
+            ty, c, e = _options(model, table, names, cands, padded, imatrix)
             if not ty:
                 raise InputError(f"no candidate type fits {names[0]} ({', '.join(q.name for q in cands)})",
                                  "give --types more types")  # fmt: skip
@@ -253,7 +253,7 @@ def allocate(model: ModelInfo, table: ErrorTable, target: Target, types: Sequenc
                          f"allocation asks for {imatrix.id if imatrix is not None else 'none'}")  # fmt: skip
     types = tuple(types or default_types(imatrix))
     padded = target.size_bytes is not None
-    units = _units(model, table, types, padded, by, allowed)
+    units = _units(model, table, types, padded, by, allowed, imatrix)
     fixed = model.fixed
     if padded:
         budget = target.size_bytes - header_size(model, imatrix) - sum(pad(t.nbytes, model.header.alignment) for t in fixed)

@@ -21,9 +21,9 @@ from mqpredict.quant.derive import type_fractions
 from mqpredict.quant.header import pad, tensor_nbytes
 from mqpredict.quant.imatrix import Imatrix
 from mqpredict.quant.model import ModelInfo
-from mqpredict.quant.resolve import check_types, resolve
+from mqpredict.quant.resolve import resolve
 from mqpredict.quant.size import header_size
-from mqpredict.quant.types import NoFallback, QuantType, T, effective_type
+from mqpredict.quant.types import NoFallback, QuantType, T
 from mqpredict.surrogate import features as F
 from mqpredict.surrogate.weight_error import ErrorTable
 
@@ -52,11 +52,11 @@ class Space:
             ts = model.groups[g]
             ok, sigs, by, rby, ids = [], {}, [], [], []
             for qt in allowed[g]:
-                try:
-                    e = tuple(effective_type(qt, t.shape[0]) for t in ts)
-                    check_types(model, {t.name: x for t, x in zip(ts, e)}, Config(default=qt), imatrix)
+                try:  # the group alone at qt, checked as every config is (the Featurizer resolves the same)
+                    r = resolve(model, Config(default=T.Q8_0, groups=((g, qt),)), imatrix=imatrix)
                 except (NoFallback, ConfigError):  # llama.cpp cannot (or will not) write this type here
                     continue
+                e = tuple(r[t.name] for t in ts)
                 ok.append(qt)
                 ids.append(sigs.setdefault(e, len(sigs)))
                 by.append(sum(pad(tensor_nbytes(t.shape, x), align) for t, x in zip(ts, e)))
