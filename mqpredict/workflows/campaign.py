@@ -445,7 +445,7 @@ class Campaign:
         if without and len(spent):
             spent = spent[~spent["types_key"].isin(without)]
         part = spent[spent["status"] == Status.partial.value] if len(spent) else spent
-        vectors = {r["key"]: self._vector(r) for df in (ok, part) if len(df) for _, r in df.iterrows()}
+        vectors = {r["key"]: self._vector(r) for d in (ok, part) if len(d) for _, r in d.iterrows()}
         measured = set(self._records(st.search, status=None, df=df)["types_key"]) if len(ok) else set()
         measured |= set(spent["types_key"]) if len(spent) else set()
         measured |= self._taken(df)  # by anyone in the store (another campaign too): never proposed again
