@@ -28,6 +28,9 @@ thread: on a shared 2-core machine two spinning threads are ~40x slower per tiny
 
     nice -n 10 .venv/bin/python benchmarks/search_ground_truth.py
     MQPREDICT_THREADS=1 nice -n 5 .venv/bin/python benchmarks/search_ground_truth.py --truth smollm2-imatrix
+    # or on both cores: two shards of one work folder, then one run to assemble
+    for k in 0 1; do .venv/bin/python benchmarks/search_ground_truth.py --truth smollm2-imatrix --shard $k/2 & done; wait
+    .venv/bin/python benchmarks/search_ground_truth.py --truth smollm2-imatrix
 
 The real model's configs are measured in a seeded random order (presets first), so that a run stopped
 early leaves a uniform sample of the space; ``--measure-only`` skips assembling the shipped folder.
@@ -37,6 +40,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
+import hashlib
 import io
 import itertools
 import json
@@ -169,7 +174,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extra", type=Path, default=None, help="further configs, one 'SOURCE CONFIG' per line")
     ap.add_argument("--limit", type=int, default=0, help="measure only the first N space configs (a trial run)")
     ap.add_argument("--measure-only", action="store_true", help="measure, do not assemble the shipped folder")
+    ap.add_argument("--shard", default=None, metavar="K/N",
+                    help="measure only the configs whose key hashes to K modulo N (0-based): N processes on N cores "
+                         "share one work folder, each resumable (implies --measure-only; run once more without it to assemble)")
     args = ap.parse_args(argv)
+    shard = None
+    if args.shard:
+        try:
+            k, n = (int(x) for x in args.shard.split("/"))
+            assert 0 <= k < n
+        except (ValueError, AssertionError):
+            raise SystemExit(f"--shard {args.shard!r}: expected K/N with 0 <= K < N, e.g. 0/2") from None
+        shard, args.measure_only = (k, n), True
     td = TRUTHS[args.truth]
     spec = td.spec
     work: Path = args.work or cache_dir() / "ground_truth" / td.name
@@ -235,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
             rest = order[len(td.presets):]
             order = order[: len(td.presets)] + [rest[i] for i in np.random.default_rng(0).permutation(len(rest))]
         todo = list(dict.fromkeys(r["types_key"] for r in order if r["types_key"] not in done))
+        if shard is not None:
+            # by the file's key, not its place in the list: a shard started or resumed later takes the same files
+            todo = [k for k in todo if int(hashlib.sha256(k.encode()).hexdigest()[:8], 16) % shard[1] == shard[0]]
         by_key = {r["types_key"]: r for r in reversed(plan)}  # the first row naming each file
         say(f"{len(done)} files already measured, {len(todo)} to go")
         t0 = time.perf_counter()
@@ -257,12 +276,15 @@ def main(argv: list[str] | None = None) -> int:
                     say(f"  {j + 1}/{len(todo)} measured · {el:.0f} s · {el / (j + 1):.3f} s each · "
                         f"eta {(len(todo) - j - 1) * el / (j + 1):.0f} s")  # fmt: skip
         wall_measure = time.perf_counter() - t0
-        wall_path = work / "wall.json"  # measuring wall time, summed over resumed runs
-        walls = json.loads(wall_path.read_text()) if wall_path.exists() else []
-        if todo:
-            walls.append({"measured": len(todo), "wall_seconds_measuring": wall_measure,
-                          "wall_seconds": time.time() - t_start, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})  # fmt: skip
-            wall_path.write_text(json.dumps(walls, indent=1) + "\n")
+        wall_path = work / "wall.json"  # measuring wall time, summed over resumed runs (and shards: core time)
+        with open(work / "wall.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # shards finish at about the same time
+            walls = json.loads(wall_path.read_text()) if wall_path.exists() else []
+            if todo:
+                walls.append({"measured": len(todo), "wall_seconds_measuring": wall_measure,
+                              "wall_seconds": time.time() - t_start, "shard": args.shard,
+                              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})  # fmt: skip
+                wall_path.write_text(json.dumps(walls, indent=1) + "\n")
         if args.measure_only:
             return 0
 
