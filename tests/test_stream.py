@@ -181,3 +181,29 @@ def test_tools_engine_evaluates_only_the_requested_windows(tiny, corpus, spec, t
         assert np.corrcoef(_vec(logits), _vec(ref))[0, 1] > 0.999  # the same tokens, paired
         cached = sorted(p.name for p in (cache / "logprobs").glob("*tools*"))
         assert len(cached) == 1 and cached[0].endswith(".kld")  # one base file for every slice
+
+
+def test_bench_measure_reports_the_stream_ratio_and_its_floor(tiny, corpus):
+    """`bench measure` times stream scoring beside llama-perplexity on the same files and reports the
+    floor the model's shapes allow (head and body multiply-adds read independently with gguf-py here)."""
+    import math
+
+    import gguf
+
+    from mqpredict.bench.measure import stream_floor
+
+    p = mq("bench", "measure", tiny, "--corpus", corpus, "--ctx", "128", "--tokens", "256", "--repeats", "1",
+           "--threads", "1", "--json", check=True, timeout=900)  # fmt: skip
+    res = json.loads(p.stdout)
+    assert res["tokens_stream"] == 256 and res["tokens_windows"] == 4 * 63  # 4 chunks of 128
+    assert res["stream_ratio"] == pytest.approx((res["eval_stream_s"] / 256) / (res["eval_tool_s"] / 252))
+    reader = gguf.GGUFReader(str(tiny))
+    body = sum(math.prod(int(x) for x in t.shape) for t in reader.tensors
+               if t.name.startswith("blk.") and len(t.shape) == 2)  # fmt: skip
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    head = math.prod(int(x) for x in embd.shape)  # n_embd × n_vocab
+    assert res["head_to_body"] == pytest.approx(head / body)
+    assert res["stream_floor"] == pytest.approx(stream_floor(head / body, 128, 4))
+    # with no head the floor is the forward tokens' ratio alone: (128 + 3·64)/256 ÷ 128/63
+    assert stream_floor(0.0, 128, 4) == pytest.approx((320 / 256) / (128 / 63))
+    assert 0.5 < res["stream_floor"] < 1 and res["stream_ratio"] > 0
