@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -111,3 +112,57 @@ def test_mqpredict_runs_the_campaigns_policy_on_the_oracle(truth):
     sc = simulate(truth, "mqpredict", 0, [12], mq)
     assert sc["false_wins"][12] <= sc["declared_wins"][12]
     assert 0 < sc["hv_conf"][12] <= 1
+
+
+# ---------------------------------------------------------------------------- every shipped ground truth
+SHIPPED = sorted(p for p in (DEFAULT_TRUTH.parent).iterdir() if (p / "truth.csv").exists())
+META = {p.name: json.loads((p / "meta.json").read_text()) for p in SHIPPED}
+HELD_OUT = [p for p in SHIPPED if META[p.name].get("search_chunks", META[p.name]["n_chunks"]) < META[p.name]["n_chunks"]]
+
+
+@pytest.fixture(scope="module", params=SHIPPED, ids=[p.name for p in SHIPPED])
+def shipped(request) -> Truth:
+    return Truth.load(request.param)
+
+
+def test_two_ground_truths_are_shipped_one_of_them_a_real_model_with_an_imatrix():
+    assert len(SHIPPED) >= 2
+    real = [m for m in META.values() if (m.get("base") or {}).get("kind") == "embedded"]
+    assert real and all(m["imatrix_id"] for m in real)
+    assert HELD_OUT  # and one whose searches re-confirm on held-out windows
+
+
+def test_every_shipped_truth_is_its_whole_space_of_distinct_files_written_as_asked(shipped):
+    t, m = shipped, shipped.meta
+    assert m.get("complete", True) and len(t.space_rows) == len(m["space_types"]) ** len(m["free_groups"])
+    assert len(set(t.keys[t.space_rows])) == len(t.space_rows)  # distinct files
+    assert len(t.preset_rows) == m["n_presets"] and t.V.shape == (len(t.df), m["n_tokens"])
+    np.testing.assert_allclose(t.V.mean(axis=1), t.df["kld_mean"], rtol=2e-3)  # float16 keeps the means
+    im = None
+    if (t.folder / "imatrix.gguf").exists():
+        from mqpredict.quant.imatrix import Imatrix
+
+        im = Imatrix.load(t.folder / "imatrix.gguf")
+        assert im.id == m["imatrix_id"]
+    rng = np.random.default_rng(1)
+    for r in rng.choice(t.space_rows, 6, replace=False):
+        types = resolve(t.model, Config.parse(t.df["config"].iloc[r]), imatrix=im)
+        assert types_key(t.model, types) == t.keys[r]
+        assert size_of(t.model, types, im).size_bytes == t.size[r]  # exact, imatrix keys in the header included
+        assert t.fractions(int(r)) == type_fractions(t.model, types)  # every group wholly at its type: no fallback
+
+
+@pytest.mark.parametrize("folder", HELD_OUT, ids=[p.name for p in HELD_OUT])
+def test_policy_on_a_truth_with_held_out_windows_reconfirms_what_it_declares(folder):
+    """On a truth with held-out windows the campaign's policy re-confirms its candidate wins there (Holm),
+    within its budget; a declared win is one of its own full measurements."""
+    from mqpredict.bench.search import MqPredict
+
+    t = Truth.load(folder)
+    mqp = MqPredict(t)
+    o = Oracle(t, 15, 15 * t.full_tokens)
+    got = mqp.run(0, o, 15)
+    assert len(o.events) <= 15
+    held = [e.row for e in o.events if e.heldout]
+    assert held, "no candidate win was re-confirmed on the held-out windows"
+    assert set(got["declared"]) <= set(held) <= {e.row for e in o.events if e.complete and not e.heldout}
