@@ -16,8 +16,10 @@ Methods (each given a seed):
 * ``mqpredict`` — **the campaign's own policy object** (:class:`mqpredict.search.policy.Policy`, the
   one ``campaign run`` drives), asked and told through the oracle instead of an executor: the surrogate
   refitted before every batch on the shipped dataset **without the truth's family** plus what the
-  simulated search has revealed (checked by the :class:`~mqpredict.search.policy.Learner`), per-candidate
-  intervals, EHVI batches, the policy's staged confirmations (its own rule, :func:`~mqpredict.search.
+  simulated search has revealed (checked by the :class:`~mqpredict.search.policy.Learner`), warm-started as a
+  campaign is with the allocator's answers at ``min(4, B // 5)`` sizes inside the presets' range
+  (:func:`warm_start_rows`; at the level of the space, since a campaign's per-tensor answers are not files
+  of the truth), per-candidate intervals, EHVI batches, the policy's staged confirmations (its own rule, :func:`~mqpredict.search.
   confirm.judge`, on the first stage's windows of the truth's vectors; a stopped config costs one
   confirmation, a quarter of the tokens, and its partial result is told to the policy), its reserve for
   held-out re-confirmation, and its re-confirmation decisions (Holm) on the held-out windows. One run per
@@ -442,8 +444,9 @@ def run_probes(t: Truth, seed: int, o: Oracle) -> str:
     return "space exhausted"
 
 
-def allocator_order(t: Truth) -> list[int]:
-    """Space rows the allocator answers at evenly spaced size targets, in coverage order (see the module doc)."""
+def allocator_rows(t: Truth, sizes) -> list[int]:
+    """The distinct space rows the allocator answers at the size targets ``sizes`` (bytes), at the level of
+    the space (one type per group from its types; imatrix-weighted when the truth ships its imatrix)."""
     from mqpredict.quant.resolve import types_key
     from mqpredict.search.allocator import Target, allocate
     from mqpredict.surrogate.weight_error import compute
@@ -457,15 +460,34 @@ def allocator_order(t: Truth) -> list[int]:
 
         im = Imatrix.load(t.folder / "imatrix.gguf")
     table = compute(t.model, t.meta["model_id"], im, types, threads=1)
-    sizes = t.size[t.space_rows]
     rows: list[int] = []
-    for s in np.linspace(sizes.min(), sizes.max(), ALLOCATOR_TARGETS):
+    for s in sizes:
         a = allocate(t.model, table, Target(size_bytes=int(s)), types, im, by="group", allowed=allowed)
         r = t.row_of_key.get(types_key(t.model, a.types))
         if r is not None and int(r) not in rows:
             rows.append(int(r))
+    return rows
+
+
+def allocator_order(t: Truth) -> list[int]:
+    """Space rows the allocator answers at evenly spaced size targets, in coverage order (see the module doc)."""
+    sizes = t.size[t.space_rows]
+    rows = allocator_rows(t, np.linspace(sizes.min(), sizes.max(), ALLOCATOR_TARGETS))
     b = t.bpw
     return _coverage(rows, b, float(b[t.space_rows].min()), float(b[t.space_rows].max()))
+
+
+def warm_start_rows(t: Truth, budget: int) -> list[int]:
+    """What a campaign of ``budget`` measures first (``CampaignSettings.n_warm_start``: a fifth of the budget,
+    at most 4): the allocator's answers at that many sizes spread inside the presets' hull, here at the level
+    of the space (a campaign's per-tensor answers are not files of the truth)."""
+    k = min(4, budget // 5)
+    hull = [t.size[int(p.name)] for p in t.line.hull]
+    if k <= 0 or len(hull) < 2:
+        return []
+    lo, hi = min(hull), max(hull)
+    step = (hi - lo) / (k + 1)
+    return allocator_rows(t, [lo + step * (i + 1) for i in range(k)])
 
 
 def _coverage(items: list[int], b: np.ndarray, lo: float, hi: float) -> list[int]:
@@ -551,7 +573,8 @@ class MqPredict:
 
         t = self.t
         st = dataclasses.replace(self.settings, budget=budget, seed=seed, reconfirm=t.heldout_windows >= 2)
-        policy = Policy(t.model, t.table, self.learner, st, tuple(t.types), self.allowed)
+        warm = tuple(Config.parse(t.df["config"].iloc[r]) for r in warm_start_rows(t, budget))
+        policy = Policy(t.model, t.table, self.learner, st, tuple(t.types), self.allowed, warm_start=warm)
         stopped: list[int] = []
         why = "budget spent"
         stage_tok = self._stage_windows * t.per_window
