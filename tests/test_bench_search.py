@@ -100,10 +100,14 @@ def test_mqpredict_runs_the_campaigns_policy_on_the_oracle(truth):
     declared wins are configs it measured in full (re-confirmed on held-out windows when the truth has some)."""
     from mqpredict.bench.search import MqPredict
 
+    from mqpredict.bench.search import warm_start_rows
+
     mq = MqPredict(truth)
     o = Oracle(truth, 12, 12 * truth.full_tokens)
     got = mq.run(0, o, 12)
     rows = [e.row for e in o.events if not e.heldout]
+    warm = warm_start_rows(truth, 12)  # as a campaign of 12: the allocator's answers at 2 sizes come first
+    assert len(warm) == 2 and rows[:2] == warm
     assert 1 <= len(o.events) <= 12 and len(set(rows)) == len(rows)
     assert any(e.complete for e in o.events)
     assert set(got["declared"]) <= {e.row for e in o.events if e.complete}
