@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mqpredict.bench.search import DEFAULT_TRUTH, Oracle, Run, Truth, run, run_random, score, simulate
+from mqpredict.bench.search import (DEFAULT_TRUTH, MqPredict, Oracle, Run, Truth, run, run_random, score, simulate,
+                                    warm_start_rows)
 from conftest import mq
 from mqpredict.quant.config import Config
 from mqpredict.quant.derive import type_fractions
@@ -19,7 +22,7 @@ from mqpredict.pareto import hypervolume
 
 @pytest.fixture(scope="module")
 def truth() -> Truth:
-    return Truth.load(DEFAULT_TRUTH)
+    return loaded(DEFAULT_TRUTH)
 
 
 def test_ground_truth_is_the_whole_space_of_distinct_files(truth):
@@ -98,10 +101,6 @@ def test_mqpredict_runs_the_campaigns_policy_on_the_oracle(truth):
     """The benchmark's mqpredict is the campaign's Policy, asked and told through the oracle: it spends at
     most its budget, never asks for a file twice, stops hopeless configs after their first stage, and its
     declared wins are configs it measured in full (re-confirmed on held-out windows when the truth has some)."""
-    from mqpredict.bench.search import MqPredict
-
-    from mqpredict.bench.search import warm_start_rows
-
     mq = MqPredict(truth)
     o = Oracle(truth, 12, 12 * truth.full_tokens)
     got = mq.run(0, o, 12)
@@ -124,9 +123,15 @@ META = {p.name: json.loads((p / "meta.json").read_text()) for p in SHIPPED}
 HELD_OUT = [p for p in SHIPPED if META[p.name].get("search_chunks", META[p.name]["n_chunks"]) < META[p.name]["n_chunks"]]
 
 
+@functools.cache
+def loaded(folder: Path) -> Truth:
+    """Each shipped truth loaded once for the module (the real one restores its base model)."""
+    return Truth.load(folder)
+
+
 @pytest.fixture(scope="module", params=SHIPPED, ids=[p.name for p in SHIPPED])
 def shipped(request) -> Truth:
-    return Truth.load(request.param)
+    return loaded(request.param)
 
 
 def test_two_ground_truths_are_shipped_one_of_them_a_real_model_with_an_imatrix():
@@ -160,9 +165,7 @@ def test_every_shipped_truth_is_its_whole_space_of_distinct_files_written_as_ask
 def test_policy_on_a_truth_with_held_out_windows_reconfirms_what_it_declares(folder):
     """On a truth with held-out windows the campaign's policy re-confirms its candidate wins there (Holm),
     within its budget; a declared win is one of its own full measurements."""
-    from mqpredict.bench.search import MqPredict
-
-    t = Truth.load(folder)
+    t = loaded(folder)
     mqp = MqPredict(t)
     o = Oracle(t, 15, 15 * t.full_tokens)
     got = mqp.run(0, o, 15)
@@ -178,11 +181,10 @@ def test_the_first_stage_rule_stops_no_true_win(folder):
     truth none of its true wins (below the line on all windows) is stopped by the rule the campaign's jobs
     apply — so the search's stopped runs are configs above the line, not wins thrown away. (The README
     cites this, and that SmolLM2's true wins lie at 4.8–5.65 bpw.)"""
-    from mqpredict.bench.search import MqPredict
     from mqpredict.search.confirm import judge
     from mqpredict.search.policy import Policy
 
-    t = Truth.load(folder)
+    t = loaded(folder)
     mqp = MqPredict(t)
     snap = mqp.snapshot(Oracle(t, 1, t.full_tokens), [])
     ref = Policy(t.model, t.table, mqp.learner, mqp.settings, tuple(t.types), mqp.allowed).reference(snap)

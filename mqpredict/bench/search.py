@@ -67,6 +67,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,7 @@ import pandas as pd
 
 from mqpredict.errors import InputError
 from mqpredict.quant.config import Config
+from mqpredict.quant.imatrix import Imatrix
 from mqpredict.quant.model import ModelInfo
 from mqpredict.quant.types import QuantType
 from mqpredict.pareto import Line, Point, hypervolume
@@ -174,6 +176,11 @@ class Truth:
 
     def point(self, r: int) -> Point:
         return Point(float(self.bpw[r]), float(math.exp(self.ln_kld[r])), str(r))
+
+    @cached_property
+    def allocator_inputs(self) -> AllocatorInputs:
+        """The allocator's inputs (its weight-error table computed once per truth, not once per run)."""
+        return AllocatorInputs.of(self)
 
     def hv(self, rows) -> float:
         """Hypervolume of these rows as a fraction of the whole space's."""
@@ -444,25 +451,40 @@ def run_probes(t: Truth, seed: int, o: Oracle) -> str:
     return "space exhausted"
 
 
+@dataclass(frozen=True)
+class AllocatorInputs:
+    """What the allocator needs at the level of a truth's space: one type per group from the space's types
+    (fixed groups at theirs), the imatrix the truth ships (errors weighted by it), its weight-error table."""
+
+    allowed: dict[str, tuple[QuantType, ...]]
+    types: tuple[QuantType, ...]
+    imatrix: Imatrix | None
+    table: ErrorTable
+
+    @classmethod
+    def of(cls, t: Truth) -> AllocatorInputs:
+        from mqpredict.surrogate.weight_error import compute
+
+        fixed = {g: (QuantType[q],) for g, q in t.meta["fixed"].items()}
+        allowed = fixed | {g: tuple(t.types) for g in t.free}
+        types = tuple(dict.fromkeys([*t.types, *(q for qs in fixed.values() for q in qs)]))
+        im = None  # a truth measured with an imatrix ships it: the allocator weighs the errors by it
+        if (t.folder / "imatrix.gguf").exists():
+            im = Imatrix.load(t.folder / "imatrix.gguf")
+        return cls(allowed, types, im, compute(t.model, t.meta["model_id"], im, types, threads=1))
+
+
 def allocator_rows(t: Truth, sizes) -> list[int]:
     """The distinct space rows the allocator answers at the size targets ``sizes`` (bytes), at the level of
-    the space (one type per group from its types; imatrix-weighted when the truth ships its imatrix)."""
+    the space (:class:`AllocatorInputs`, made once per truth)."""
     from mqpredict.quant.resolve import types_key
     from mqpredict.search.allocator import Target, allocate
-    from mqpredict.surrogate.weight_error import compute
 
-    fixed = {g: (QuantType[q],) for g, q in t.meta["fixed"].items()}
-    allowed = fixed | {g: tuple(t.types) for g in t.free}
-    types = tuple(dict.fromkeys([*t.types, *(q for qs in fixed.values() for q in qs)]))
-    im = None  # a truth measured with an imatrix ships it: the allocator weighs the errors by it
-    if (t.folder / "imatrix.gguf").exists():
-        from mqpredict.quant.imatrix import Imatrix
-
-        im = Imatrix.load(t.folder / "imatrix.gguf")
-    table = compute(t.model, t.meta["model_id"], im, types, threads=1)
+    a_in = t.allocator_inputs
     rows: list[int] = []
     for s in sizes:
-        a = allocate(t.model, table, Target(size_bytes=int(s)), types, im, by="group", allowed=allowed)
+        a = allocate(t.model, a_in.table, Target(size_bytes=int(s)), a_in.types, a_in.imatrix, by="group",
+                     allowed=a_in.allowed)  # fmt: skip
         r = t.row_of_key.get(types_key(t.model, a.types))
         if r is not None and int(r) not in rows:
             rows.append(int(r))
@@ -481,7 +503,9 @@ def warm_start_rows(t: Truth, budget: int) -> list[int]:
     """What a campaign of ``budget`` measures first (``CampaignSettings.n_warm_start``: a fifth of the budget,
     at most 4): the allocator's answers at that many sizes spread inside the presets' hull, here at the level
     of the space (a campaign's per-tensor answers are not files of the truth)."""
-    k = min(4, budget // 5)
+    from mqpredict.workflows.campaign import Settings
+
+    k = Settings(budget=budget).n_warm_start()
     hull = [t.size[int(p.name)] for p in t.line.hull]
     if k <= 0 or len(hull) < 2:
         return []
