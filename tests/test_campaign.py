@@ -369,6 +369,24 @@ SMALL_CAMPAIGN = ["--corpus", CORPUS, "--ctx", 128, "--tokens", 256, "--batch", 
                   "--no-imatrix", "--no-track", "--threads", 1]  # fmt: skip
 
 
+def test_campaign_only_seeds_the_chosen_presets_and_the_reference(tiny, tmp_path):
+    """--only: a cheap line on a big model — the chosen presets and Q8_0 (the reference) are seeded, no other;
+    a preset the seed cannot measure here is refused before anything runs."""
+    store = tmp_path / "store"
+    doc = _json(mq("campaign", "run", tiny, *SMALL_CAMPAIGN, "--budget", 1, "--only", "Q4_K_M", "--only", "Q6_K",
+                   "--out", tmp_path / "out", "--store", store, "--json", timeout=900))  # fmt: skip
+    recs = Store(store).load()
+    presets = recs[(recs["source"] == "preset") & (recs["chunk_offset"] == 0)]
+    assert sorted(presets["config"]) == ["preset=Q4_K_M", "preset=Q6_K", "preset=Q8_0"]
+    assert doc["confirmations"] == 1
+    state = json.loads((tmp_path / "out" / "campaign.json").read_text())
+    assert state["settings"]["presets"] == ["Q4_K_M", "Q6_K"]
+    p = mq("campaign", "run", tiny, *SMALL_CAMPAIGN, "--only", "IQ2_XXS", "--out", tmp_path / "o2", "--store", store)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "IQ2_XXS" in p.stderr and "imatrix" in p.stderr
+    p = mq("campaign", "run", tiny, *SMALL_CAMPAIGN, "--only", "Q4_K_Z", "--out", tmp_path / "o2", "--store", store)
+    assert p.returncode == 2 and "Q4_K_Z" in p.stderr and not (tmp_path / "o2" / "campaign.json").exists()
+
+
 def test_campaign_run_into_a_folder_with_other_settings_stops_and_force_starts_over(tiny, tmp_path):
     """`campaign run` never continues a campaign with other settings than asked: it names them and the ways on;
     the same settings continue it; --force starts over there, keeping every record of the store — and the new

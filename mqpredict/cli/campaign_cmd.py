@@ -175,6 +175,9 @@ def run(
     types: Annotated[str | None, typer.Option("--types", help="Comma-separated quant types the search may give a group "
                                               "(default: Q8_0,Q6_K,Q5_K,Q5_0,Q4_K,Q4_0,IQ4_NL,IQ4_XS,Q3_K,Q2_K; "
                                               "F16 is always allowed for embeddings and lm_head).")] = None,  # fmt: skip
+    only: Annotated[list[str] | None, typer.Option("--only", metavar="PRESET", help="Seed only this preset "
+                                                   "(repeatable; Q8_0, the reference, always joins): a cheap line on a "
+                                                   "big model, e.g. --only Q6_K --only Q4_K_M --only Q3_K_M.")] = None,  # fmt: skip
     force: Annotated[bool, typer.Option("--force", help="Start over in --out even if it holds a campaign with other "
                                         "settings (its state and report go; the records store keeps every record).")] = False,  # fmt: skip
     engine: EngineOpt = EngineName.inprocess,
@@ -222,13 +225,18 @@ def run(
     except ValueError:
         raise InputError(f"--probes {probes!r} is not one of: auto, yes, no") from None
     settings = Settings(budget=budget, batch=batch, stage_fraction=stage, alpha=alpha, probes=pm, seed=seed,
-                        warm_start=warm_start,
+                        warm_start=warm_start, presets=tuple(only or ()),
                         **({"types": _types(types)} if types is not None else {}))  # fmt: skip
     spec = EvalSpec.from_tokens(tokens, ctx, scoring=scoring_for(scoring, engine))
     rules, bud = Rules(spacing, min_gain, alpha), _budget(target_size, target_bpw, vram, vram_ctx)
     xo = _executor_options(executor, address, task_cpus, task_gpus, task_memory, retries, sync, ship, llama_bin)
     with progress_bar(not json) as progress:
         path = _base(base, progress)
+        if only:  # checked before the imatrix is computed: a refusal costs nothing
+            from mqpredict.quant.model import ModelInfo
+            from mqpredict.workflows.seed import pick_presets
+
+            pick_presets(imatrix is not None or not no_imatrix, bool(ModelInfo.load(path).n_expert), only, reference=True)
         im = imatrix_or_default(path, imatrix, no_imatrix, threads, progress)
         # paired decisions need per-token KLD: the tools engine scores llama-perplexity's saved log-probs
         eng = make_engine(path, corpus, spec, engine, llama_bin, threads, False, progress, tools_kld="logits", imatrix=im)

@@ -236,20 +236,18 @@ def seed(
         raise InputError("nothing to seed", "keep --presets, or give --recipes / --from-gguf")
     if only and not presets:
         raise InputError("--only picks among the presets and --no-presets measures none", "drop one of the two")
-    from mqpredict.quant.presets import require_preset
+    if only:  # the names are checked before anything is loaded
+        from mqpredict.quant.presets import require_preset
 
-    chosen = {require_preset(o) for o in only or []}
+        for o in only:
+            require_preset(o)
     st = _store(store, fmt)
     spec = spec_from(ctx, tokens, 0, scoring_for(scoring, engine))
     with progress_bar(not json) as progress:
         path = _base(base, progress)
         if presets:  # checked before the imatrix is computed: a refusal costs nothing
             moe = bool(ModelInfo.load(path).n_expert)  # a mixture of experts also gets MXFP4_MOE
-            picked = [p for p in seeding.seed_presets(not no_imatrix, moe) if not chosen or p in chosen]
-            if len(picked) < len(chosen):
-                missing = ", ".join(sorted(p.value for p in chosen - set(picked)))
-                raise InputError(f"--only {missing}: not a preset a seed measures here",
-                                 "IQ3_M … IQ1_S need an imatrix and MXFP4_MOE a mixture of experts")  # fmt: skip
+            picked = seeding.pick_presets(not no_imatrix, moe, only or ())
             cands = seeding.preset_candidates(tuple(picked)) + cands
         im = imatrix_or_default(path, imatrix, no_imatrix, threads, progress)
         eng = make_engine(path, corpus, spec, engine, llama_bin, threads, allow_quantized_base, progress, tools_kld, im)

@@ -61,7 +61,7 @@ from mqpredict.search.snapshot import Snapshot
 from mqpredict.search.space import DEFAULT_TYPES
 from mqpredict.tracking import Tracker
 from mqpredict.util import faults
-from mqpredict.workflows.seed import Candidate, preset_candidates, seed, seed_presets
+from mqpredict.workflows.seed import Candidate, pick_presets, preset_candidates, seed
 from mqpredict.util.atomic import atomic_write_text
 
 STATE = "campaign.json"
@@ -84,6 +84,8 @@ class Settings:
     #: the zero-run allocator's configs measured first (a warm start, and the answer to beat), spread over the
     #: presets' sizes; -1: a fifth of the budget, at most 4
     warm_start: int = -1
+    #: the seed line's presets (empty: every preset a seed measures here); Q8_0, the reference, is always one
+    presets: tuple[str, ...] = ()
 
     def n_warm_start(self) -> int:
         return min(4, self.budget // 5) if self.warm_start < 0 else self.warm_start
@@ -105,6 +107,7 @@ class Settings:
             d["alpha"] = float(norm.sf(d["z"]))
         d["probes"] = Probes(d["probes"])
         d["types"] = tuple(d["types"])
+        d["presets"] = tuple(d.get("presets", ()))
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -180,7 +183,8 @@ _SOURCE = {"probe": Source.probe, "warm-start": Source.allocator}  # a proposal'
 _SAME_CAMPAIGN_ANYWAY = frozenset({"id", "created", "base", "corpus_path", "imatrix", "family", "settings"})
 #: how the user sets each field (campaign run's options)
 _OPTION = {"model_id": "base", "n_chunks": "slice (--tokens/--ctx windows)", "chunk_offset": "slice offset",
-           "imatrix_id": "imatrix", "scoring": "scoring", "stage_fraction": "stage", "max_heldout": "held-out reserve"}  # fmt: skip
+           "imatrix_id": "imatrix", "scoring": "scoring", "stage_fraction": "stage", "max_heldout": "held-out reserve",
+           "presets": "seed presets (--only)"}  # fmt: skip
 #: the files a campaign writes into its folder (what --force removes; the records store is elsewhere)
 CAMPAIGN_FILES = (STATE, PREDICTIONS, BATCHES, "survivors.md", "survivors.csv", "pareto.png", "recipes", "surrogate")
 
@@ -189,7 +193,7 @@ def _shown(v) -> str:
     if isinstance(v, StrEnum):
         return v.value
     if isinstance(v, tuple):
-        return ",".join(map(str, v))
+        return ",".join(map(str, v)) or "all"
     return "none" if v in ("", None) else str(v)
 
 
@@ -466,14 +470,14 @@ class Campaign:
         params = {"campaign_id": st.id, "corpus": e.corpus.id, "ctx": st.ctx, "n_chunks": st.n_chunks,
                   "imatrix_id": e.imatrix_id, "imatrix_corpus": e.imatrix.corpus_id if e.imatrix else None,
                   "scoring": st.scoring, "engine": e.name, "llama_version": e.version(),
-                  **{f"setting.{k}": v for k, v in asdict(self.settings).items() if k != "types"},
-                  "setting.types": ",".join(self.settings.types), **ex.describe()}  # fmt: skip
+                  **{f"setting.{k}": v for k, v in asdict(self.settings).items() if k not in ("types", "presets")},
+                  "setting.types": ",".join(self.settings.types), "setting.presets": ",".join(self.settings.presets) or "all", **ex.describe()}  # fmt: skip
         with self.tracker.parent("campaign", self.ident.columns(), params, resume=st.id):  # one run, however often resumed
             if not ex.synchronous:
                 self.say(f"{ex.name} executor, asynchronous: which configs are proposed depends on which results come "
                          "back first, so records may differ from run to run (--sync reproduces the local path's)")  # fmt: skip
             self.say(f"campaign {st.id}: seeding the presets on {st.search.n_tokens} tokens")
-            seed(e, self.store, preset_candidates(seed_presets(e.imatrix is not None, bool(e.model.n_expert))), self.progress, self.say, tracker=self.tracker,
+            seed(e, self.store, preset_candidates(self._seed_line()), self.progress, self.say, tracker=self.tracker,
                  own_run=False, executor=ex, spec=st.search)  # fmt: skip
             table = self._table = self._error_table()
             if not self.warm_start:
@@ -485,6 +489,11 @@ class Campaign:
             if on_finish:
                 on_finish(self)
         return res
+
+    def _seed_line(self) -> tuple:
+        """The presets seeded: every one a seed measures here, or the chosen ones (``--only``) and Q8_0."""
+        return pick_presets(self.engine.imatrix is not None, bool(self.engine.model.n_expert), self.settings.presets,
+                            reference=True)  # fmt: skip
 
     def _allocator_configs(self, table) -> tuple[Config, ...]:
         """What ``mqpredict allocate`` answers at ``n_warm_start`` sizes spread inside the presets' range (the

@@ -9,14 +9,14 @@ stopped. A llama.cpp failure becomes a ``failed`` record with its reason.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from mqpredict.errors import MqError
+from mqpredict.errors import InputError, MqError
 from mqpredict.llama.engine import Engine
 from mqpredict.measure.corpus import EvalSpec
 from mqpredict.quant.config import Config
-from mqpredict.quant.presets import IMATRIX_PRESETS, Preset
+from mqpredict.quant.presets import IMATRIX_PRESETS, Preset, require_preset
 from mqpredict.quant.resolve import types_key
 from mqpredict.records.convert import Provenance, failed, from_measurement
 from mqpredict.records.identity import identify
@@ -68,6 +68,21 @@ def seed_presets(imatrix: bool, moe: bool = False) -> tuple[Preset, ...]:
     """The presets a seed measures: the 16 standard ones, with an imatrix also the 11 made for one, and on a
     mixture of experts llama.cpp's MoE preset (routed experts MXFP4, everything else Q8_0)."""
     return SEED_PRESETS + (IMATRIX_PRESETS if imatrix else ()) + ((Preset.MXFP4_MOE,) if moe else ())
+
+
+def pick_presets(imatrix: bool, moe: bool = False, only: Iterable[str] = (), reference: bool = False) -> tuple[Preset, ...]:
+    """The seed presets named in ``only`` (all of them when it is empty; with ``reference``, Q8_0 too: a
+    campaign's reference), in the seed's order. A name that is not a preset, or not one a seed measures
+    here (an imatrix preset without an imatrix, MXFP4_MOE on a dense model), is a one-line error."""
+    every = seed_presets(imatrix, moe)
+    chosen = {require_preset(o) for o in only}
+    if not chosen:
+        return every
+    missing = chosen - set(every)
+    if missing:
+        raise InputError(f"--only {', '.join(sorted(p.value for p in missing))}: not a preset a seed measures here",
+                         "IQ3_M … IQ1_S need an imatrix and MXFP4_MOE a mixture of experts")  # fmt: skip
+    return tuple(p for p in every if p in chosen or (reference and p is Preset.Q8_0))
 
 
 def preset_candidates(presets=SEED_PRESETS) -> list[Candidate]:
