@@ -132,6 +132,32 @@ def test_cross_validation_against_baselines(dataset):
     assert (s["n_models"] >= 1).all()
 
 
+def test_zero_shot_reference_learns_from_real_models_only():
+    """The Q8_0 reference's zero-shot ridge leaves synthetic models out once two real models are there, and
+    with fewer real models than its descriptors need it predicts their mean (no exact-fit slope)."""
+    import pandas as pd
+
+    from mqpredict.surrogate.model import REF_FEATURES
+
+    rng = np.random.default_rng(0)
+    n_syn, k = 12, len(REF_FEATURES)
+    X = rng.normal(size=(n_syn + 3, len(F.FEATURES)))
+    lp = F.FEATURES.index("log_params")
+    y = np.r_[5.0 * X[:n_syn, lp], -5.2, -5.6, -6.7]  # synthetic: a steep slope real models do not follow
+    refs = pd.DataFrame({"model_id": [f"s{i}" for i in range(n_syn)] + ["a", "b", "b"],
+                         "synthetic": [True] * n_syn + [False] * 3})  # fmt: skip
+    s = Surrogate()
+    coef, _, mu, sd = s._fit_ref(X, y, refs)
+    pred = s._ref_predict(rng.normal(size=(4, len(F.FEATURES))) * 10, coef, mu, sd)
+    assert np.allclose(pred, np.mean([-5.2, -5.6, -6.7]))
+    many = pd.DataFrame({"model_id": [f"r{i}" for i in range(k + 3)], "synthetic": False})
+    Xm = rng.normal(size=(k + 3, len(F.FEATURES)))
+    coef, _, mu, sd = s._fit_ref(Xm, 0.5 * Xm[:, lp] - 6, many)  # enough real models: a ridge on descriptors
+    assert coef[1 + REF_FEATURES.index("log_params")] > 0.2
+    coef, _, mu, sd = s._fit_ref(X[:n_syn], y[:n_syn], refs[:n_syn])  # no real model: the synthetic ones it is
+    assert coef[1 + REF_FEATURES.index("log_params")] > 1.0
+
+
 def test_interval_width_varies_by_candidate_and_stays_calibrated():
     """Normalized conformal: where residuals are large the interval is wide, where small narrow, and 80% of
     new rows (of families it never saw) fall inside."""

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import lightgbm as lgb
 import numpy as np
+import pandas as pd
 from sklearn.base import BaseEstimator
 
 from mqpredict import __version__
@@ -44,8 +45,14 @@ SURROGATE_VERSION = 2  # 2: expert slots split (moe_experts_up_gate/_down), acti
 #: the booster of ln |held-out residual| (small: it learns where the surrogate is unsure, not the KLD)
 SCALE_PARAMS = {"num_leaves": 7, "min_data_in_leaf": 20, "learning_rate": 0.05, "rounds": 150}
 _SCALE_FLOOR = 1e-3  # ln-KLD residuals below this count as this (a log of zero has no scale)
+#: real models needed before the reference ridge leaves the synthetic ones out
+MIN_REAL_MODELS = 2
 REF_FEATURES = ("lwerr", "log_params", "vocab_share", "tied", "dithered", "log2_embd")
 RANGE_FEATURES = ("log_params", "log2_embd", "n_layers", "vocab_share", "bpw", "dlwerr", "active_share")
+
+
+def _synthetic(refs) -> np.ndarray:
+    return refs["synthetic"].fillna(False).astype(bool).to_numpy()  # fmt: skip
 
 
 def _weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
@@ -91,7 +98,19 @@ class Surrogate(BaseEstimator):
                                                       free_raw_data=False), num_boost_round=self.n_estimators)
                 for j in range(len(TARGETS))]  # fmt: skip
 
-    def _fit_ref(self, Xr: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+    def _fit_ref(self, Xr: np.ndarray, y: np.ndarray, refs: pd.DataFrame | None = None
+                 ) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:  # fmt: skip
+        """Ridge of the Q8_0 reference's ln KLD on model descriptors — on the real models' references alone when
+        there are at least two models: a synthetic model's reference (random weights, tiny MoEs) says little about a
+        real one's, and with them in the fit the descriptors extrapolate (held-out real families: MAE log10
+        0.75). With fewer real models than the descriptors need (``len(REF_FEATURES) + 3``), the fit is their
+        references' mean: two or three models fit any slope exactly (Gemma's held-out reference came out e^-26)."""
+        real = None if refs is None else ~_synthetic(refs)
+        if real is not None and refs["model_id"][real].nunique() >= MIN_REAL_MODELS:
+            Xr, y = Xr[real], y[real]
+            if refs["model_id"][real].nunique() < len(REF_FEATURES) + 3:
+                k = len(REF_FEATURES)
+                return np.r_[y.mean(), np.zeros(k)], 0.0, np.zeros(k), np.ones(k)
         idx = [F.FEATURES.index(f) for f in REF_FEATURES]
         A = Xr[:, idx]
         mu, sd = A.mean(0), A.std(0) + 1e-9
@@ -114,7 +133,8 @@ class Surrogate(BaseEstimator):
             raise InputError("no training rows", "the records need Q8_0 references and weight-error tables")
         w = model_weights(data.rows["model_id"])
         self.boosters_ = self._fit_boosters(data.X, data.Y, w)
-        self.ref_coef_, _, self.ref_mu_, self.ref_sd_ = self._fit_ref(data.X_ref, data.refs["ln_kld_ref"].to_numpy())
+        self.ref_coef_, _, self.ref_mu_, self.ref_sd_ = self._fit_ref(data.X_ref, data.refs["ln_kld_ref"].to_numpy(),
+                                                                       data.refs)
         self.ranges_ = {f: (float(data.X[:, F.FEATURES.index(f)].min()), float(data.X[:, F.FEATURES.index(f)].max()))
                         for f in RANGE_FEATURES}  # fmt: skip
         self.train_models_ = sorted(set(zip(data.rows["model_id"], data.rows["family"], data.rows["model_name"])))
@@ -149,7 +169,8 @@ class Surrogate(BaseEstimator):
             xs.append(data.X[te])
             fam_of.append(np.full(int(te.sum()), fam, dtype=object))
             if rtr.sum() >= 2 and rte.any():
-                coef, _, mu, sd = self._fit_ref(data.X_ref[rtr], data.refs["ln_kld_ref"].to_numpy()[rtr])
+                coef, _, mu, sd = self._fit_ref(data.X_ref[rtr], data.refs["ln_kld_ref"].to_numpy()[rtr],
+                                                data.refs[rtr].reset_index(drop=True))
                 ref_hat = dict(zip(data.refs["model_id"][rte], self._ref_predict(data.X_ref[rte], coef, mu, sd)))
                 rows = data.rows[te]
                 ref_true = np.log(rows["ref_kld"].to_numpy())
