@@ -67,3 +67,21 @@ def test_the_policy_widens_its_intervals_by_what_it_measured():
     assert before > 4  # the 80% quantile of |error| / interval is well above 1
     pol.tell([Told("k3", 0.7, 10.0, complete=False)])  # the same miss, as a partial estimate with a huge error
     assert 1 < pol.inflation() < before  # counts, but says less
+
+
+def test_the_policy_narrows_its_intervals_when_its_predictions_hold():
+    """Wide transferred intervals (a new model) shrink to what this run's own errors support, not below a floor."""
+    from mqpredict.search.policy import MIN_INFLATION, Policy, PolicySettings, Told
+
+    pol = Policy.__new__(Policy)
+    pol.settings = PolicySettings()
+    pol._asked, pol._told = {}, {}
+    for i, err in enumerate([0.05, -0.1, 0.08, 0.02, -0.04]):  # predicted ln KLD 0 ± 0.5, measured off by err
+        pol._asked[f"k{i}"] = (0.0, 0.5)
+        pol.tell([Told(f"k{i}", err, 0.01, complete=True)])
+    assert MIN_INFLATION < pol.inflation() < 0.3
+    pol._asked["k9"] = (0.0, 0.5)
+    pol.tell([Told("k9", 0.0, 0.0, complete=True)])
+    for k in list(pol._told):
+        pol._told[k] = Told(k, 0.0, 0.0, True)  # perfect predictions: the floor, not zero
+    assert pol.inflation() == MIN_INFLATION

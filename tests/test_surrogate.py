@@ -158,6 +158,26 @@ def test_zero_shot_reference_learns_from_real_models_only():
     assert coef[1 + REF_FEATURES.index("log_params")] > 1.0
 
 
+def test_local_correction_applies_only_what_its_own_residuals_support():
+    """A campaign's refit corrects the boosters by the model's own residuals: a shift when they are shifted,
+    a ridge on the per-group errors when they follow one, nothing on noise or with too few rows."""
+    from mqpredict.surrogate.local import LocalCorrection
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(12, len(F.FEATURES)))
+    shift = LocalCorrection.fit(X, 0.8 + 0.01 * rng.normal(size=12))
+    assert shift is not None and shift.predict(rng.normal(size=(3, len(F.FEATURES)))) == pytest.approx([0.8] * 3, abs=0.05)
+    d = F.FEATURES.index("dlerr_ffn_down")
+    X30 = rng.normal(size=(30, len(F.FEATURES)))  # a campaign's presets and proposals
+    lin = LocalCorrection.fit(X30, 0.5 * X30[:, d])
+    assert lin is not None and lin.kind.startswith("ridge") and lin.loo_rmse < 0.5 * lin.loo_rmse_none
+    Xn = rng.normal(size=(6, len(F.FEATURES)))
+    assert np.corrcoef(lin.predict(Xn), 0.5 * Xn[:, d])[0, 1] > 0.9
+    noise = LocalCorrection.fit(X, 0.05 * rng.normal(size=12))
+    assert noise is None or np.abs(noise.predict(X)).max() < 0.05
+    assert LocalCorrection.fit(X[:2], np.array([1.0, 1.0])) is None
+
+
 def test_interval_width_varies_by_candidate_and_stays_calibrated():
     """Normalized conformal: where residuals are large the interval is wide, where small narrow, and 80% of
     new rows (of families it never saw) fall inside."""

@@ -16,16 +16,22 @@ Decisions, in order, on each ``ask``:
    that are not measured yet.
 3. **EHVI**: the surrogate is refitted (:class:`Learner`: the shipped records without the model's
    family + this model's own; the intervals' leave-one-family-out calibration is made on the first fit
-   and kept), each candidate gets its own calibrated interval, widened by the campaign's own
-   recalibration (:meth:`Policy.inflation`), and the batch is the expected hypervolume
+   and kept) and corrected by the model's own residuals (:mod:`mqpredict.surrogate.local`: a shift or a
+   small ridge, only as far as leave-one-out on those residuals supports it), each candidate gets its own
+   calibrated interval, scaled by the campaign's own recalibration (:meth:`Policy.inflation`), and the
+   batch is the expected hypervolume
    improvement's best with Kriging-believer fantasies (:mod:`mqpredict.search.acquisition`). The policy
    stops when the best candidate's EHVI is below ``stop_share`` of the front's hypervolume.
 
 Recalibration counts every measured config the policy proposed, **including those stopped early**:
 each told result is a measured ln KLD with its (block) standard error — a partial one has a larger
 error — and its score is ``|measured − predicted| / sqrt(hw² + (z₈₀·se)²)`` (the interval of a noisy
-observation of the predicted value). Once three are told, intervals are widened by the ``coverage``
-quantile of the scores when it exceeds 1.
+observation of the predicted value). Once ``MIN_TOLD`` are told, intervals are scaled by the ``coverage``
+quantile of the scores: widened when this run's errors exceed what the families held out in training
+promised, narrowed (down to ``MIN_INFLATION``) when they are smaller — on a model the records know little
+about, the transferred intervals are ±1.5 in ln KLD while the corrected predictions miss by ~0.1, and
+intervals that stay that wide make EHVI explore where the prediction already says there is nothing (on the
+SmolLM2-imatrix ground truth, HV at B = 20 went from 0.67 to 0.83 with both changes).
 """
 
 from __future__ import annotations
@@ -61,6 +67,10 @@ class Probes(StrEnum):
     auto = "auto"  # when the model is outside the surrogate's training range and the probes fit the budget
     yes = "yes"
     no = "no"
+
+
+#: told results before the intervals follow this run's own scores; the least factor they may shrink to
+MIN_TOLD, MIN_INFLATION = 3, 0.1
 
 
 @dataclass(frozen=True)
@@ -111,6 +121,7 @@ class Learner:
     params: dict  # the surrogate's hyper-parameters
     family: str  # the model's family: it may enter training only through the model's own records
     calibration_: Surrogate | None = None  # the first fit's (its interval calibration is kept by later fits)
+    local: bool = True  # correct the boosters by the model's own residuals (mqpredict.surrogate.local)
 
     @classmethod
     def without_family(cls, family: str, model_id: str, table: ErrorTable, store: Path, tables: Path,
@@ -141,6 +152,9 @@ class Learner:
         s = Surrogate(**params).fit(data, self.calibration_)
         if self.calibration_ is None:
             self.calibration_ = s
+        if self.local:
+            mine = (data.rows["family"] == self.family).to_numpy()
+            s.correct_locally(data.X[mine], data.Y[mine])
         return s
 
     def describe(self) -> dict:
@@ -223,9 +237,9 @@ class Policy:
             if k in self._asked:
                 mu, hw = self._asked[k]
                 scores.append(abs(t.ln_kld - mu) / math.hypot(hw, z * t.se))
-        if len(scores) < 3:
+        if len(scores) < MIN_TOLD:
             return 1.0
-        return max(1.0, float(np.quantile(scores, self.settings.coverage)))
+        return max(MIN_INFLATION, float(np.quantile(scores, self.settings.coverage)))
 
     def _decide_probes(self, s: Surrogate) -> list[Config]:
         mode = self.settings.probes

@@ -132,6 +132,7 @@ class Surrogate(BaseEstimator):
         if len(data.X) == 0:
             raise InputError("no training rows", "the records need Q8_0 references and weight-error tables")
         w = model_weights(data.rows["model_id"])
+        self.local_ = None
         self.boosters_ = self._fit_boosters(data.X, data.Y, w)
         self.ref_coef_, _, self.ref_mu_, self.ref_sd_ = self._fit_ref(data.X_ref, data.refs["ln_kld_ref"].to_numpy(),
                                                                        data.refs)
@@ -213,7 +214,22 @@ class Surrogate(BaseEstimator):
 
     # -------------------------------------------------------------------------- predict
     def _predict_raw(self, X: np.ndarray) -> np.ndarray:
-        return np.column_stack([b.predict(X) for b in self.boosters_])
+        raw = np.column_stack([b.predict(X) for b in self.boosters_])
+        if getattr(self, "local_", None) is not None:
+            raw[:, TARGETS.index("kld")] += self.local_.predict(X)
+        return raw
+
+    def correct_locally(self, X_own: np.ndarray, Y_own: np.ndarray) -> Surrogate:
+        """Fit ``local_`` (:mod:`mqpredict.surrogate.local`) on the residuals of the model's own measured rows:
+        what a campaign's refit learns from its model beyond what the boosters take from it. Only for
+        predictions on that model; not saved."""
+        from mqpredict.surrogate.local import LocalCorrection
+
+        j = TARGETS.index("kld")
+        self.local_ = None
+        if len(X_own):
+            self.local_ = LocalCorrection.fit(X_own, Y_own[:, j] - self.boosters_[j].predict(X_own))
+        return self
 
     def predict(self, X: np.ndarray) -> dict[str, Prediction]:
         """Deltas to the reference, in ln space, with the calibrated ``coverage`` interval."""
@@ -226,7 +242,10 @@ class Surrogate(BaseEstimator):
         """The ln-KLD delta and its calibrated half-width, as ``predict(X)["kld"]`` has them, without the other
         targets' boosters: what a search scores a pool of thousands with, at a fraction of the cost."""
         X = np.atleast_2d(X)
-        return self.boosters_[TARGETS.index("kld")].predict(X), self.kld_halfwidth(X)
+        mean = self.boosters_[TARGETS.index("kld")].predict(X)
+        if getattr(self, "local_", None) is not None:
+            mean = mean + self.local_.predict(X)
+        return mean, self.kld_halfwidth(X)
 
     def predict_reference(self, X_ref: np.ndarray) -> np.ndarray:
         """Zero-shot: the reference's ln KLD, from the model alone."""
