@@ -129,6 +129,15 @@ def test_a_hopeless_config_is_stopped_after_the_first_stage(engines):
     o = confirm(eng, Config.parse("default=Q8_0,ffn_down=Q2_K"), spec, Reference(line, vec, [], spec.scored_per_chunk))
     assert not o.complete and "above the line" in o.reason
     assert o.measurement.n_chunks == 2 and o.forward_tokens == 2 * 128
+    # the policy's default: above the line, but no measured config of at most its size beats it → measured in full
+    free = Reference(line, vec, [], spec.scored_per_chunk, above_line_stops=False)
+    o = confirm(eng, Config.parse("default=Q8_0,ffn_down=Q2_K"), spec, free)
+    assert o.complete and o.measurement.n_chunks == 8 and o.margin.diff > 0
+    # … while one that is beaten — Q6_K is smaller and better — stops after its first stage all the same
+    assert o.measurement.bpw > m6.bpw
+    dominated = Reference(line, vec, [(m6.bpw, "Q6_K")], spec.scored_per_chunk, above_line_stops=False)
+    o = confirm(eng, Config.parse("default=Q8_0,ffn_down=Q2_K"), spec, dominated)
+    assert not o.complete and "dominated by Q6_K" in o.reason
 
 
 # ----------------------------------------------------------------------------------- the loop

@@ -167,6 +167,10 @@ def run(
     alpha: Annotated[float, typer.Option("--alpha", help="One-sided level of every paired test (t over windows; "
                                          "Bonferroni/Holm-corrected where several are made).")] = 0.05,  # fmt: skip
     stage: Annotated[float, typer.Option("--stage", help="First stage of a confirmation, as a share of the search slice.")] = 0.25,
+    stop_at_line: Annotated[bool, typer.Option("--stop-at-line", help="Stop a confirmation whose first stage is "
+                                               "significantly above the presets' line (cheaper: only likely wins are "
+                                               "measured in full). Default: stop only one a measured config of at most "
+                                               "its size beats, so the hybrids between the presets are measured too.")] = False,  # fmt: skip
     warm_start: Annotated[int, typer.Option("--warm-start", help="Configs of the zero-run allocator (`mqpredict allocate`) "
                                             "measured first, at sizes spread over the presets' range: the free answers "
                                             "the search has to beat (-1: a fifth of the budget, at most 4; 0: none).")] = -1,  # fmt: skip
@@ -225,7 +229,7 @@ def run(
     except ValueError:
         raise InputError(f"--probes {probes!r} is not one of: auto, yes, no") from None
     settings = Settings(budget=budget, batch=batch, stage_fraction=stage, alpha=alpha, probes=pm, seed=seed,
-                        warm_start=warm_start, presets=tuple(only or ()),
+                        warm_start=warm_start, presets=tuple(only or ()), stop_at_line=stop_at_line,
                         **({"types": _types(types)} if types is not None else {}))  # fmt: skip
     spec = EvalSpec.from_tokens(tokens, ctx, scoring=scoring_for(scoring, engine))
     rules, bud = Rules(spacing, min_gain, alpha), _budget(target_size, target_bpw, vram, vram_ctx)

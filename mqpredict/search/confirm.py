@@ -39,6 +39,8 @@ class Reference:
     incumbents: list[tuple[float, str]]  # (bpw, name) of measured configs that may dominate
     per_window: int
     alpha: float = 0.05
+    #: a first stage significantly above the line stops the run (False: only one dominated by an incumbent stops)
+    above_line_stops: bool = True
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ def stage_specs(spec: EvalSpec, fraction: float) -> tuple[EvalSpec, EvalSpec | N
 def judge(x: np.ndarray, bpw: float, ref: Reference) -> tuple[Paired | None, str | None]:
     """The paired margin to the line on the tokens of ``x``, and why it cannot win (None: it still can)."""
     m = margin_to_line(x, bpw, ref.line, ref.vectors, ref.per_window)
-    if m is not None and m.above(ref.alpha):
+    if ref.above_line_stops and m is not None and m.above(ref.alpha):
         return m, f"above the line by {m.diff:+.3f} ± {m.se:.3f} (ln KLD) after {m.n_tokens} tokens"
     inc = [name for b, name in ref.incumbents if b <= bpw and name in ref.vectors]
     for name in inc:

@@ -86,6 +86,11 @@ class PolicySettings:
     presets_in_front: bool = False  # EHVI over the front of presets and hybrids (True) or of hybrids only
     coverage: float = 0.8
     reconfirm: bool = True  # candidate wins are re-confirmed on held-out tokens (False: nothing is reserved)
+    #: a first stage significantly above the presets' line stops the run (cheaper: only likely wins are measured
+    #: in full); False (the default): only one dominated by a measured config of at most its size stops, so
+    #: the hybrids between the presets that no measured config beats are measured in full — the front a user
+    #: picks a size from (on the SmolLM2-imatrix truth, HV at B = 20 0.83 → 0.91, at B = 50 0.87 → 0.98)
+    stop_above_line: bool = False
 
     def reserve(self) -> int:
         if not self.reconfirm:
@@ -283,7 +288,8 @@ class Policy:
         if not snap.line.hull:
             raise InputError("no preset could be measured on this model", "see the failed records: mqpredict data list")
         incumbents = [(float(r.bpw), str(r.key)) for r in snap.ok.itertuples()]
-        return Reference(snap.line, dict(snap.vectors), incumbents, snap.per_window, self.settings.alpha)
+        return Reference(snap.line, dict(snap.vectors), incumbents, snap.per_window, self.settings.alpha,
+                         self.settings.stop_above_line)  # fmt: skip
 
     def margin(self, snap: Snapshot, key: str) -> Paired | None:
         r = snap.ok[snap.ok["key"] == key].iloc[0]

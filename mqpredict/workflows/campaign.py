@@ -86,6 +86,8 @@ class Settings:
     warm_start: int = -1
     #: the seed line's presets (empty: every preset a seed measures here); Q8_0, the reference, is always one
     presets: tuple[str, ...] = ()
+    #: a first stage above the presets' line stops the run (only wins measured in full); default: only a dominated one
+    stop_at_line: bool = False
 
     def n_warm_start(self) -> int:
         return min(4, self.budget // 5) if self.warm_start < 0 else self.warm_start
@@ -95,7 +97,7 @@ class Settings:
 
     def policy(self) -> PolicySettings:
         return PolicySettings(self.budget, self.batch, self.stage_fraction, self.alpha, self.stop_share, self.probes,
-                              self.seed, self.max_heldout)  # fmt: skip
+                              self.seed, self.max_heldout, stop_above_line=self.stop_at_line)  # fmt: skip
 
     @classmethod
     def from_json(cls, d: dict) -> Settings:
@@ -184,7 +186,8 @@ _SAME_CAMPAIGN_ANYWAY = frozenset({"id", "created", "base", "corpus_path", "imat
 #: how the user sets each field (campaign run's options)
 _OPTION = {"model_id": "base", "n_chunks": "slice (--tokens/--ctx windows)", "chunk_offset": "slice offset",
            "imatrix_id": "imatrix", "scoring": "scoring", "stage_fraction": "stage", "max_heldout": "held-out reserve",
-           "presets": "seed presets (--only)"}  # fmt: skip
+           "presets": "seed presets (--only)",
+           "stop_at_line": "stop at the line (--stop-at-line)"}  # fmt: skip
 #: the files a campaign writes into its folder (what --force removes; the records store is elsewhere)
 CAMPAIGN_FILES = (STATE, PREDICTIONS, BATCHES, "survivors.md", "survivors.csv", "pareto.png", "recipes", "surrogate")
 
