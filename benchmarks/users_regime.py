@@ -99,7 +99,7 @@ def main() -> None:
                 alloc[i] = r
     rows = []
     for p, r0, r1, ra in zip(presets, plain, withim, alloc, strict=True):
-        g = lambda r, k: None if r is None else float(r[k])  # noqa: E731
+        g = lambda r, k: None if r is None else float(r[k])
         rows.append({"preset": p.value, "bpw": g(r1, "bpw") or g(r0, "bpw"), "size_bytes": g(r1, "size_bytes"),
                      "kld_plain": g(r0, "kld_mean"), "kld_imatrix": g(r1, "kld_mean"),
                      "imatrix_change_pct": pct(g(r1, "kld_mean"), g(r0, "kld_mean")),
@@ -109,11 +109,12 @@ def main() -> None:
     print(f"{path.name} · imatrix {im.id} · {spec.n_chunks}×{spec.ctx} streamed ({spec.n_tokens} scored tokens)")
     print(f"{'preset':8} {'bpw':>6} {'KLD plain':>10} {'KLD imatrix':>11} {'imatrix':>8} {'alloc bpw':>9} "
           f"{'KLD alloc':>10} {'alloc':>8}")  # fmt: skip
-    f = lambda x, s: "—" if x is None else format(x, s)  # noqa: E731
+    f = lambda x, s: "—" if x is None else format(x, s)
+    pc = lambda x: "—" if x is None else f"{x:+7.1f}%"
     for r in rows:
         print(f"{r['preset']:8} {f(r['bpw'], '6.3f')} {f(r['kld_plain'], '10.5f')} {f(r['kld_imatrix'], '11.5f')} "
-              f"{f(r['imatrix_change_pct'], '+7.1f')}% {f(r['allocator_bpw'], '9.3f')} {f(r['kld_allocator'], '10.5f')} "
-              f"{f(r['allocator_change_pct'], '+7.1f')}%")  # fmt: skip
+              f"{pc(r['imatrix_change_pct'])} {f(r['allocator_bpw'], '9.3f')} {f(r['kld_allocator'], '10.5f')} "
+              f"{pc(r['allocator_change_pct'])}")  # fmt: skip
     summary = {}
     for k in ("imatrix_change_pct", "allocator_change_pct"):
         v = [r[k] for r in rows if r[k] is not None and math.isfinite(r[k])]
