@@ -44,7 +44,7 @@ def write_report(c: Campaign, rules: Rules = Rules(), budget: Budget = Budget(),
         raise InputError(f"--objective {objective} needs the survivors' speed", "add --speed")
 
     st, out = c.state, c.out
-    line, _ref, _, ok = c._reference()
+    line, _, ok = c._measured()
     hline, hpresets = c._line(st.heldout)
     hvec = c._vectors_by_key(hpresets) if len(hpresets) else {}
     held = c._records(st.heldout)

@@ -531,17 +531,16 @@ class Campaign:
         table.save(path)
         return table
 
-    def _reference(self, without: frozenset[str] = frozenset()) -> tuple[Line, Reference, float, pd.DataFrame]:
-        """The line, what a first stage is judged against, the reference's ln KLD and the ok records (without
-        this campaign's records of the types keys ``without``: the store as it was when a batch was asked)."""
+    def _measured(self, without: frozenset[str] = frozenset()) -> tuple[Line, float, pd.DataFrame]:
+        """The line, the reference's ln KLD and the ok records (without this campaign's records of the types
+        keys ``without``: the store as it was when a batch was asked). What a first stage is judged against
+        is the policy's :meth:`~mqpredict.search.policy.Policy.reference`, not made here."""
         snap = self.snapshot(without=without)
         if not snap.line.hull:
             raise InputError("no preset could be measured on this model", "see the failed records: mqpredict data list")
         if snap.ln_ref is None:
             raise InputError("the Q8_0 reference could not be measured on this model", "see mqpredict data list")
-        ref = Reference(snap.line, dict(snap.vectors), [(float(r.bpw), r.key) for r in snap.ok.itertuples()],
-                        snap.per_window, self.settings.alpha)  # fmt: skip
-        return snap.line, ref, snap.ln_ref, snap.ok
+        return snap.line, snap.ln_ref, snap.ok
 
     def _candidate_wins(self, line: Line, ok: pd.DataFrame) -> list[tuple[str, Paired]]:
         """Measured configs of this campaign significantly below the line on the search slice, best first."""
@@ -673,7 +672,7 @@ class Campaign:
     # ------------------------------------------------------------------------ held-out re-confirmation
     def _heldout(self, res: Result) -> None:
         st, cfg, e = self.state, self.settings, self.engine
-        line, ref, _, ok = self._reference()
+        line, _, ok = self._measured()
         cands = self._candidate_wins(line, ok)
         if not cands:
             return
@@ -711,7 +710,7 @@ class Campaign:
         """Types key → (search margin, held-out margin) of every re-confirmed nonlinear win: the candidate wins
         re-measured on the held-out slice that Holm's procedure keeps (family-wise level ``alpha``)."""
         st = self.state
-        line, _ref, _, ok = self._reference()
+        line, _, ok = self._measured()
         hline, hpresets = self._line(st.heldout)
         held = self._records(st.heldout)
         hvec = self._vectors_by_key(hpresets)
@@ -732,7 +731,7 @@ class Campaign:
 
     def _finish(self, res: Result) -> None:
         st = self.state
-        _line, _ref, _, ok = self._reference()
+        _line, _, ok = self._measured()
         res.spent = len(self._spent())
         w = self.wins()
         res.wins = list(w)
