@@ -24,6 +24,19 @@ GAIN = 0.95  # a more complex correction must cut the leave-one-out error by 5 %
 MIN_ROWS = 3  # own residuals needed before any correction
 
 
+def ridge(A: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ridge on standardized columns with an unpenalized intercept: (coef with the intercept first, mu, sd)."""
+    mu, sd = A.mean(0), A.std(0) + 1e-9
+    Z = np.c_[np.ones(len(A)), (A - mu) / sd]
+    reg = alpha * np.eye(Z.shape[1])
+    reg[0, 0] = 0.0
+    return np.linalg.solve(Z.T @ Z + reg, Z.T @ y), mu, sd
+
+
+def ridge_predict(A: np.ndarray, coef: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    return np.c_[np.ones(len(A)), (A - mu) / sd] @ coef
+
+
 @dataclass(frozen=True)
 class LocalCorrection:
     """``predict(X)``: the ln-KLD correction to add to the boosters' prediction on this model."""
@@ -66,16 +79,11 @@ class LocalCorrection:
     def _solve(cls, X: np.ndarray, r: np.ndarray, idx: tuple[int, ...], alpha: float | None) -> LocalCorrection:
         if alpha is None or not idx:
             return cls((), np.zeros(0), np.zeros(0), np.array([r.mean()]), "shift", float("nan"), float("nan"))
-        A = X[:, idx]
-        mu, sd = A.mean(0), A.std(0) + 1e-9
-        Z = np.c_[np.ones(len(A)), (A - mu) / sd]
-        reg = alpha * np.eye(Z.shape[1])
-        reg[0, 0] = 0.0
-        coef = np.linalg.solve(Z.T @ Z + reg, Z.T @ r)
+        coef, mu, sd = ridge(X[:, idx], r, alpha)
         return cls(idx, mu, sd, coef, f"ridge({alpha:g})", float("nan"), float("nan"))
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         X = np.atleast_2d(X)
         if not self.idx:
             return np.full(len(X), float(self.coef[0]))
-        return np.c_[np.ones(len(X)), (X[:, self.idx] - self.mu) / self.sd] @ self.coef
+        return ridge_predict(X[:, self.idx], self.coef, self.mu, self.sd)

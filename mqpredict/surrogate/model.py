@@ -39,6 +39,7 @@ from mqpredict import __version__
 from mqpredict.errors import InputError
 from mqpredict.surrogate import features as F
 from mqpredict.surrogate.data import TARGETS, TrainingSet, model_weights
+from mqpredict.surrogate.local import ridge, ridge_predict
 from mqpredict.util.atomic import atomic_write_text
 
 SURROGATE_VERSION = 2  # 2: expert slots split (moe_experts_up_gate/_down), active-parameter features (MoE), imatrix
@@ -112,18 +113,13 @@ class Surrogate(BaseEstimator):
                 k = len(REF_FEATURES)
                 return np.r_[y.mean(), np.zeros(k)], 0.0, np.zeros(k), np.ones(k)
         idx = [F.FEATURES.index(f) for f in REF_FEATURES]
-        A = Xr[:, idx]
-        mu, sd = A.mean(0), A.std(0) + 1e-9
-        Z = np.c_[np.ones(len(A)), (A - mu) / sd]
-        reg = self.ridge_alpha * np.eye(Z.shape[1])
-        reg[0, 0] = 0
-        coef = np.linalg.solve(Z.T @ Z + reg, Z.T @ y)
+        coef, mu, sd = ridge(Xr[:, idx], y, self.ridge_alpha)
         return coef, 0.0, mu, sd
 
     @staticmethod
     def _ref_predict(Xr: np.ndarray, coef, mu, sd) -> np.ndarray:
         idx = [F.FEATURES.index(f) for f in REF_FEATURES]
-        return np.c_[np.ones(len(Xr)), (Xr[:, idx] - mu) / sd] @ coef
+        return ridge_predict(Xr[:, idx], coef, mu, sd)
 
     def fit(self, data: TrainingSet, calibration: Surrogate | None = None) -> Surrogate:
         """Fit the boosters; calibrate the intervals on leave-one-family-out residuals, or take the calibration
