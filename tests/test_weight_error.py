@@ -17,7 +17,8 @@ from mqpredict.quant.header import read_header
 from mqpredict.quant.model import ModelInfo
 from mqpredict.quant.types import T
 from mqpredict.surrogate.weight_error import (
-    ERROR_TYPES, IMATRIX_ONLY_TYPES, ErrorTable, compute, sample_rows, table_file, table_for,
+    ERROR_TYPES, IMATRIX_ONLY_TYPES, READ_BY, ErrorTable, cached_table, compute, objective_weights, sample_rows,
+    stream_readers, table_file, table_for,
 )  # fmt: skip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +108,7 @@ def test_table_holds_per_tensor_errors_and_energies(tiny):
     name = "blk.0.ffn_down.weight"
     w = np.asarray(_rows(model.header, name).view(np.float32), dtype=np.float64)
     assert t.energy[name] == pytest.approx(float((w * w).sum()), rel=0.02)  # extrapolated from the sample
-    assert t.abs_error(name, "Q4_K") == pytest.approx(t.tensors[name]["Q4_K"] * t.energy[name])
+    assert t.abs_error(name, "Q4_K") == pytest.approx(t.tensors[name]["Q4_K"] * model.header.tensor_map[name].n_elements)
     assert t.tensors[name]["Q8_0"] < t.tensors[name]["Q4_K"] < t.tensors[name]["Q2_K"]
     assert ErrorTable.from_json(json.loads(json.dumps(t.to_json()))) == t
 
@@ -127,6 +128,40 @@ def test_imatrix_table_is_weighted_and_holds_the_low_bit_types(tiny, tiny_imatri
     a = tiny_imatrix.entries[blk].astype(np.float64)
     w = np.asarray(_rows(model.header, blk).view(np.float32), dtype=np.float64)
     assert weighted.energy[blk] == pytest.approx(float((a * w * w).sum()), rel=0.05)  # from 64 of 256 rows
+
+
+def test_objective_weighs_the_parameters_a_token_uses(tiny, tiny_imatrix, tmp_path):
+    """The allocator's objective is Σ relative error × the parameters a token uses; an untied token_embd (its
+    error, with an imatrix, each row's error as blk.0.attn_norm sees it) weighs what the layer-0 tensors reading
+    the normalised stream weigh — not one row's worth, which made Q2_K embeddings look free."""
+    model = ModelInfo.load(tiny)
+    emb = model.header.tensor_map["token_embd.weight"]
+    assert not model.tied_embeddings
+    every_row = lambda t: np.arange(t.n_elements // t.shape[0])  # noqa: E731
+    table = compute(model, "m", tiny_imatrix, (T.Q8_0, T.Q2_K), threads=2, rows=every_row)
+    readers = stream_readers(model)
+    assert sorted(n.split(".")[2] for n in readers) == ["attn_k", "attn_q", "attn_v", "ffn_gate", "ffn_up"]
+    assert table.weights == objective_weights(model)
+    assert all(table.weights[t.name] == t.n_elements for t in model.assignable if t.name != emb.name)
+    assert table.weights[emb.name] == sum(model.header.tensor_map[n].n_elements for n in readers)
+    w = dequantize_rows(emb.qtype, _rows(model.header, emb.name), emb.shape[0]).astype(np.float64)
+    g = _rows(model.header, f"{READ_BY}.weight").view(np.float32).ravel().astype(np.float64)
+    q = dequantize_rows(T.Q2_K, quantize_rows(T.Q2_K, w.astype(np.float32)), emb.shape[0]).astype(np.float64)
+    a = g * g / (w * w).mean(axis=1, keepdims=True)
+    err = float((a * (w - q) ** 2).sum() / (a * w * w).sum())
+    assert table.tensors[emb.name]["Q2_K"] == pytest.approx(err, rel=1e-6)
+    assert table.abs_error(emb.name, "Q2_K") == pytest.approx(err * table.weights[emb.name])
+    everything_at = {g: {"Q2_K": 1.0} for g in model.groups}  # the objective adds the tensors' terms
+    assert table.config_error(everything_at) == pytest.approx(
+        sum(table.abs_error(t.name, "Q2_K") for t in model.assignable), rel=0.05)
+    plain = compute(model, "m", None, (T.Q2_K,), threads=2, rows=every_row)  # without an imatrix: plain MSE
+    assert plain.weights == table.weights and plain.energy[emb.name] == pytest.approx(float((w * w).sum()), rel=1e-6)
+    # a cached table of an older mqpredict (weighed by energy, no weights) is recomputed, not used
+    path = tmp_path / table_file("m", tiny_imatrix.id)
+    path.write_text(json.dumps({k: v for k, v in table.to_json().items() if k != "weights"}))
+    assert ErrorTable.load(path).stale and not table.stale and cached_table(path) is None
+    got = table_for(model, "m", tiny_imatrix, 2, cache=tmp_path, types=(T.Q2_K,))
+    assert got.weights == table.weights and cached_table(path) == got
 
 
 def test_tables_are_cached_per_model_and_imatrix(tiny, tiny_imatrix, tmp_path):

@@ -2,8 +2,9 @@
 
 No KLD run: for every tensor (or group) and candidate type, the weight-space error of the model's own
 weights at that type (:mod:`mqpredict.surrogate.weight_error`: imatrix-weighted with an importance matrix,
-plain MSE without) is an **absolute** error — relative error × the tensor's energy, extrapolated to all its
-rows — so errors add across tensors. Then:
+plain MSE without) is a relative error; the objective is the relative error × the parameters a token uses
+from the tensor (an untied token_embd: those of the layer-0 tensors that read it), added across tensors.
+Then:
 
 1. each unit's options are its candidate types' *effective* types (llama.cpp's fallbacks applied,
    duplicates removed, types llama.cpp would refuse dropped) with their exact bytes and error; only the
@@ -80,7 +81,7 @@ class Allocation:
     types: Mapping[str, QuantType]  # effective type of every tensor
     size_bytes: int
     bpw: float
-    expected_error: float  # Σ over tensors of the absolute weight error at their types
+    expected_error: float  # the objective: Σ over tensors of relative weight error × weight (see weight_error)
     target: Target
     weighted: bool  # imatrix-weighted errors (False: plain MSE)
     lam: float  # the Lagrange multiplier of the solution (error per byte)

@@ -24,8 +24,8 @@ every scored row.
 
 Baselines: ``bpw`` (a linear fit of the delta on bpw alone), ``probes`` (KLD(Q8_0) + Σ_g the measured
 isolation-probe increments on that model; only where every group's type was probed), ``allocator``
-(the zero-run allocator's objective, :meth:`~mqpredict.surrogate.weight_error.ErrorTable.config_error`: the
-summed absolute weight error, imatrix-weighted for records quantized with an imatrix — what
+(the zero-run allocator's objective, :meth:`~mqpredict.surrogate.weight_error.ErrorTable.config_error`: relative
+weight error × the parameters a token uses, summed over tensors, imatrix-weighted for imatrix records — what
 ``mqpredict allocate`` minimises at a size — as a log ratio to the reference's, linearly mapped for MAE).
 
 A "held-out model" is one measurement context (:mod:`mqpredict.surrogate.data`): the same model with and

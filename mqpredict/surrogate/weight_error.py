@@ -16,14 +16,33 @@ multiplies column ``j``): the error on the channels the activations use, the obj
 quantizers themselves minimise. Without one, ``a_j = 1`` (plain relative MSE). llama-imatrix records only
 ``blk.*`` matrices, so with an imatrix the tensors it lacks are weighted by what is known of their input:
 the output projection (``output.weight``, or ``token_embd`` when tied) by ``output_norm.weight²`` (its input
-is the RMS-normalised final state scaled by that norm's weights), an untied ``token_embd`` by ``1/n_rows``
-(one of its rows is added to the residual stream per token), anything else by 1. Those weights only weigh
-the error; the tensor is quantized as llama-quantize does it, without imatrix weights.
+is the RMS-normalised final state scaled by that norm's weights), an untied ``token_embd`` as the input it
+becomes (below), anything else by 1. Those weights only weigh the error; the tensor is quantized as
+llama-quantize does it, without imatrix weights.
 
-Per tensor the table keeps the relative error per effective type and the tensor's **energy**
-``Σ_rows Σ_j a_j w²`` extrapolated from the sample to all its rows, so ``err × energy`` is the absolute error
-of the whole tensor — additive across tensors (what the zero-run allocator minimises). A group's error at a
-type is the energy-weighted mean over its tensors that take that type (``Σ err·energy / Σ energy``).
+An untied ``token_embd`` is not a matrix product: one of its rows *is* the residual stream a token starts
+from, and layer 0 reads it through ``blk.0.attn_norm`` (RMS norm, then that norm's weights). With an imatrix
+its error is the relative error of each row as that norm sees it: every row divided by its own mean square,
+channels weighted by ``attn_norm.weight²``.
+
+Per tensor the table keeps the relative error per effective type, the tensor's **energy**
+``Σ_rows Σ_j a_j w²`` extrapolated from the sample to all its rows, and its **weight** in the zero-run
+allocator's objective: the parameters one token's forward pass uses from it (all of them; for a mixture's
+routed experts the used fraction). The objective is ``Σ_tensors err × weight``, the relative error per
+weight a token uses, additive across tensors. An untied ``token_embd`` weighs what the layer-0 tensors
+reading the normalised stream weigh (all of ``blk.0`` but ``attn_output`` and ``ffn_down``): a relative error
+ε in their input is a relative error ε in each of their outputs. A group's error at a type is the
+energy-weighted mean over its tensors that take that type (``Σ err·energy / Σ energy``): the surrogate's
+feature.
+
+Why weights and not energies (``err × energy``, each tensor's output error, was the objective before):
+energies are in each tensor's own output units — logits for the output projection, the residual stream for
+``attn_output``/``ffn_down`` (which Gemma's post-norms rescale anyway), internal activations for the rest —
+and do not add up. Spearman of each objective against measured KLD over each real model's shipped imatrix
+records (presets and hybrids; ``benchmarks/objective.py``): Gemma3-270M 0.100 with energies, 0.999 with
+weights; Qwen2.5-Coder-1.5B 0.58 → 0.99 (with energies an untied token_embd, then weighed as one row per
+token, looked free: the allocator and the surrogate chose Q2_K embeddings, which cost as much KLD as the rest
+of a Q5_K_M file); SmolLM2 0.984 → 0.992; Qwen2.5-0.5B 0.983 → 1.000.
 
 Tables are keyed by (model, imatrix): ``MODEL_ID.json`` without an imatrix, ``MODEL_ID-imIMATRIX_ID.json``
 with one; with an imatrix they also hold the imatrix-only types (:data:`IMATRIX_ONLY_TYPES`). Version-1
@@ -69,6 +88,10 @@ MOE_ERROR_TYPES: tuple[QuantType, ...] = (T.MXFP4,)
 SAMPLE_ELEMENTS = 1 << 15
 MIN_ROWS = 4
 MIN_GROUP_ROWS = 256
+#: the norm through which layer 0 reads the residual stream an untied token_embd's row starts
+READ_BY = "blk.0.attn_norm"
+#: the layer tensors that write the residual stream rather than read it
+STREAM_WRITERS = ("attn_output", "ffn_down")
 TABLE_VERSION = 2
 #: how the version-1 tables were made (full pure quantizations, rows sampled above 2^21 weights)
 PURE_METHOD = "pure quantizations"
@@ -106,6 +129,7 @@ class ErrorTable:
     method: str = PURE_METHOD  # how it was computed (e.g. "sampled rows: 131072 weights per tensor")
     types: tuple[str, ...] = ()  # the types it was asked for (each tensor holds their effective types)
     active: dict[str, float] = field(default_factory=dict)  # group → fraction one token uses (absent: 1)
+    weights: dict[str, float] = field(default_factory=dict)  # tensor → its weight in the objective (see above)
 
     @property
     def key(self) -> str:
@@ -116,6 +140,11 @@ class ErrorTable:
     def weighted(self) -> bool:
         return self.imatrix_id is not None
 
+    @property
+    def stale(self) -> bool:
+        """Per-tensor errors without objective weights (an older mqpredict weighed by energy): recomputed."""
+        return bool(self.tensors) and not self.weights
+
     def mse(self, group: str, qtype: str) -> float | None:
         return self.errors.get(group, {}).get(qtype)
 
@@ -124,37 +153,37 @@ class ErrorTable:
         return self.active.get(group, 1.0)
 
     def abs_error(self, tensor: str, qtype: str) -> float | None:
-        """The whole tensor's absolute error at an effective type (``err × energy``), or None if unknown."""
+        """The tensor's term of the objective at an effective type (``err × weight``), or None if unknown."""
         e = self.tensors.get(tensor, {}).get(qtype)
-        return None if e is None else e * self.energy[tensor]
+        return None if e is None else e * self.weights[tensor]
 
     def config_error(self, fractions: dict[str, dict[str, float]]) -> float:
-        """The zero-run allocator's objective for a config given as group → {type: parameter fraction}: the
-        summed absolute error ``Σ_g energy_g Σ_type fraction × err_g(type)`` (exact for groups at one type).
-        A version-1 table has no energies: its groups weigh by their parameter shares (relative MSE)."""
+        """The zero-run allocator's objective for a config given as group → {type: parameter fraction}:
+        ``Σ_g weight_g Σ_type fraction × err_g(type)``. Tables without objective weights (version 1, or
+        written by an older mqpredict) weigh groups by their parameter shares × the fraction a token uses."""
         total = 0.0
         for g, mix in fractions.items():
             if g not in self.errors:
                 continue
-            weight = self.group_energy[g] if self.energy else self.shares.get(g, 0.0)
+            weight = self.group_weight[g] if self.weights else self.shares.get(g, 0.0) * self.active_of(g)
             for q, frac in mix.items():
                 e = self.mse(g, q)
                 total += weight * frac * (e if e is not None else 0.0 if q in ("F32", "F16", "BF16") else math.nan)
         return total
 
     @cached_property
-    def group_energy(self) -> dict[str, float]:
-        """group → the summed energy of its tensors."""
+    def group_weight(self) -> dict[str, float]:
+        """group → the summed objective weight of its tensors."""
         out = {g: 0.0 for g in self.errors}
         for t, g in self.tensor_groups.items():
-            out[g] = out.get(g, 0.0) + self.energy[t]
+            out[g] = out.get(g, 0.0) + self.weights[t]
         return out
 
     def to_json(self) -> dict:
         return {"version": TABLE_VERSION, "model_id": self.model_id, "imatrix_id": self.imatrix_id,
                 "errors": self.errors, "shares": self.shares, "seconds": self.seconds, "method": self.method,
                 "tensors": self.tensors, "energy": self.energy, "tensor_groups": self.tensor_groups,
-                "types": list(self.types), "active": self.active}  # fmt: skip
+                "types": list(self.types), "active": self.active, "weights": self.weights}  # fmt: skip
 
     @classmethod
     def from_json(cls, d: dict) -> ErrorTable:
@@ -165,7 +194,7 @@ class ErrorTable:
             raise ValueError(f"weight-error table version {v} (expected 1 or {TABLE_VERSION})")
         return cls(d["model_id"], d["errors"], d["shares"], d.get("seconds", 0.0), d.get("imatrix_id") or None,
                    d.get("tensors", {}), d.get("energy", {}), d.get("tensor_groups", {}), d.get("method", ""),
-                   tuple(d.get("types", ())), d.get("active", {}))  # fmt: skip
+                   tuple(d.get("types", ())), d.get("active", {}), d.get("weights", {}))  # fmt: skip
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
@@ -220,9 +249,32 @@ def _error_weights(model: ModelInfo, mm: np.ndarray, t: TensorInfo, imatrix: Ima
     if t.name == _output_tensor(model) and norm is not None and norm.shape == (n_per_row,):
         g = _read(mm, model, norm.name, np.zeros(1, dtype=np.int64))[0]
         return np.broadcast_to((g * g).astype(np.float32), (n_expert, n_per_row))
-    if t.name == "token_embd.weight":
-        return np.full((n_expert, n_per_row), 1.0 / _n_rows(t), dtype=np.float32)
+    norm = model.header.tensor_map.get(f"{READ_BY}.weight")
+    if t.name == "token_embd.weight" and norm is not None and norm.shape == (n_per_row,):
+        g = _read(mm, model, norm.name, np.zeros(1, dtype=np.int64))[0]
+        return np.broadcast_to((g * g).astype(np.float32), (n_expert, n_per_row))
     return np.ones((n_expert, n_per_row), dtype=np.float32)
+
+
+def _is_stream_embedding(model: ModelInfo, t: TensorInfo, imatrix: Imatrix | None) -> bool:
+    """Whether ``t`` is an untied ``token_embd`` weighed as layer 0's normalised input (with an imatrix)."""
+    return (imatrix is not None and t.name == "token_embd.weight" and not model.tied_embeddings
+            and f"{READ_BY}.weight" in model.header.tensor_map)  # fmt: skip
+
+
+def objective_weights(model: ModelInfo) -> dict[str, float]:
+    """tensor → its weight in the allocator's objective: the parameters one token's forward pass uses from it
+    (an untied token_embd: those of the layer-0 tensors reading the stream its row starts)."""
+    w = {t.name: t.n_elements * model.active_fraction(t) for t in model.assignable}
+    if "token_embd.weight" in w and not model.tied_embeddings:
+        w["token_embd.weight"] = sum(w[n] for n in stream_readers(model)) or w["token_embd.weight"]
+    return w
+
+
+def stream_readers(model: ModelInfo) -> list[str]:
+    """The layer-0 tensors that read the normalised residual stream (all but its output projections)."""
+    return [t.name for t in model.assignable if t.name.startswith("blk.0.")
+            and not any(t.name.startswith(f"blk.0.{w}") for w in STREAM_WRITERS)]  # fmt: skip
 
 
 def _candidates(model: ModelInfo, t: TensorInfo, types, imatrix: Imatrix | None) -> list[QuantType]:
@@ -249,6 +301,8 @@ def tensor_errors(model: ModelInfo, mm: np.ndarray, t: TensorInfo, types, imatri
     per_expert = t.shape[1] if len(t.shape) > 2 else _n_rows(t)
     expert = rows // per_expert
     a = _error_weights(model, mm, t, imatrix)[expert]  # per sampled row: its expert's channel weights
+    if _is_stream_embedding(model, t, imatrix):  # the norm divides every row by its own mean square
+        a = a / np.maximum(np.mean(w.astype(np.float64) ** 2, axis=1, keepdims=True), 1e-30)
     qw = imatrix.entries[t.name].reshape(-1, n_per_row) if imatrix is not None and imatrix.has(t.name) else None
     den = float(np.einsum("ij,ij,ij->", a, w, w, dtype=np.float64))
     energy = den * _n_rows(t) / len(rows)
@@ -297,7 +351,7 @@ def compute(model: ModelInfo, model_id: str, imatrix: Imatrix | None = None, typ
                       {n: model.group_map[n] for n in names}, "given rows" if rows else
                       f"sampled rows: {sample_elements} weights per tensor (at least {min_rows} rows, "
                       f"{MIN_GROUP_ROWS} per group), llama.cpp's quantizer in memory", tuple(q.name for q in types),
-                      {g: a for g, a in model.group_active().items() if a != 1.0})  # fmt: skip
+                      {g: a for g, a in model.group_active().items() if a != 1.0}, objective_weights(model))  # fmt: skip
 
 
 def group_errors(model: ModelInfo, per_tensor: dict[str, dict[str, float]], energy: dict[str, float]) -> dict:
@@ -320,12 +374,15 @@ def _shares(model: ModelInfo) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------- cache
 def cached_table(path: Path) -> ErrorTable | None:
-    """The table saved at ``path``, or None (a damaged file is removed: it is recomputed)."""
+    """The table saved at ``path``, or None (a damaged file is removed, a stale one left to be overwritten:
+    both are recomputed)."""
     if path.exists():
         try:
-            return ErrorTable.load(path)
+            table = ErrorTable.load(path)
         except (ValueError, KeyError, OSError):
             path.unlink(missing_ok=True)
+            return None
+        return None if table.stale else table
     return None
 
 
@@ -333,7 +390,7 @@ def table_for(model: ModelInfo, model_id: str, imatrix: Imatrix | None = None, t
               cache: Path | None = None, types=None) -> ErrorTable:  # fmt: skip
     """The (cached) table of ``model`` quantized with ``imatrix`` (or without) holding ``types`` (default: all
     of :func:`table_types`): computed in seconds when the cache has none, one without these types, or one
-    without per-tensor errors (made by an older mqpredict)."""
+    without per-tensor errors or objective weights (made by an older mqpredict)."""
     from mqpredict.util.paths import cache_dir
 
     path = (cache or cache_dir() / "weight_errors") / table_file(model_id, imatrix.id if imatrix is not None else None)
