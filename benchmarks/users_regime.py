@@ -28,8 +28,6 @@ from mqpredict.llama.imatrix import ImatrixSettings, compute_imatrix
 from mqpredict.llama.inprocess import InProcessEngine
 from mqpredict.measure.corpus import EvalSpec, Scoring
 from mqpredict.quant.model import ModelInfo
-from mqpredict.quant.resolve import types_key
-from mqpredict.records.context import Context
 from mqpredict.records.identity import identify
 from mqpredict.records.schema import Source
 from mqpredict.records.store import Store
@@ -44,14 +42,12 @@ def say(msg: str) -> None:
 
 
 def measured(eng: InProcessEngine, store: Store, cands: list[Candidate]) -> list[dict | None]:
-    """Seed ``cands`` (what the store lacks) and return each one's record (None: it failed)."""
-    seed(eng, store, cands, say=say, keep_vectors=False)
-    ident = identify(eng.model)
-    context = Context.of(eng, ident.model_id, eng.spec)
+    """Seed ``cands`` (what the store lacks) and return each one's record (None: it failed or was skipped)."""
+    report = seed(eng, store, cands, say=say, keep_vectors=False)
     recs = {r.key: r for r in store.records()}
     out = []
-    for c in cands:
-        r = recs.get(context.key(types_key(eng.model, eng.resolve(c.config)), eng.build_id()))
+    for i in range(len(cands)):
+        r = recs.get(report.keys.get(i, ""))
         out.append(dict(r.values) if r is not None and r["status"] == "ok" else None)
     return out
 

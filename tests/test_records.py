@@ -375,6 +375,8 @@ def test_llama_failure_becomes_a_failed_record(tiny, corpus, tmp_path):
     assert by["preset=Q8_0"]["status"] == "ok"
     assert by["preset=Q2_K"]["status"] == "failed" and "boom" in by["preset=Q2_K"]["status_reason"]
     assert len(rep.failed) == 1
+    by_key = {r.key: r for r in st.records()}  # the report names the record holding each candidate
+    assert {i: by_key[k]["config"] for i, k in rep.keys.items()} == {0: "preset=Q8_0", 1: "preset=Q2_K"}
 
 
 def test_every_column_is_documented():

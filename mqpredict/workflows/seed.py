@@ -49,6 +49,7 @@ class SeedReport:
     same_file: list[tuple[str, str]] = field(default_factory=list)  # (config, the config/record it duplicates)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (config, reason it cannot apply here)
     notes: list[str] = field(default_factory=list)
+    keys: dict[int, str] = field(default_factory=dict)  # candidate index → the key of the record that holds it
 
     def to_json(self) -> dict:
         return {
@@ -187,6 +188,7 @@ class _Seeding:
                 self.say(f"skip {name}: {e.message}")
                 continue
             key = context.key(types_key(engine.model, types), engine.build_id())
+            report.keys[i] = key
             if key in planned or key in stored:
                 other = planned.get(key) or stored[key]["config"]
                 report.same_file.append((name, other))
