@@ -97,7 +97,7 @@ def run_model(path: Path, store: Store, hybrids: int, seed: int, spec: EvalSpec,
     model = ModelInfo.load(path)
     cands = seeding.preset_candidates(seeding.seed_presets(imatrix is not None, moe=bool(model.n_expert)))
     if not presets_only:
-        space = CandidateSpace(model)
+        space = CandidateSpace(model, imatrix=imatrix)  # with one, the imatrix-only types join
         recipes, _ = load_recipes(DATASETS / "recipes")
         cands += seeding.recipe_candidates(recipes)
         isolation = list(space.probes())  # marks the probes' files seen: the sample below never repeats them
