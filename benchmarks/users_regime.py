@@ -8,7 +8,8 @@ For every preset (the 16 standard ones, or ``--only``): the preset quantized wit
 preset quantized with the model's imatrix on the shipped calibration text (computed once, cached), and
 ``mqpredict allocate``'s config at that imatrix file's exact size (imatrix-weighted errors, the default
 types and the imatrix-only ones), all measured in process on the same streamed tokens of the bundled
-corpus. Every measurement is a record in ``--store`` (``seed``'s rules: re-running measures only what is
+corpus (``--no-plain``: the imatrix presets and the allocator only, so the imatrix-only presets can join).
+Every measurement is a record in ``--store`` (``seed``'s rules: re-running measures only what is
 missing, a preset that makes the same file as another is measured once), so a run on a big model can be
 stopped and continued. Prints one row per preset and writes ``--json``.
 """
@@ -65,6 +66,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048, help="scored tokens, streamed (ctx 512)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-allocator", action="store_true", help="presets only")
+    ap.add_argument("--no-plain", action="store_true", help="no presets without an imatrix (imatrix presets and allocator)")
     ap.add_argument("--json", type=Path, help="write the table here")
     a = ap.parse_args()
 
@@ -72,13 +74,15 @@ def main() -> None:
     path = resolve_base(a.base)
     model = ModelInfo.load(path)
     ident = identify(model)
-    presets = pick_presets(False, bool(model.n_expert), a.only or ())
+    presets = pick_presets(a.no_plain, bool(model.n_expert), a.only or ())
     spec = EvalSpec.from_tokens(a.tokens, 512, scoring=Scoring.stream)
     store = Store(a.store)
     im, _ = compute_imatrix(path, DEFAULT_CALIBRATION, None, ImatrixSettings(), threads=a.threads)
     say(f"{path.name}: {len(presets)} presets, imatrix {im.id}, {spec.n_chunks} chunks of {spec.ctx} streamed")
-    with InProcessEngine(path, DEFAULT_CORPUS, spec, threads=a.threads) as eng:
-        plain = measured(eng, store, preset_candidates(presets))
+    plain: list[dict | None] = [None] * len(presets)
+    if not a.no_plain:
+        with InProcessEngine(path, DEFAULT_CORPUS, spec, threads=a.threads) as eng:
+            plain = measured(eng, store, preset_candidates(presets))
     with InProcessEngine(path, DEFAULT_CORPUS, spec, imatrix=im, threads=a.threads) as eng:
         withim = measured(eng, store, preset_candidates(presets))
         alloc: list[dict | None] = [None] * len(presets)
