@@ -272,3 +272,37 @@ def test_a_window_scores_the_same_whatever_else_is_measured(engines):
     wide = np.load(eng.measure(cfg, EvalSpec(ctx=128, n_chunks=7)).per_token_path)
     part = np.load(eng.measure(cfg, EvalSpec(ctx=128, n_chunks=4, chunk_offset=3)).per_token_path)
     assert np.array_equal(wide[3 * 63 :], part)
+
+
+def test_one_process_makes_a_pure_quantization_the_others_wait_for_it(tiny, tmp_path):
+    """Two processes that need the same pure type of one base at once (a campaign and a seed; Ray workers on
+    one machine): one quantizes, the other waits for the file and reads it, and neither sees a partial one."""
+    import subprocess
+    import sys
+    import time
+
+    gate = tmp_path / "go"
+    code = (
+        "import sys, time, pathlib\n"
+        "from mqpredict.llama.inprocess import InProcessEngine\n"
+        "from mqpredict.quant.types import QuantType\n"
+        "made = []\n"
+        f"gate = pathlib.Path({str(gate)!r})\n"
+        "with InProcessEngine(sys.argv[1], None, threads=1, cache=pathlib.Path(sys.argv[2]),\n"
+        "                     progress=lambda what, i, n: made.append(what)) as eng:\n"
+        "    while not gate.exists():\n"
+        "        time.sleep(0.01)\n"
+        "    h = eng.pure_header(QuantType.Q4_K)\n"
+        "print('made' if any(w.startswith('quantize') for w in made) else 'read', len(h.tensors))\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tiny), str(tmp_path / "cache")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    time.sleep(3)  # both are waiting at the gate
+    gate.touch()
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-400:] for _, e in outs]
+    said = sorted(o.split()[0] for o, _ in outs)
+    assert said == ["made", "read"]
+    assert len({o.split()[1] for o, _ in outs}) == 1
+    pure = list((tmp_path / "cache" / "pure").rglob("*.gguf"))
+    assert [p.name for p in pure] == ["Q4_K.gguf"] and not list((tmp_path / "cache" / "pure").rglob("*.part"))

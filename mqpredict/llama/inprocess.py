@@ -38,6 +38,7 @@ from mqpredict.quant.presets import FTYPE
 from mqpredict.quant.resolve import EffectiveTypes, export_preset
 from mqpredict.quant.types import QuantType
 from mqpredict.util import faults
+from mqpredict.util.filelock import locked
 
 
 class LoadedModel:
@@ -232,18 +233,20 @@ class InProcessEngine(Engine):
         if qtype in self._pure:
             return self._pure[qtype]
         path = self.pure_path(qtype)
-        hdr = None
-        if path.exists():
-            try:
+        # one process makes it, the others wait and read it (a campaign and a seed, Ray workers on one machine)
+        with locked(path.parent / f".{path.name}.lock"):
+            hdr = None
+            if path.exists():
+                try:
+                    hdr = read_header(path)
+                except InputError:
+                    path.unlink(missing_ok=True)  # damaged cache entry: rebuild it
+            if hdr is None:
+                self.progress(f"quantize {qtype.name}", 0, 1)
+                pure_quantize(self.model.path, path, qtype, self.threads, self.allow_quantized_base, self.imatrix,
+                              self._spared(qtype))  # fmt: skip
+                self.progress(f"quantize {qtype.name}", 1, 1)
                 hdr = read_header(path)
-            except InputError:
-                path.unlink(missing_ok=True)  # damaged cache entry: rebuild it
-        if hdr is None:
-            self.progress(f"quantize {qtype.name}", 0, 1)
-            pure_quantize(self.model.path, path, qtype, self.threads, self.allow_quantized_base, self.imatrix,
-                          self._spared(qtype))  # fmt: skip
-            self.progress(f"quantize {qtype.name}", 1, 1)
-            hdr = read_header(path)
         self._pure[qtype] = hdr
         return hdr
 
