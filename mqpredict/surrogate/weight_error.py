@@ -249,17 +249,17 @@ def _error_weights(model: ModelInfo, mm: np.ndarray, t: TensorInfo, imatrix: Ima
     if t.name == _output_tensor(model) and norm is not None and norm.shape == (n_per_row,):
         g = _read(mm, model, norm.name, np.zeros(1, dtype=np.int64))[0]
         return np.broadcast_to((g * g).astype(np.float32), (n_expert, n_per_row))
-    norm = model.header.tensor_map.get(f"{READ_BY}.weight")
-    if t.name == "token_embd.weight" and norm is not None and norm.shape == (n_per_row,):
-        g = _read(mm, model, norm.name, np.zeros(1, dtype=np.int64))[0]
+    if _is_stream_embedding(model, t, imatrix):
+        g = _read(mm, model, f"{READ_BY}.weight", np.zeros(1, dtype=np.int64))[0]
         return np.broadcast_to((g * g).astype(np.float32), (n_expert, n_per_row))
     return np.ones((n_expert, n_per_row), dtype=np.float32)
 
 
 def _is_stream_embedding(model: ModelInfo, t: TensorInfo, imatrix: Imatrix | None) -> bool:
     """Whether ``t`` is an untied ``token_embd`` weighed as layer 0's normalised input (with an imatrix)."""
+    norm = model.header.tensor_map.get(f"{READ_BY}.weight")
     return (imatrix is not None and t.name == "token_embd.weight" and not model.tied_embeddings
-            and f"{READ_BY}.weight" in model.header.tensor_map)  # fmt: skip
+            and norm is not None and norm.shape == (t.shape[0],))  # fmt: skip
 
 
 def objective_weights(model: ModelInfo) -> dict[str, float]:
