@@ -306,3 +306,32 @@ def test_one_process_makes_a_pure_quantization_the_others_wait_for_it(tiny, tmp_
     assert len({o.split()[1] for o, _ in outs}) == 1
     pure = list((tmp_path / "cache" / "pure").rglob("*.gguf"))
     assert [p.name for p in pure] == ["Q4_K.gguf"] and not list((tmp_path / "cache" / "pure").rglob("*.part"))
+
+
+def test_an_engine_nobody_closes_still_removes_its_scratch_files(tiny, corpus, spec):
+    """Workers and scripts drop engines without `close()`: the scratch directory (built GGUFs, base-logit
+    files of hundreds of MB on a real model) must not pile up in the temp dir."""
+    import gc
+    import subprocess
+    import sys
+
+    from mqpredict.llama.inprocess import InProcessEngine
+
+    eng = InProcessEngine(tiny, corpus, spec, threads=1)
+    built = eng.build(Config.parse("Q4_K_M"), eng.workdir / "a.gguf")
+    scratch = eng.workdir
+    assert built.path.exists() and built.path.parent == scratch
+    del eng, built
+    gc.collect()
+    assert not scratch.exists()
+
+    code = (
+        "import sys\n"
+        "from mqpredict.llama.tools import ToolsEngine\n"
+        "eng = ToolsEngine(sys.argv[1], None, threads=1)\n"
+        "(eng.workdir / 'x').write_bytes(b'0' * 1000)\n"
+        "print(eng.workdir)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tiny)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-400:]
+    assert not Path(out.stdout.strip()).exists()  # removed at interpreter exit

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -221,11 +222,13 @@ class Engine(ABC):
     def workdir(self) -> Path:
         if self._workdir is None:
             self._workdir = Path(tempfile.mkdtemp(prefix="mqpredict-"))
+            # An engine nobody closes still removes its scratch files, when collected or at exit.
+            self._workdir_cleanup = weakref.finalize(self, shutil.rmtree, self._workdir, ignore_errors=True)
         return self._workdir
 
     def close(self) -> None:
         if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir_cleanup()
             self._workdir = None
 
     def __enter__(self):
