@@ -85,3 +85,27 @@ def test_the_policy_narrows_its_intervals_when_its_predictions_hold():
     for k in list(pol._told):
         pol._told[k] = Told(k, 0.0, 0.0, True)  # perfect predictions: the floor, not zero
     assert pol.inflation() == MIN_INFLATION
+
+
+def test_the_front_spans_the_space_not_the_presets_below_it():
+    """EHVI's reference point is the space's worst end (its smallest file's predicted ln KLD), not the worst
+    preset: a 2-bpw preset at ln KLD +1 would make the space's cheapest, least useful configs look precious."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from mqpredict.search.policy import Policy, PolicySettings
+
+    pol = Policy.__new__(Policy)
+    pol.settings = PolicySettings()
+    pol.proposer = SimpleNamespace(max_bpw=8.5, worst_ln_kld=lambda s, ln_ref: -1.5)
+    presets = pd.DataFrame({"bpw": [8.5, 2.1, 4.9], "kld_mean": [math.exp(-5.0), math.exp(1.0), math.exp(-1.9)]})
+    own = pd.DataFrame({"bpw": [5.6, 4.6], "kld_mean": [math.exp(-2.6), math.exp(-1.2)]})
+    snap = SimpleNamespace(ok=pd.concat([presets, own]), own=own, ln_ref=-5.0)
+    pts, ref = pol.front(snap, s=object())
+    assert len(pts) == 2 and ref[0] == pytest.approx(8.5) and ref[1] == pytest.approx(-1.2)  # a measured worse point
+    pts, ref = pol.front(SimpleNamespace(ok=pd.concat([presets, own[:1]]), own=own[:1], ln_ref=-5.0), s=object())
+    assert ref[1] == pytest.approx(-1.5)  # the space's predicted worst end
+    assert pol.front(snap)[1][1] == pytest.approx(1.0)  # without a surrogate: every measured point
+    gain = lambda r: ehvi(np.array([4.6]), np.array([-1.6]), np.array([1e-6]), pts, r)[0]  # noqa: E731
+    assert gain((8.5, 1.0)) > 10 * gain(ref)  # what the presets' reference would make of a cheap config

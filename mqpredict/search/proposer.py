@@ -80,6 +80,13 @@ class Proposer:
         top = np.array([[int(np.argmax(b)) for b in sp.raw_bytes]], dtype=np.int64)
         return float(sp.sizes(top)[1][0])
 
+    def worst_ln_kld(self, s: Surrogate, ln_ref: float) -> float:
+        """The predicted ln KLD of the space's smallest file (every group at its smallest type): the far end of
+        the range a front of this space spans."""
+        sp = self._space
+        low = np.array([[int(np.argmin(b)) for b in sp.raw_bytes]], dtype=np.int64)
+        return float(self.predict(low, s, ln_ref)[2][0])
+
     def predict(self, A: np.ndarray, s: Surrogate, ln_ref: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Exact sizes and bpw, predicted ln KLD and its calibrated half-width of each row of ``A``."""
         sizes, bpw = self._space.sizes(A)

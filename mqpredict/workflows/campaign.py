@@ -80,7 +80,7 @@ class Settings:
     probes: Probes = Probes.auto
     types: tuple[str, ...] = tuple(t.name for t in DEFAULT_TYPES)
     seed: int = 0
-    max_heldout: int = 0  # re-confirmations kept in reserve (0: a quarter of the budget, at least 1)
+    max_heldout: int = 0  # re-confirmations kept in reserve (0: PolicySettings.reserve's default, an eighth)
     #: the zero-run allocator's configs measured first (a warm start, and the answer to beat), spread over the
     #: presets' sizes; -1: a fifth of the budget, at most 4
     warm_start: int = -1
@@ -91,9 +91,6 @@ class Settings:
 
     def n_warm_start(self) -> int:
         return min(4, self.budget // 5) if self.warm_start < 0 else self.warm_start
-
-    def reserve(self) -> int:
-        return self.max_heldout or max(1, self.budget // 4)
 
     def policy(self) -> PolicySettings:
         return PolicySettings(self.budget, self.batch, self.stage_fraction, self.alpha, self.stop_share, self.probes,
