@@ -317,28 +317,3 @@ def test_train_counts_the_records_it_cannot_use_and_refuses_a_store_that_gives_n
     msg = " ".join(p.stderr.split())
     assert f"{tmp_path / 'store'} contributes no training row" in msg and f"{len(recs) - 1} record(s)" in msg
     assert "no weight-error table for its model" in msg
-
-
-def test_intervals_are_calibrated_on_real_models_once_there_are_enough():
-    """Synthetic models' held-out residuals are small, real ones' larger: calibrated on every row the interval
-    under-covers the real models; on the real ones (two real families or more) it covers 80% of new real rows.
-    With one real family there is nothing to hold out among real models: every row counts."""
-    from mqpredict.surrogate.model import calibration_rows
-
-    rng = np.random.default_rng(1)
-    n, k = 1200, len(F.FEATURES)
-    X = rng.random((n, k))
-    syn = np.arange(n) % 3 != 0  # two thirds synthetic
-    fam = np.array([f"syn{i % 6}" if syn[i] else f"real{i % 4}" for i in range(n)], dtype=object)
-    r = np.abs(rng.normal(0, np.where(syn, 0.05, 0.3)))
-    use = calibration_rows(syn, fam)
-    assert (use == ~syn).all()
-    one = calibration_rows(syn, np.where(syn, fam, "real0"))
-    assert one.all()
-    covered = {}
-    for name, mask in (("all", None), ("real", use)):
-        s = Surrogate()
-        s._calibrate_scale(X, r, np.ones(n), fam, mask)
-        r_new = np.abs(rng.normal(0, 0.3, 4000))
-        covered[name] = np.mean(r_new <= s.kld_halfwidth(rng.random((4000, k))))
-    assert covered["all"] < 0.6 and 0.75 <= covered["real"] <= 0.85

@@ -11,9 +11,7 @@ scikit-learn conventions: parameters in ``__init__``, ``fit`` learns, fitted sta
   features (``scale``: large where the training data is sparse or the models disagree), and the
   half-width is ``q · scale(x)``, with ``q`` the weighted ``coverage`` quantile of ``|residual| / scale``
   where each family's scale comes from a scale booster fitted *without* that family's residuals. So the
-  interval is honest on *new* models, and its coverage is what the CV table reports. The quantiles are taken
-  over the **real** models' residuals once two real families have some (``calibrated_on_``): the synthetic
-  models' residuals are smaller, and calibrated on every row the intervals covered 0.65 of real configs. ``halfwidth_`` keeps
+  interval is honest on *new* models, and its coverage is what the CV table reports. ``halfwidth_`` keeps
   the constant (plain split-conformal) half-width of each target; the p99 and miss targets use it.
 * **Zero-shot**: a ridge regression predicts the reference's ln KLD from the model (few models: kept
   simple); its interval is calibrated the same way, on the total (reference + delta) residuals.
@@ -50,24 +48,12 @@ SCALE_PARAMS = {"num_leaves": 7, "min_data_in_leaf": 20, "learning_rate": 0.05, 
 _SCALE_FLOOR = 1e-3  # ln-KLD residuals below this count as this (a log of zero has no scale)
 #: real models needed before the reference ridge leaves the synthetic ones out
 MIN_REAL_MODELS = 2
-#: real families with held-out residuals needed before the intervals' quantiles are taken on real models only
-MIN_REAL_FAMILIES = 2
 REF_FEATURES = ("lwerr", "log_params", "vocab_share", "tied", "dithered", "log2_embd")
 RANGE_FEATURES = ("log_params", "log2_embd", "n_layers", "vocab_share", "bpw", "dlwerr", "active_share")
 
 
 def _synthetic(refs) -> np.ndarray:
     return refs["synthetic"].fillna(False).astype(bool).to_numpy()  # fmt: skip
-
-
-def calibration_rows(synthetic: np.ndarray, family: np.ndarray) -> np.ndarray:
-    """The held-out residuals the intervals' quantiles are taken on: the real models' once
-    ``MIN_REAL_FAMILIES`` real families have some (the models users quantize; synthetic ones are easier), else
-    every row."""
-    real = ~np.asarray(synthetic, dtype=bool)
-    if len(set(np.asarray(family)[real])) >= MIN_REAL_FAMILIES:
-        return real
-    return np.ones(len(real), dtype=bool)
 
 
 def _weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
@@ -153,7 +139,7 @@ class Surrogate(BaseEstimator):
         if calibration is None:
             self.calibrate(data)
         else:
-            for a in ("halfwidth_", "halfwidth_zero_", "calibrated_", "calibrated_on_", "scale_", "scale_q_"):
+            for a in ("halfwidth_", "halfwidth_zero_", "calibrated_", "scale_", "scale_q_"):
                 setattr(self, a, getattr(calibration, a))
         return self
 
@@ -165,9 +151,9 @@ class Surrogate(BaseEstimator):
             self.halfwidth_ = [float(np.quantile(np.abs(res[:, j]), self.coverage)) for j in range(len(TARGETS))]
             self.halfwidth_zero_ = float("nan")
             self.scale_, self.scale_q_ = None, float("nan")
-            self.calibrated_, self.calibrated_on_ = False, "training residuals"
+            self.calibrated_ = False
             return
-        res, wts, zres, zw, xs, fam_of, syn = [], [], [], [], [], [], []
+        res, wts, zres, zw, xs, fam_of = [], [], [], [], [], []
         for fam in fams:
             tr, te = (data.rows["family"] != fam).to_numpy(), (data.rows["family"] == fam).to_numpy()
             rtr, rte = (data.refs["family"] != fam).to_numpy(), (data.refs["family"] == fam).to_numpy()
@@ -179,7 +165,6 @@ class Surrogate(BaseEstimator):
             wts.append(model_weights(data.rows["model_id"][te]))
             xs.append(data.X[te])
             fam_of.append(np.full(int(te.sum()), fam, dtype=object))
-            syn.append(data.rows["synthetic"].to_numpy(dtype=bool)[te])
             if rtr.sum() >= 2 and rte.any():
                 coef, _, mu, sd = self._fit_ref(data.X_ref[rtr], data.refs["ln_kld_ref"].to_numpy()[rtr],
                                                 data.refs[rtr].reset_index(drop=True))
@@ -189,11 +174,9 @@ class Surrogate(BaseEstimator):
                 ref_pred = rows["model_id"].map(ref_hat).to_numpy(dtype=float)
                 zres.append(np.abs((ref_true + data.Y[te][:, 0]) - (ref_pred + pred[:, 0])))
                 zw.append(model_weights(rows["model_id"]))
-        R, W, fam_all = np.vstack(res), np.concatenate(wts), np.concatenate(fam_of)
-        use = calibration_rows(np.concatenate(syn), fam_all)
-        self.calibrated_on_ = "all" if use.all() else "real"
-        self.halfwidth_ = [_weighted_quantile(R[use, j], W[use], self.coverage) for j in range(len(TARGETS))]
-        self._calibrate_scale(np.vstack(xs), R[:, 0], W, fam_all, use)
+        R, W = np.vstack(res), np.concatenate(wts)
+        self.halfwidth_ = [_weighted_quantile(R[:, j], W, self.coverage) for j in range(len(TARGETS))]
+        self._calibrate_scale(np.vstack(xs), R[:, 0], W, np.concatenate(fam_of))
         self.halfwidth_zero_ = _weighted_quantile(np.concatenate(zres), np.concatenate(zw), self.coverage) if zres else float("nan")
         self.calibrated_ = True
 
@@ -204,10 +187,8 @@ class Surrogate(BaseEstimator):
         return lgb.train(p, lgb.Dataset(X, y, weight=w, feature_name=list(F.FEATURES), free_raw_data=False),
                          num_boost_round=SCALE_PARAMS["rounds"])  # fmt: skip
 
-    def _calibrate_scale(self, X: np.ndarray, r: np.ndarray, w: np.ndarray, fam: np.ndarray,
-                         use: np.ndarray | None = None) -> None:  # fmt: skip
-        """Normalized conformal for the kld target (module docstring): ``scale_`` (learnt on every row) and
-        ``scale_q_`` (the quantile of the rows in ``use``)."""
+    def _calibrate_scale(self, X: np.ndarray, r: np.ndarray, w: np.ndarray, fam: np.ndarray) -> None:
+        """Normalized conformal for the kld target (module docstring): ``scale_`` and ``scale_q_``."""
         fams = sorted(set(fam))
         if len(fams) < 3:  # too few families to learn where residuals are large: constant width
             self.scale_, self.scale_q_ = None, float("nan")
@@ -217,8 +198,7 @@ class Surrogate(BaseEstimator):
             te = fam == f
             g = self._fit_scale(X[~te], r[~te], w[~te])
             score[te] = r[te] / np.exp(g.predict(X[te]))
-        use = np.ones(len(r), dtype=bool) if use is None else use
-        self.scale_q_ = _weighted_quantile(score[use], w[use], self.coverage)
+        self.scale_q_ = _weighted_quantile(score, w, self.coverage)
         self.scale_ = self._fit_scale(X, r, w)
 
     def kld_halfwidth(self, X: np.ndarray) -> np.ndarray:
@@ -300,7 +280,6 @@ class Surrogate(BaseEstimator):
             "halfwidth_zero": None if math.isnan(self.halfwidth_zero_) else self.halfwidth_zero_,
             "kld_scale_q": None if scale is None else self.scale_q_,
             "calibrated": self.calibrated_,
-            "calibrated_on": self.calibrated_on_,  # the held-out residuals whose quantiles make the intervals
             "coverage": self.coverage,
             "reference_model": {"features": list(REF_FEATURES), "coef": self.ref_coef_.tolist(),
                                 "mu": self.ref_mu_.tolist(), "sd": self.ref_sd_.tolist()},  # fmt: skip
@@ -341,7 +320,6 @@ class Surrogate(BaseEstimator):
         hz = meta.get("halfwidth_zero")
         s.halfwidth_zero_ = float("nan") if hz is None else hz
         s.calibrated_ = meta["calibrated"]
-        s.calibrated_on_ = meta.get("calibrated_on", "all")  # written before the real-only quantile: all rows
         q = meta.get("kld_scale_q")
         s.scale_ = lgb.Booster(model_file=str(folder / "kld_scale.txt")) if q is not None else None
         s.scale_q_ = float("nan") if q is None else q
