@@ -107,5 +107,5 @@ def test_the_front_spans_the_space_not_the_presets_below_it():
     pts, ref = pol.front(SimpleNamespace(ok=pd.concat([presets, own[:1]]), own=own[:1], ln_ref=-5.0), s=object())
     assert ref[1] == pytest.approx(-1.5)  # the space's predicted worst end
     assert pol.front(snap)[1][1] == pytest.approx(1.0)  # without a surrogate: every measured point
-    gain = lambda r: ehvi(np.array([4.6]), np.array([-1.6]), np.array([1e-6]), pts, r)[0]  # noqa: E731
+    gain = lambda r: ehvi(np.array([4.6]), np.array([-1.6]), np.array([1e-6]), pts, r)[0]
     assert gain((8.5, 1.0)) > 10 * gain(ref)  # what the presets' reference would make of a cheap config
