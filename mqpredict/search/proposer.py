@@ -73,19 +73,19 @@ class Proposer:
     def n_configs(self) -> int:
         return self._space.n_total
 
+    def _end(self, pick) -> np.ndarray:
+        """The candidate with every group at the type ``pick`` (np.argmax / np.argmin) chooses by its bytes."""
+        return np.array([[int(pick(b)) for b in self._space.raw_bytes]], dtype=np.int64)
+
     @property
     def max_bpw(self) -> float:
         """The bpw of the space's largest file (every group at its largest type)."""
-        sp = self._space
-        top = np.array([[int(np.argmax(b)) for b in sp.raw_bytes]], dtype=np.int64)
-        return float(sp.sizes(top)[1][0])
+        return float(self._space.sizes(self._end(np.argmax))[1][0])
 
     def worst_ln_kld(self, s: Surrogate, ln_ref: float) -> float:
         """The predicted ln KLD of the space's smallest file (every group at its smallest type): the far end of
         the range a front of this space spans."""
-        sp = self._space
-        low = np.array([[int(np.argmin(b)) for b in sp.raw_bytes]], dtype=np.int64)
-        return float(self.predict(low, s, ln_ref)[2][0])
+        return float(self.predict(self._end(np.argmin), s, ln_ref)[2][0])
 
     def predict(self, A: np.ndarray, s: Surrogate, ln_ref: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Exact sizes and bpw, predicted ln KLD and its calibrated half-width of each row of ``A``."""
