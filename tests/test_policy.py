@@ -87,6 +87,30 @@ def test_the_policy_narrows_its_intervals_when_its_predictions_hold():
     assert pol.inflation() == MIN_INFLATION
 
 
+def test_a_narrowed_run_stays_narrowed_when_its_narrowed_predictions_hold():
+    """The factor is measured against the surrogate's own intervals: proposals asked with narrowed intervals
+    (the proposal carries the factor) whose errors match the narrowing keep it, instead of scoring ~1 against
+    their already-narrowed intervals and pulling the factor back to the surrogate's width."""
+    from mqpredict.quant.config import Config
+    from mqpredict.search.policy import Policy, PolicySettings, Told
+    from mqpredict.search.proposer import Proposal
+
+    pol = Policy.__new__(Policy)
+    pol.settings = PolicySettings()
+    pol._asked, pol._told = {}, {}
+    errs = [0.05, -0.1, 0.08, 0.02, -0.04, 0.07, -0.06, 0.09, 0.03, -0.08]
+    factor = 1.0
+    for i, err in enumerate(errs):  # the surrogate says ±1.0, this run's errors are ~0.1
+        hw = 1.0 * factor
+        pol._remember(Proposal(Config.parse("default=Q8_0"), f"k{i}", 1, 8.5, 1.0, math.exp(-hw), math.exp(hw), 0.0,
+                               inflation=factor))  # fmt: skip
+        pol.tell([Told(f"k{i}", err, 0.001, complete=True)])
+        factor = pol.inflation()
+    assert factor < 0.2  # still narrowed after ten proposals asked with narrowed intervals
+    pol.remember({"types_key": "k99", "kld_pred": 1.0, "kld_hi": math.exp(0.1), "inflation": 0.1})  # a resume
+    assert pol._asked["k99"] == pytest.approx((0.0, 1.0))
+
+
 def test_the_front_spans_the_space_not_the_presets_below_it():
     """EHVI's reference point is the space's worst end (its smallest file's predicted ln KLD), not the worst
     preset: a 2-bpw preset at ln KLD +1 would make the space's cheapest, least useful configs look precious."""

@@ -34,7 +34,10 @@ quantile of the scores: widened when this run's errors exceed what the families 
 promised, narrowed (down to ``MIN_INFLATION``) when they are smaller — on a model the records know little
 about, the transferred intervals are ±1.5 in ln KLD while the corrected predictions miss by ~0.1, and
 intervals that stay that wide make EHVI explore where the prediction already says there is nothing (on the
-SmolLM2-imatrix ground truth, HV at B = 20 went from 0.67 to 0.83 with both changes).
+SmolLM2-imatrix ground truth, HV at B = 20 went from 0.67 to 0.83 with both changes). The scores are taken
+against the surrogate's own intervals (a proposal carries the factor it was asked with): scored against the
+already-narrowed ones, a narrowed run drifted back towards the transferred width after a batch (0.911 / 0.925
+→ 0.936 / 0.948 at B = 15 / 20 on that truth, 5 seeds, when fixed).
 """
 
 from __future__ import annotations
@@ -228,11 +231,15 @@ class Policy:
     def remember(self, prediction: dict) -> None:
         """A proposal made before a resume (``predictions.jsonl``): its prediction counts for recalibration."""
         mu = math.log(prediction["kld_pred"])
-        self._asked[prediction["types_key"]] = (mu, math.log(prediction["kld_hi"]) - mu)
+        hw = (math.log(prediction["kld_hi"]) - mu) / prediction.get("inflation", 1.0)
+        self._asked[prediction["types_key"]] = (mu, hw)
 
     def _remember(self, p: Proposal) -> Proposal:
+        """Keep the proposal's prediction with the half-width the surrogate gave it, before any recalibration:
+        the run's scores measure the surrogate's own intervals, so the factor they give is applied once (scored
+        against already-scaled intervals, a narrowed run would drift back to the surrogate's width)."""
         mu = math.log(p.kld_pred)
-        self._asked[p.types_key] = (mu, math.log(p.kld_hi) - mu)
+        self._asked[p.types_key] = (mu, (math.log(p.kld_hi) - mu) / p.inflation)
         return p
 
     def _key(self, c: Config) -> str:

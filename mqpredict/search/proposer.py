@@ -40,11 +40,12 @@ class Proposal:
     kld_hi: float
     ei: float  # expected hypervolume improvement (bpw × ln KLD) when it was chosen
     source: str = "proposed"  # proposed (by EHVI), probe, warm-start (the allocator's configs)
+    inflation: float = 1.0  # the campaign's recalibration factor the interval was widened (or narrowed) by
 
     def to_json(self) -> dict:
         return {"config": self.config.key, "types_key": self.types_key, "size_bytes": self.size_bytes, "bpw": self.bpw,
                 "kld_pred": self.kld_pred, "kld_lo": self.kld_lo, "kld_hi": self.kld_hi, "ei": self.ei,
-                "source": self.source}  # fmt: skip
+                "source": self.source, "inflation": self.inflation}  # fmt: skip
 
 
 @dataclass
@@ -143,7 +144,8 @@ class Proposer:
         for j in picked:
             i = int(idx[j])
             out.append(Proposal(self._space.config(A[i]), keys[i], int(sizes[i]), float(bpw[i]), float(np.exp(mu[i])),
-                                float(np.exp(mu[i] - hw[i])), float(np.exp(mu[i] + hw[i])), float(first[i])))  # fmt: skip
+                                float(np.exp(mu[i] - hw[i])), float(np.exp(mu[i] + hw[i])), float(first[i]),
+                                inflation=inflation))  # fmt: skip
         return out
 
     def proposal(self, config: Config, s: Surrogate, ln_ref: float, source: str, inflation: float = 1.0) -> Proposal:
@@ -156,4 +158,4 @@ class Proposer:
         mean, hw = s.predict_kld(X)
         mu, hw = ln_ref + float(mean[0]), float(hw[0]) * inflation
         return Proposal(config, sc.types_key, sc.size_bytes, sc.bpw, math.exp(mu), math.exp(mu - hw), math.exp(mu + hw),
-                        0.0, source)  # fmt: skip
+                        0.0, source, inflation)  # fmt: skip

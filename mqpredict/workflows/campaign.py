@@ -420,7 +420,7 @@ class Campaign:
                     d = j["proposal"]
                     out.append((int(j["step"]), Proposal(Config.parse(d["config"]), d["types_key"], d["size_bytes"],
                                                          d["bpw"], d["kld_pred"], d["kld_lo"], d["kld_hi"], d["ei"],
-                                                         d.get("source", "proposed"))))  # fmt: skip
+                                                         d.get("source", "proposed"), d.get("inflation", 1.0))))  # fmt: skip
         return sorted(out, key=lambda x: x[0])
 
     # ------------------------------------------------------------------------ the policy
