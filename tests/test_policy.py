@@ -133,3 +133,31 @@ def test_the_front_spans_the_space_not_the_presets_below_it():
     assert pol.front(snap)[1][1] == pytest.approx(1.0)  # without a surrogate: every measured point
     gain = lambda r: ehvi(np.array([4.6]), np.array([-1.6]), np.array([1e-6]), pts, r)[0]
     assert gain((8.5, 1.0)) > 10 * gain(ref)  # what the presets' reference would make of a cheap config
+
+
+def test_explore_scales_the_sigma_ehvi_uses_not_the_interval_shown(tiny):
+    """``explore`` → 0 makes EHVI the hypervolume improvement of the predicted means (pure exploitation): the
+    first proposal is that argmax over the whole (enumerated) space, and it still shows its calibrated interval."""
+    from mqpredict.quant.model import ModelInfo
+    from mqpredict.quant.types import T
+    from mqpredict.search.proposer import Proposer
+    from mqpredict.surrogate.model import Surrogate
+    from mqpredict.surrogate.service import DEFAULT_SURROGATE
+    from mqpredict.surrogate.weight_error import compute
+
+    model = ModelInfo.load(tiny)
+    types = (T.Q8_0, T.Q6_K, T.Q4_K)
+    table = compute(model, "tiny", None, types, 2, sample_elements=4096)
+    s, _ = Surrogate.load(DEFAULT_SURROGATE)
+    prop = Proposer(model, table, types, allowed={g: types for g in model.groups})
+    A = prop._space.enumerate()
+    A = A[prop._space.unique(A)]
+    _, bpw, mu, hw = prop.predict(A, s, -3.0)
+    ref = (prop.max_bpw + 1e-6, prop.worst_ln_kld(s, -3.0) + 1e-6)
+    tiny_sigma = np.full(len(mu), 1e-12)
+    front, _ = batch(bpw, mu, tiny_sigma, [], ref, 8)  # a front of 8, where σ changes the pick (with σ: another)
+    pts = [(float(bpw[i]), float(mu[i])) for i in front]
+    best = int(np.argmax(ehvi(bpw, mu, tiny_sigma, pts, ref)))
+    p = prop.ask(1, s, -3.0, pts, ref, set(), explore=1e-9)[0]
+    assert p.bpw == pytest.approx(bpw[best]) and math.log(p.kld_pred) == pytest.approx(mu[best])
+    assert math.log(p.kld_hi / p.kld_pred) == pytest.approx(hw[best])  # the calibrated half-width, unscaled

@@ -119,12 +119,13 @@ class Proposer:
 
     def ask(self, n: int, s: Surrogate, ln_ref: float, points: list[tuple[float, float]], ref: tuple[float, float],
             exclude: frozenset[str] | set[str], inflation: float = 1.0, coverage: float = 0.8,
-            shortlist: int = 50) -> list[Proposal]:  # fmt: skip
+            shortlist: int = 50, explore: float = 1.0) -> list[Proposal]:  # fmt: skip
         """The next ``n`` configs by EHVI over ``points`` (the front, in (bpw, ln KLD)) up to ``ref``; every
-        interval widened by ``inflation`` (the campaign's own recalibration); files in ``exclude`` never."""
+        interval widened by ``inflation`` (the campaign's own recalibration); files in ``exclude`` never. EHVI
+        takes each candidate's σ (its ``coverage`` interval's) times ``explore``; the proposals keep the interval."""
         from scipy.stats import norm
 
-        z80 = float(norm.ppf(0.5 + coverage / 2))
+        z80 = float(norm.ppf(0.5 + coverage / 2)) / explore
         A = self._pool(s, ln_ref, points, ref, z80)
         sizes, bpw, mu, hw = self.predict(A, s, ln_ref)
         hw = hw * inflation
