@@ -161,3 +161,30 @@ def test_explore_scales_the_sigma_ehvi_uses_not_the_interval_shown(tiny):
     p = prop.ask(1, s, -3.0, pts, ref, set(), explore=1e-9)[0]
     assert p.bpw == pytest.approx(bpw[best]) and math.log(p.kld_pred) == pytest.approx(mu[best])
     assert math.log(p.kld_hi / p.kld_pred) == pytest.approx(hw[best])  # the calibrated half-width, unscaled
+
+
+def test_configs_outside_the_grid_compete_in_the_same_batch(tiny):
+    """The allocator's per-tensor answers join EHVI's candidates: proposed with their exact file, marked as the
+    allocator's, and never again once measured."""
+    from mqpredict.quant.config import Config
+    from mqpredict.quant.model import ModelInfo
+    from mqpredict.quant.resolve import resolve, types_key
+    from mqpredict.quant.size import size_of
+    from mqpredict.quant.types import T
+    from mqpredict.search.proposer import Proposer
+    from mqpredict.surrogate.model import Surrogate
+    from mqpredict.surrogate.service import DEFAULT_SURROGATE
+    from mqpredict.surrogate.weight_error import compute
+
+    model = ModelInfo.load(tiny)
+    table = compute(model, "tiny", None, (T.Q8_0, T.Q6_K, T.Q4_K), 2, sample_elements=4096)
+    s, _ = Surrogate.load(DEFAULT_SURROGATE)
+    prop = Proposer(model, table, (T.Q4_K,), allowed={g: (T.Q4_K,) for g in model.groups})  # a grid of one file
+    extra = Config.parse(r"default=Q4_K,tensor:^blk\.0\.ffn_down\.weight$=Q8_0,tensor:^blk\.1\.attn_q\.weight$=Q6_K")
+    key = types_key(model, resolve(model, extra))
+    got = prop.ask(3, s, -3.0, [], (9.0, 1.0), set(), extra=(extra,))
+    assert sorted(p.source for p in got) == ["allocator", "proposed"]  # the one grid file and the extra one
+    a = next(p for p in got if p.source == "allocator")
+    assert a.config == extra and a.types_key == key and a.size_bytes == size_of(model, resolve(model, extra)).size_bytes
+    assert a.kld_lo < a.kld_pred < a.kld_hi and a.ei > 0
+    assert [p.source for p in prop.ask(3, s, -3.0, [], (9.0, 1.0), {key}, extra=(extra,))] == ["proposed"]

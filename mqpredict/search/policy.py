@@ -20,7 +20,10 @@ Decisions, in order, on each ``ask``:
    small ridge, only as far as leave-one-out on those residuals supports it), each candidate gets its own
    calibrated interval, scaled by the campaign's own recalibration (:meth:`Policy.inflation`), and the
    batch is the expected hypervolume
-   improvement's best with Kriging-believer fantasies (:mod:`mqpredict.search.acquisition`), over the front
+   improvement's best with Kriging-believer fantasies (:mod:`mqpredict.search.acquisition`) among the space's
+   candidates and ``candidates`` (the allocator's per-tensor answers at many sizes, which the space's
+   group-level grid cannot express — so the policy measures the free answer where it predicts that to be the
+   best file of its size, and its own hybrids elsewhere), over the front
    of the space (:meth:`Policy.front`: its reference point is the space's largest bpw and its smallest file's
    predicted ln KLD — with the worst preset's instead, EHVI spent runs on the space's cheapest configs, worth
    nothing to the front: on the SmolLM2-imatrix truth HV at B = 15 went 0.886 → 0.926). The policy stops
@@ -193,6 +196,9 @@ class Policy:
     types: tuple[QuantType, ...] = DEFAULT_TYPES
     allowed: dict[str, tuple[QuantType, ...]] | None = None  # per group (default: ``types``)
     warm_start: tuple[Config, ...] = ()  # the allocator's configs, when the caller has them
+    #: configs outside the space's group-level grid that EHVI weighs with its own candidates: the allocator's
+    #: per-tensor answers at many sizes (a campaign's; a ground truth's allocator configs are points of its space)
+    candidates: tuple[Config, ...] = ()
     imatrix: Imatrix | None = None  # what every candidate is quantized with (its types allowed, its keys sized)
     say: Callable[[str], None] = field(default=lambda s: None, repr=False)
     surrogate_: Surrogate | None = field(init=False, default=None)
@@ -223,7 +229,7 @@ class Policy:
                 return [self._remember(self.proposer.proposal(c, s, snap.ln_ref, source, infl)) for c in todo[:n]]
         pts, ref = self.front(snap, s)
         props = self.proposer.ask(n, s, snap.ln_ref, pts, ref, snap.known, infl, self.settings.coverage,
-                                  explore=self.settings.explore)  # fmt: skip
+                                  explore=self.settings.explore, extra=self.candidates)  # fmt: skip
         hv = hypervolume(pts, ref)
         if not props or max(p.ei for p in props) < self.settings.stop_share * max(hv, 1e-12):
             self.stopped = "no candidate is expected to improve the front's hypervolume by more than the threshold"

@@ -39,13 +39,24 @@ class Proposal:
     kld_lo: float  # 80% interval
     kld_hi: float
     ei: float  # expected hypervolume improvement (bpw × ln KLD) when it was chosen
-    source: str = "proposed"  # proposed (by EHVI), probe, warm-start (the allocator's configs)
+    source: str = "proposed"  # proposed (by EHVI), allocator (the allocator's config, chosen by EHVI), probe, warm-start
     inflation: float = 1.0  # the campaign's recalibration factor the interval was widened (or narrowed) by
 
     def to_json(self) -> dict:
         return {"config": self.config.key, "types_key": self.types_key, "size_bytes": self.size_bytes, "bpw": self.bpw,
                 "kld_pred": self.kld_pred, "kld_lo": self.kld_lo, "kld_hi": self.kld_hi, "ei": self.ei,
                 "source": self.source, "inflation": self.inflation}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """A config given whole (not a point of the space's grid), scored once: its file and its features."""
+
+    config: Config
+    types_key: str
+    size_bytes: int
+    bpw: float
+    X: np.ndarray
 
 
 @dataclass
@@ -64,6 +75,7 @@ class Proposer:
     imatrix: Imatrix | None = None
     _space: Space = field(init=False, repr=False)
     _feat: Featurizer = field(init=False, repr=False)
+    _scored_cache: dict[str, _Scored] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         cs = CandidateSpace(self.model, self.types, self.imatrix)
@@ -119,10 +131,12 @@ class Proposer:
 
     def ask(self, n: int, s: Surrogate, ln_ref: float, points: list[tuple[float, float]], ref: tuple[float, float],
             exclude: frozenset[str] | set[str], inflation: float = 1.0, coverage: float = 0.8,
-            shortlist: int = 50, explore: float = 1.0) -> list[Proposal]:  # fmt: skip
+            shortlist: int = 50, explore: float = 1.0, extra: tuple[Config, ...] = ()) -> list[Proposal]:  # fmt: skip
         """The next ``n`` configs by EHVI over ``points`` (the front, in (bpw, ln KLD)) up to ``ref``; every
         interval widened by ``inflation`` (the campaign's own recalibration); files in ``exclude`` never. EHVI
-        takes each candidate's σ (its ``coverage`` interval's) times ``explore``; the proposals keep the interval."""
+        takes each candidate's σ (its ``coverage`` interval's) times ``explore``; the proposals keep the interval.
+        ``extra``: configs outside the space's grid that compete in the same batch (the allocator's per-tensor
+        answers at many sizes; their proposals' source is ``allocator``)."""
         from scipy.stats import norm
 
         z80 = float(norm.ppf(0.5 + coverage / 2)) / explore
@@ -130,24 +144,44 @@ class Proposer:
         sizes, bpw, mu, hw = self.predict(A, s, ln_ref)
         hw = hw * inflation
         first = ehvi(bpw, mu, hw / z80, points, ref)
-        keys: dict[int, str] = {}
+        cands: list[tuple[Config, str, str]] = []  # (config, types key, source), aligned with the arrays below
+        rows: list[int] = []
         for i in np.argsort(-first, kind="stable"):  # a shortlist of unmeasured files, best first
-            if first[i] <= 0 or len(keys) >= shortlist * max(1, n):
+            if first[i] <= 0 or len(rows) >= shortlist * max(1, n):
                 break
-            k = types_key(self.model, resolve(self.model, self._space.config(A[i]), imatrix=self.imatrix))
+            cfg = self._space.config(A[i])
+            k = types_key(self.model, resolve(self.model, cfg, imatrix=self.imatrix))
             if k not in exclude:
-                keys[int(i)] = k
-        if not keys:
+                rows.append(int(i))
+                cands.append((cfg, k, "proposed"))
+        arrays = [a[rows] for a in (sizes, bpw, mu, hw, first)]
+        if extra:
+            xs = self._scored(extra)
+            seen = exclude | {k for _, k, _ in cands}
+            keep = [j for j, x in enumerate(xs) if x.types_key not in seen]
+            if keep:
+                xm, xh = s.predict_kld(np.array([xs[j].X for j in keep]))
+                xb = np.array([xs[j].bpw for j in keep])
+                xmu, xhw = ln_ref + xm, xh * inflation
+                more = (np.array([xs[j].size_bytes for j in keep]), xb, xmu, xhw, ehvi(xb, xmu, xhw / z80, points, ref))
+                arrays = [np.concatenate([a, m]) for a, m in zip(arrays, more)]
+                cands += [(xs[j].config, xs[j].types_key, "allocator") for j in keep]
+        if not cands:
             return []
-        idx = np.array(list(keys))
-        picked, _ = batch(bpw[idx], mu[idx], hw[idx] / z80, points, ref, n)
-        out = []
-        for j in picked:
-            i = int(idx[j])
-            out.append(Proposal(self._space.config(A[i]), keys[i], int(sizes[i]), float(bpw[i]), float(np.exp(mu[i])),
-                                float(np.exp(mu[i] - hw[i])), float(np.exp(mu[i] + hw[i])), float(first[i]),
-                                inflation=inflation))  # fmt: skip
-        return out
+        sz, b, m, h, f = arrays
+        picked, _ = batch(b, m, h / z80, points, ref, n)
+        return [Proposal(cands[j][0], cands[j][1], int(sz[j]), float(b[j]), float(np.exp(m[j])), float(np.exp(m[j] - h[j])),
+                         float(np.exp(m[j] + h[j])), float(f[j]), cands[j][2], inflation) for j in picked]  # fmt: skip
+
+    def _scored(self, configs: tuple[Config, ...]) -> list[_Scored]:
+        """Exact sizes and features of configs given whole (computed once per config)."""
+        from mqpredict.surrogate import features as F
+        from mqpredict.surrogate.service import score_configs
+
+        todo = [c for c in configs if c.key not in self._scored_cache]
+        for c, sc in zip(todo, score_configs(self.model, self.table, todo, imatrix=self.imatrix) if todo else []):
+            self._scored_cache[c.key] = _Scored(c, sc.types_key, sc.size_bytes, sc.bpw, F.matrix([sc.features])[0])
+        return [self._scored_cache[c.key] for c in configs]
 
     def proposal(self, config: Config, s: Surrogate, ln_ref: float, source: str, inflation: float = 1.0) -> Proposal:
         """A given config (a probe, a warm start) as a proposal with its prediction (its EHVI is not computed)."""

@@ -178,7 +178,9 @@ class State:
 
 #: State fields that do not make two campaigns different: identity, creation time, and paths whose content
 #: is checked by id (base → model_id, corpus → corpus id, imatrix → imatrix_id)
-_SOURCE = {"probe": Source.probe, "warm-start": Source.allocator}  # a proposal's source → its records'
+#: sizes at which the allocator's answers join EHVI's candidates (spread evenly over the presets' range)
+ALLOCATOR_CANDIDATES = 24
+_SOURCE = {"probe": Source.probe, "warm-start": Source.allocator, "allocator": Source.allocator}  # a proposal's source → its records'
 _SAME_CAMPAIGN_ANYWAY = frozenset({"id", "created", "base", "corpus_path", "imatrix", "family", "settings"})
 #: how the user sets each field (campaign run's options)
 _OPTION = {"model_id": "base", "n_chunks": "slice (--tokens/--ctx windows)", "chunk_offset": "slice offset",
@@ -267,6 +269,7 @@ class Campaign:
         #: (``mqpredict allocate``: its configs across the size range are candidates and a warm start);
         #: empty until that library function is on this branch
         self.warm_start: tuple[Config, ...] = ()
+        self.candidates: tuple[Config, ...] = ()  # the allocator's configs EHVI may choose (per-tensor, many sizes)
         self._predictions = self._load_predictions()
 
     # ------------------------------------------------------------------------ construction
@@ -429,7 +432,7 @@ class Campaign:
         learner = Learner.without_family(self.ident.family, self.ident.model_id, table, self.train_store,
                                          self.train_tables, self.surrogate_folder)  # fmt: skip
         pol = Policy(self.engine.model, table, learner, self.settings.policy(), self.types, say=self.say,
-                     warm_start=self.warm_start, imatrix=self.engine.imatrix)  # fmt: skip
+                     warm_start=self.warm_start, candidates=self.candidates, imatrix=self.engine.imatrix)  # fmt: skip
         for d in self._predictions.values():
             pol.remember(d)
         snap = self.snapshot()
@@ -482,6 +485,8 @@ class Campaign:
             table = self._table = self._error_table()
             if not self.warm_start:
                 self.warm_start = self._allocator_configs(table)
+            if not self.candidates:
+                self.candidates = self._allocator_candidates(table)
             self.policy_ = self.policy(table)
             self._loop(self.policy_, res)
             self._heldout(res)
@@ -513,6 +518,18 @@ class Campaign:
         if allocs:
             self.say(f"warm start: the allocator's configs at {', '.join(f'{a.bpw:.2f}' for a in allocs)} bpw")
         return tuple(a.config for a in allocs)
+
+    def _allocator_candidates(self, table) -> tuple[Config, ...]:
+        """The allocator's answers at ``ALLOCATOR_CANDIDATES`` sizes across the presets' range: candidates EHVI
+        weighs with the space's own (not measured unless chosen)."""
+        from mqpredict.search.allocator import allocations_across
+
+        line, _ = self._line(self.state.search)
+        if not line.hull:
+            return ()
+        b = [p.bpw for p in line.hull]
+        return tuple(a.config for a in allocations_across(self.engine.model, table, ALLOCATOR_CANDIDATES, min(b), max(b),
+                                                          self.types, self.engine.imatrix))  # fmt: skip
 
     def _error_table(self):
         """The base's weight-error table: from the driver's cache, else computed once by the executor (on a
