@@ -118,6 +118,7 @@ def test_the_front_spans_the_space_not_the_presets_below_it():
 
     import pandas as pd
 
+    from mqpredict.pareto import Line, Point
     from mqpredict.search.policy import Policy, PolicySettings
 
     pol = Policy.__new__(Policy)
@@ -125,14 +126,23 @@ def test_the_front_spans_the_space_not_the_presets_below_it():
     pol.proposer = SimpleNamespace(max_bpw=8.5, worst_ln_kld=lambda s, ln_ref: -1.5)
     presets = pd.DataFrame({"bpw": [8.5, 2.1, 4.9], "kld_mean": [math.exp(-5.0), math.exp(1.0), math.exp(-1.9)]})
     own = pd.DataFrame({"bpw": [5.6, 4.6], "kld_mean": [math.exp(-2.6), math.exp(-1.2)]})
-    snap = SimpleNamespace(ok=pd.concat([presets, own]), own=own, ln_ref=-5.0)
+
+    def snapshot(presets, own):
+        line = Line.from_presets(Point(r.bpw, r.kld_mean) for r in presets.itertuples())
+        return SimpleNamespace(ok=pd.concat([presets, own]), own=own, ln_ref=-5.0, line=line)
+
+    snap = snapshot(presets, own)
     pts, ref = pol.front(snap, s=object())
     assert len(pts) == 2 and ref[0] == pytest.approx(8.5) and ref[1] == pytest.approx(-1.2)  # a measured worse point
-    pts, ref = pol.front(SimpleNamespace(ok=pd.concat([presets, own[:1]]), own=own[:1], ln_ref=-5.0), s=object())
+    pts, ref = pol.front(snapshot(presets, own[:1]), s=object())
     assert ref[1] == pytest.approx(-1.5)  # the space's predicted worst end
     assert pol.front(snap)[1][1] == pytest.approx(1.0)  # without a surrogate: every measured point
     gain = lambda r: ehvi(np.array([4.6]), np.array([-1.6]), np.array([1e-6]), pts, r)[0]
     assert gain((8.5, 1.0)) > 10 * gain(ref)  # what the presets' reference would make of a cheap config
+    # a few chosen presets, the smallest at 4.9 bpw (ln KLD -1.9): a hybrid worse than all of them is worth nothing
+    few = snapshot(presets[presets["bpw"] > 3], own)
+    assert pol.front(few, s=object())[1][1] == pytest.approx(-1.9)
+    assert ehvi(np.array([4.0]), np.array([-1.7]), np.array([1e-6]), *pol.front(few, s=object()))[0] == 0.0
 
 
 def test_explore_scales_the_sigma_ehvi_uses_not_the_interval_shown(tiny):

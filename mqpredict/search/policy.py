@@ -301,9 +301,12 @@ class Policy:
     def front(self, snap: Snapshot, s: Surrogate | None = None) -> tuple[list[tuple[float, float]], tuple[float, float]]:
         """The points of the front EHVI improves and its reference point: the largest bpw of the space and of
         what is measured, and the worst ln KLD of the space — its smallest file's, as predicted by ``s``, or any
-        measured point of the front that is worse. Without ``s`` (or with the presets in the front), the largest
-        ln KLD measured. The front is the space's: points beyond its worst end (the 1–2 bpw presets of a space
-        that stops at 4.5 bpw) would make EHVI value the cheap end of the space far beyond what it is worth."""
+        measured point of the front that is worse —, but never worse than the line's smallest preset: a hybrid
+        with more KLD than every preset on the line is worth nothing to someone who has the presets. Without
+        ``s`` (or with the presets in the front), the largest ln KLD measured. The front is the space's: points
+        beyond its worst end (the 1–2 bpw presets of a space that stops at 4.5 bpw) would make EHVI value the
+        cheap end of the space far beyond what it is worth; and with a few chosen presets (``--only``, Q2_K the
+        smallest), a space that goes down to IQ1_S would make it value 2-bpw files at KLD 3–5."""
         base = snap.ok if self.settings.presets_in_front else snap.own
         pts = [(float(r.bpw), math.log(float(r.kld_mean))) for r in base.itertuples()]
         allp = [(float(r.bpw), math.log(float(r.kld_mean))) for r in snap.ok.itertuples()]
@@ -311,6 +314,8 @@ class Policy:
         if s is None or self.settings.presets_in_front:
             return pts, (ref_x, max(y for _, y in allp) + 1e-6)
         worst = max([self.proposer.worst_ln_kld(s, snap.ln_ref), *(y for _, y in pts)])
+        if snap.line.hull:
+            worst = min(worst, snap.line.hull[0].ln_kld)
         return pts, (ref_x, worst + 1e-6)
 
     # ------------------------------------------------------------------ decisions on measurements
