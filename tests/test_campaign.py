@@ -203,6 +203,8 @@ def test_campaign_report_files_and_manifests(campaign, tiny, tmp_path):
     assert "preset=Q8_0" in set(table["config"])  # the largest preset is never dominated
     md = (out / "survivors.md").read_text()
     assert all(n in md for n in table["name"])
+    found = {"proposed": "| search |", "allocator": "| allocator |", "preset": "| preset |"}
+    assert all(found.get(s, f"| {s} |") in md for s in set(table["source"]))  # who found each: search or a free answer
     name = table.iloc[0]["name"]
     man = json.loads((out / "recipes" / f"{name}.manifest.json").read_text())
     assert man["statistics"]["kld_mean"] == pytest.approx(table.iloc[0]["kld_mean"])

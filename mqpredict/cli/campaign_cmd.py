@@ -134,17 +134,19 @@ def _run(campaign, rules, budget, vram_ctx, json: bool) -> None:
 def _print_survivors(rows: list[dict], title: str) -> None:
     import math
 
+    from mqpredict.report.write import found_by
+
     t = Table(title=title, show_edge=False)
     speed = any("speed_tg_ts" in r for r in rows)
-    cols = ("name", "size MB", "bpw", "KLD mean", "p99", "vs line", "held-out", "win") + (("pp t/s", "tg t/s") if speed else ())
+    cols = ("name", "size MB", "bpw", "KLD mean", "p99", "vs line", "held-out", "win", "from") + (("pp t/s", "tg t/s") if speed else ())
     for c in cols + ("config",):
-        t.add_column(c, justify="left" if c in ("name", "config", "win") else "right", no_wrap=c == "name")
+        t.add_column(c, justify="left" if c in ("name", "config", "win", "from") else "right", no_wrap=c == "name")
     pct = lambda x: "" if x is None else f"{100 * math.expm1(x):+.1f}%"  # noqa: E731
     for r in rows:
         sp = (f"{r['speed_pp_ts']:.1f}", f"{r['speed_tg_ts']:.1f}") if speed else ()
         t.add_row(("* " if r["chosen"] else "") + r["name"], f"{r['size_mb']:.2f}", f"{r['bpw']:.3f}", f"{r['kld_mean']:.4f}",
                   f"{r['kld_p99']:.3f}", pct(r["margin_ln"]), pct(r["heldout_margin_ln"]), "yes" if r["nonlinear_win"] else "",
-                  *sp, r["effective_config"][:60])  # fmt: skip
+                  found_by(r["source"]), *sp, r["effective_config"][:60])  # fmt: skip
     out.print(t)
 
 

@@ -69,12 +69,20 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+#: who found a survivor, from its record's source: the learned search's own hybrids apart from the free answers
+FOUND_BY = {"proposed": "search", "allocator": "allocator", "preset": "preset", "probe": "probe"}
+
+
+def found_by(source: str) -> str:
+    return FOUND_BY.get(str(source), str(source))
+
+
 def write_markdown(path: Path, title: str, rows: list[Row], notes: list[str], ctx: int) -> None:
     speed = any(r.speed is not None for r in rows)
     sp_head, sp_rule = (" pp tok/s | tg tok/s |", "---:|---:|") if speed else ("", "")
     lines = [f"# {title}", "", *notes, "",
-             f"| name | size MB | bpw | KLD mean ± err | p99 | same top | vs line (search) | vs line (held-out) | win |{sp_head} VRAM @ {ctx} ctx | per-group types |",
-             f"|---|---:|---:|---:|---:|---:|---:|---:|:-:|{sp_rule}---:|---|"]  # fmt: skip
+             f"| name | size MB | bpw | KLD mean ± err | p99 | same top | vs line (search) | vs line (held-out) | win | from |{sp_head} VRAM @ {ctx} ctx | per-group types |",
+             f"|---|---:|---:|---:|---:|---:|---:|---:|:-:|---|{sp_rule}---:|---|"]  # fmt: skip
     for r in rows:
         v = r.record
         sp = (f" {r.speed.pp_ts:.1f} ± {r.speed.pp_spread / 2:.1f} | {r.speed.tg_ts:.1f} ± {r.speed.tg_spread / 2:.1f} |"
@@ -82,7 +90,7 @@ def write_markdown(path: Path, title: str, rows: list[Row], notes: list[str], ct
         lines.append(
             f"| {'**' + r.entry.name + '**' if r.chosen else r.entry.name} | {v['size_bytes'] / 1e6:.2f} | {v['bpw']:.3f} | "
             f"{_f(v['kld_mean'])} ± {_f(v['kld_mean_err'])} | {_f(v['kld_p99'])} | {_f(v['same_top_p'], '.3f')} | "
-            f"{_margin(r.margin)} | {_margin(r.heldout)} | {'yes' if r.entry.win else ''} |{sp} "
+            f"{_margin(r.margin)} | {_margin(r.heldout)} | {'yes' if r.entry.win else ''} | {found_by(v['source'])} |{sp} "
             f"{'' if r.fits_gb is None else str(r.fits_gb) + ' GB'} | `{v['effective_config']}` |"
         )  # fmt: skip
     lines += ["", "Margins are paired (same tokens as the presets of the line): ln KLD below the line, as a % of KLD, "
