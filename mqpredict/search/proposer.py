@@ -154,27 +154,24 @@ class Proposer:
             if k not in exclude:
                 rows.append(int(i))
                 cands.append((cfg, k, "proposed"))
-        arrays = [a[rows] for a in (sizes, bpw, mu, hw, first)]
+        arrays = [a[rows] for a in (sizes, bpw, mu, hw)]
         if extra:
-            xs = self._scored(extra)
             seen = exclude | {k for _, k, _ in cands}
-            keep = [j for j, x in enumerate(xs) if x.types_key not in seen]
-            if keep:
-                xm, xh = s.predict_kld(np.array([xs[j].X for j in keep]))
-                xb = np.array([xs[j].bpw for j in keep])
-                xmu, xhw = ln_ref + xm, xh * inflation
-                more = (np.array([xs[j].size_bytes for j in keep]), xb, xmu, xhw, ehvi(xb, xmu, xhw / z80, points, ref))
+            xs = [x for x in self._scored(extra) if x.types_key not in seen]
+            if xs:
+                xm, xh = s.predict_kld(np.array([x.X for x in xs]))
+                more = (np.array([x.size_bytes for x in xs]), np.array([x.bpw for x in xs]), ln_ref + xm, xh * inflation)
                 arrays = [np.concatenate([a, m]) for a, m in zip(arrays, more)]
-                cands += [(xs[j].config, xs[j].types_key, "allocator") for j in keep]
+                cands += [(x.config, x.types_key, "allocator") for x in xs]
         if not cands:
             return []
-        sz, b, m, h, f = arrays
-        picked, _ = batch(b, m, h / z80, points, ref, n)
+        sz, b, m, h = arrays
+        picked, f = batch(b, m, h / z80, points, ref, n)  # f: every candidate's EHVI before any fantasy
         return [Proposal(cands[j][0], cands[j][1], int(sz[j]), float(b[j]), float(np.exp(m[j])), float(np.exp(m[j] - h[j])),
                          float(np.exp(m[j] + h[j])), float(f[j]), cands[j][2], inflation) for j in picked]  # fmt: skip
 
     def _scored(self, configs: tuple[Config, ...]) -> list[_Scored]:
-        """Exact sizes and features of configs given whole (computed once per config)."""
+        """Exact sizes and features of configs given whole — probes, warm starts, ``extra`` (once per config)."""
         from mqpredict.surrogate import features as F
         from mqpredict.surrogate.service import score_configs
 
@@ -185,12 +182,8 @@ class Proposer:
 
     def proposal(self, config: Config, s: Surrogate, ln_ref: float, source: str, inflation: float = 1.0) -> Proposal:
         """A given config (a probe, a warm start) as a proposal with its prediction (its EHVI is not computed)."""
-        from mqpredict.surrogate import features as F
-        from mqpredict.surrogate.service import score_configs
-
-        sc = score_configs(self.model, self.table, [config], imatrix=self.imatrix)[0]
-        X = F.matrix([sc.features])
-        mean, hw = s.predict_kld(X)
+        sc = self._scored((config,))[0]
+        mean, hw = s.predict_kld(sc.X[None, :])
         mu, hw = ln_ref + float(mean[0]), float(hw[0]) * inflation
         return Proposal(config, sc.types_key, sc.size_bytes, sc.bpw, math.exp(mu), math.exp(mu - hw), math.exp(mu + hw),
                         0.0, source, inflation)  # fmt: skip

@@ -176,11 +176,11 @@ class State:
             raise InputError(f"{p} is not a campaign state file ({e})", "start a new campaign with 'campaign run'") from e
 
 
-#: State fields that do not make two campaigns different: identity, creation time, and paths whose content
-#: is checked by id (base → model_id, corpus → corpus id, imatrix → imatrix_id)
 #: sizes at which the allocator's answers join EHVI's candidates (spread evenly over the presets' range)
 ALLOCATOR_CANDIDATES = 24
 _SOURCE = {"probe": Source.probe, "warm-start": Source.allocator, "allocator": Source.allocator}  # a proposal's source → its records'
+#: State fields that do not make two campaigns different: identity, creation time, and paths whose content
+#: is checked by id (base → model_id, corpus → corpus id, imatrix → imatrix_id)
 _SAME_CAMPAIGN_ANYWAY = frozenset({"id", "created", "base", "corpus_path", "imatrix", "family", "settings"})
 #: how the user sets each field (campaign run's options)
 _OPTION = {"model_id": "base", "n_chunks": "slice (--tokens/--ctx windows)", "chunk_offset": "slice offset",
@@ -506,13 +506,10 @@ class Campaign:
         from mqpredict.search.allocator import allocations_across
 
         k = self.settings.n_warm_start()
-        if k <= 0:
+        span = self._presets_span()
+        if k <= 0 or span is None:
             return ()
-        line, _ = self._line(self.state.search)
-        if not line.hull:
-            return ()
-        b = [p.bpw for p in line.hull]
-        lo, hi = min(b), max(b)
+        lo, hi = span
         step = (hi - lo) / (k + 1)
         allocs = allocations_across(self.engine.model, table, k, lo + step, hi - step, self.types, self.engine.imatrix)
         if allocs:
@@ -524,12 +521,16 @@ class Campaign:
         weighs with the space's own (not measured unless chosen)."""
         from mqpredict.search.allocator import allocations_across
 
-        line, _ = self._line(self.state.search)
-        if not line.hull:
+        span = self._presets_span()
+        if span is None:
             return ()
-        b = [p.bpw for p in line.hull]
-        return tuple(a.config for a in allocations_across(self.engine.model, table, ALLOCATOR_CANDIDATES, min(b), max(b),
+        return tuple(a.config for a in allocations_across(self.engine.model, table, ALLOCATOR_CANDIDATES, *span,
                                                           self.types, self.engine.imatrix))  # fmt: skip
+
+    def _presets_span(self) -> tuple[float, float] | None:
+        """The bpw range of the presets' line on the search slice (None: no preset measured)."""
+        line, _ = self._line(self.state.search)
+        return (line.hull[0].bpw, line.hull[-1].bpw) if line.hull else None
 
     def _error_table(self):
         """The base's weight-error table: from the driver's cache, else computed once by the executor (on a
