@@ -62,14 +62,9 @@ def main() -> int:
             ap.error(f"--set {item}: PolicySettings has no field {k!r} (fields: {', '.join(fields)})")
         changes[k] = _value(fields[k], v)
     settings = dataclasses.replace(S.POLICY, **changes)
-    if a.warm_start is not None:
-        from mqpredict.workflows import campaign
-
-        k = a.warm_start
-        campaign.Settings.n_warm_start = lambda self: min(k, self.budget)  # the same rule, another count
     t = S.Truth.load(a.truth)
     seeds, budgets = _seeds(a.seeds), [int(b) for b in a.budgets.split(",")]
-    mq = S.MqPredict(t, settings=settings)
+    mq = S.MqPredict(t, settings=settings, warm_start=-1 if a.warm_start is None else a.warm_start)
     hv = {b: [] for b in budgets}
     declared = {b: 0 for b in budgets}
     false = {b: 0 for b in budgets}

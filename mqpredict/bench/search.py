@@ -499,13 +499,14 @@ def allocator_order(t: Truth) -> list[int]:
     return _coverage(rows, b, float(b[t.space_rows].min()), float(b[t.space_rows].max()))
 
 
-def warm_start_rows(t: Truth, budget: int) -> list[int]:
+def warm_start_rows(t: Truth, budget: int, warm_start: int = -1) -> list[int]:
     """What a campaign of ``budget`` measures first (``CampaignSettings.n_warm_start``: a fifth of the budget,
-    at most 4): the allocator's answers at that many sizes spread inside the presets' hull, here at the level
-    of the space (a campaign's per-tensor answers are not files of the truth)."""
+    at most 4, or ``warm_start`` configs as ``campaign run --warm-start`` sets): the allocator's answers at that
+    many sizes spread inside the presets' hull, here at the level of the space (a campaign's per-tensor answers
+    are not files of the truth)."""
     from mqpredict.workflows.campaign import Settings
 
-    k = Settings(budget=budget).n_warm_start()
+    k = Settings(budget=budget, warm_start=warm_start).n_warm_start()
     hull = [t.size[int(p.name)] for p in t.line.hull]
     if k <= 0 or len(hull) < 2:
         return []
@@ -539,13 +540,15 @@ def run_allocator(t: Truth, seed: int, o: Oracle) -> str:
 class MqPredict:
     """The campaign's :class:`~mqpredict.search.policy.Policy` run on the oracle (module docstring)."""
 
-    def __init__(self, t: Truth, say: Callable[[str], None] | None = None, settings: PolicySettings = POLICY) -> None:
+    def __init__(self, t: Truth, say: Callable[[str], None] | None = None, settings: PolicySettings = POLICY,
+                 warm_start: int = -1) -> None:  # fmt: skip
         from mqpredict.search.policy import Learner
         from mqpredict.surrogate import service
 
         self.t = t
         self.say = say or (lambda s: None)
         self.settings = settings
+        self.warm_start = warm_start  # the campaign's --warm-start (-1: its default, min(4, B/5))
         self.learner = Learner.without_family(t.meta["family"], t.meta["model_id"], t.table, service.DEFAULT_STORE,
                                               service.DEFAULT_TABLES, service.DEFAULT_SURROGATE)  # fmt: skip
         self.allowed = {g: (QuantType[q],) for g, q in t.meta["fixed"].items()} | {g: tuple(t.types) for g in t.free}
@@ -597,7 +600,7 @@ class MqPredict:
 
         t = self.t
         st = dataclasses.replace(self.settings, budget=budget, seed=seed, reconfirm=t.heldout_windows >= 2)
-        warm = tuple(Config.parse(t.df["config"].iloc[r]) for r in warm_start_rows(t, budget))
+        warm = tuple(Config.parse(t.df["config"].iloc[r]) for r in warm_start_rows(t, budget, self.warm_start))
         policy = Policy(t.model, t.table, self.learner, st, tuple(t.types), self.allowed, warm_start=warm)
         stopped: list[int] = []
         why = "budget spent"
