@@ -64,7 +64,8 @@ def main() -> int:
     settings = dataclasses.replace(S.POLICY, **changes)
     t = S.Truth.load(a.truth)
     seeds, budgets = _seeds(a.seeds), [int(b) for b in a.budgets.split(",")]
-    mq = S.MqPredict(t, settings=settings, warm_start=-1 if a.warm_start is None else a.warm_start)
+    kw = {} if a.warm_start is None else {"warm_start": a.warm_start}  # (without it the script runs on older commits)
+    mq = S.MqPredict(t, settings=settings, **kw)
     hv = {b: [] for b in budgets}
     declared = {b: 0 for b in budgets}
     false = {b: 0 for b in budgets}
