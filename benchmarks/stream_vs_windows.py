@@ -4,6 +4,7 @@ both ways on the same files, the ratio of mean KLD and the rank agreement (Spear
     .venv/bin/python benchmarks/stream_vs_windows.py                       # SmolLM2, 16 chunks of 512
     .venv/bin/python benchmarks/stream_vs_windows.py gemma3-270m qwen2.5-0.5b --chunks 8
     .venv/bin/python benchmarks/stream_vs_windows.py --sink                # why the first token stays cached
+    .venv/bin/python benchmarks/stream_vs_windows.py qwen2.5-coder-1.5b --chunks 4 --imatrix   # the users' regime
 
 Each preset is built once and evaluated in both modes (same chunk count: windows score ctx/2 - 1 tokens per
 chunk, a stream ctx/2). Presets that make the same file (K-quants fall back on these models' widths) are
@@ -47,12 +48,18 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
-def compare(name: str, chunks: int, ctx: int, threads: int, say) -> dict:
+def compare(name: str, chunks: int, ctx: int, threads: int, say, imatrix: bool = False) -> dict:
     base = prepare_embedded(name)
     windows = EvalSpec(ctx=ctx, n_chunks=chunks)
     stream = EvalSpec(ctx=ctx, n_chunks=chunks, scoring=Scoring.stream)
     rows, seen = [], {}
-    with InProcessEngine(base, DEFAULT_CORPUS, windows, threads=threads) as eng:
+    im = None
+    if imatrix:  # the base's default imatrix, as seeds and campaigns quantize with (cached)
+        from mqpredict.llama.imatrix import ImatrixSettings, compute_imatrix
+        from mqpredict.util.paths import DEFAULT_CALIBRATION
+
+        im, _ = compute_imatrix(base, DEFAULT_CALIBRATION, None, ImatrixSettings(), threads, None)
+    with InProcessEngine(base, DEFAULT_CORPUS, windows, threads=threads, imatrix=im) as eng:
         eng.base_logprobs(windows)
         eng.base_logprobs(stream)
         for p in SEED_PRESETS:
@@ -79,6 +86,7 @@ def compare(name: str, chunks: int, ctx: int, threads: int, say) -> dict:
     ratios = [r["ratio"] for r in distinct]
     return {
         "model": name,
+        "imatrix": im.id if im is not None else None,
         "chunks": chunks,
         "ctx": ctx,
         "tokens_windows": windows.n_tokens,
@@ -127,7 +135,8 @@ def sink(name: str, chunks: int, ctx: int, threads: int) -> dict:
 
 
 def markdown(res: dict) -> str:
-    out = [f"**{res['model']}** · {res['chunks']} chunks of {res['ctx']} ({res['tokens_windows']} tokens windows, "
+    im = f" · imatrix {res['imatrix']}" if res.get("imatrix") else ""
+    out = [f"**{res['model']}**{im} · {res['chunks']} chunks of {res['ctx']} ({res['tokens_windows']} tokens windows, "
            f"{res['tokens_stream']} stream) · base PPL {res['ppl_base_windows']:.2f} windows / "
            f"{res['ppl_base_stream']:.2f} stream", "",
            "| preset | bpw | KLD windows | KLD stream | stream / windows |", "|---|---:|---:|---:|---:|"]  # fmt: skip
@@ -143,10 +152,12 @@ def markdown(res: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("models", nargs="*", default=["smollm2"], help="embedded bases (smollm2, gemma3-270m, qwen2.5-0.5b)")
+    ap.add_argument("models", nargs="*", default=["smollm2"], help="embedded bases (smollm2, gemma3-270m, qwen2.5-0.5b, qwen2.5-coder-1.5b)")
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--imatrix", action="store_true", help="quantize with the base's default imatrix (the shipped "
+                    "calibration text, cached), as seeds and campaigns do")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--sink", action="store_true", help="only the base's perplexity with and without the first cell")
     a = ap.parse_args()
@@ -157,7 +168,7 @@ def main() -> None:
             print(json.dumps(r) if a.json else f"{m}: base PPL windows {r['ppl_windows']:.2f} · stream with the first "
                   f"token kept {r['ppl_stream_keep1']:.2f} · stream without it {r['ppl_stream_keep0']:.2f}")  # fmt: skip
         return
-    results = [compare(m, a.chunks, a.ctx, a.threads, say) for m in a.models]
+    results = [compare(m, a.chunks, a.ctx, a.threads, say, a.imatrix) for m in a.models]
     if a.json:
         print(json.dumps(results, indent=2))
     else:

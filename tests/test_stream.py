@@ -171,8 +171,10 @@ def test_tools_engine_evaluates_only_the_requested_windows(tiny, corpus, spec, t
     with ToolsEngine(tiny, corpus, spec, threads=2, cache=cache) as t, \
             InProcessEngine(tiny, corpus, spec, threads=2, cache=cache) as ip:  # fmt: skip
         stats = t.measure(CFG, later)
-        # a base file of just those windows (twice as many when the tool lost its statistics and ran again)
-        assert stats.forward_tokens in (2 * 128, 4 * 128)
+        # a base file of just those windows: each run of the tool evaluates 2 windows, never the o before them
+        # (one run; two when it lost its statistics and ran again; three when both lost them and the saved
+        # log-probs were scored instead — llama.cpp's logger loses its last lines now and then, more under load)
+        assert stats.forward_tokens in tuple(k * 2 * 128 for k in range(1, t.retries + 3))
         t.kld_source = KLDSource.logits
         logits = t.measure(CFG, later)
         assert logits.forward_tokens == 2 * 128  # save mode on a text of just those windows

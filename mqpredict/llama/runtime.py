@@ -96,9 +96,10 @@ def lib():
     return llama_cpp
 
 
-def new_context(model, n_ctx: int, n_batch: int, n_seq: int, threads: int):
+def new_context(model, n_ctx: int, n_batch: int, n_seq: int, threads: int, flash_attn: bool | None = None):
     """A llama.cpp context on a loaded model, set up as llama-perplexity's (no SWA-full cache, no perf
-    counters); a one-line error naming the model when llama.cpp cannot make it."""
+    counters; flash attention as llama.cpp decides, unless ``flash_attn`` says — only benchmarks do, since
+    it moves every logit slightly); a one-line error naming the model when llama.cpp cannot make it."""
     from mqpredict.errors import LlamaError
 
     cp = lib().llama_context_default_params()
@@ -106,6 +107,8 @@ def new_context(model, n_ctx: int, n_batch: int, n_seq: int, threads: int):
     cp.n_threads = cp.n_threads_batch = threads
     cp.swa_full = False
     cp.no_perf = True
+    if flash_attn is not None:
+        cp.flash_attn_type = 1 if flash_attn else 0  # LLAMA_FLASH_ATTN_TYPE_ENABLED / _DISABLED
     ctx = lib().llama_init_from_model(model.ptr, cp)
     if not ctx:
         raise LlamaError(f"llama.cpp could not create a context for {model.path}: {LOG.last_error()}")

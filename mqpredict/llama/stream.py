@@ -40,11 +40,11 @@ _CHUNK = re.compile(r"-c(\d{5})\.kv$")
 class StreamEvaluator:
     """A llama.cpp context walking the stream (see the module doc); logits are views valid until the next call."""
 
-    def __init__(self, model, ctx: int, threads: int, keep: int = 1) -> None:
+    def __init__(self, model, ctx: int, threads: int, keep: int = 1, flash_attn: bool | None = None) -> None:
         lib = runtime.lib()
         self.lib, self.model, self.n_ctx, self.h = lib, model, ctx, ctx // 2
         self.keep = keep  # cells never dropped (1: the attention sink; 0 only to show why it stays)
-        self.ctx = runtime.new_context(model, ctx, ctx, 1, threads)
+        self.ctx = runtime.new_context(model, ctx, ctx, 1, threads, flash_attn)  # flash_attn: benchmarks only
         self.mem = lib.llama_get_memory(self.ctx)
         if not lib.llama_memory_can_shift(self.mem):
             self.close()
