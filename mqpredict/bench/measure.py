@@ -21,7 +21,9 @@ the ``blk.*`` matrices a token uses, routed experts at ``n_expert_used / n_exper
 cache left out, so this is a lower bound), the stream's cost per scored token over the windows' is at
 least ``((ctx + (n−1)·h) + n·h·r) / (n·h)  ÷  (n·ctx + n·h·r) / (n·(h−1))`` — about ``(1 + r) / (2 + r)``
 for many chunks. SmolLM2 (49,152 × 576 head on a 106 M-parameter body, r = 0.27) cannot go below 0.58
-at 16 chunks of 512 by arithmetic alone; the ratio measured beside it says how close the engine gets.
+at 16 chunks of 512 by arithmetic alone; the ratio measured beside it says how close the engine gets. The
+count is of multiply-adds; ``benchmarks/stream_breakdown.py`` times a stream step's parts against a window
+(on SmolLM2 the head's share of the time is about ``r``, as counted).
 """
 
 from __future__ import annotations
