@@ -59,6 +59,32 @@ def test_a_slice_equals_the_same_positions_of_a_longer_run(eng):
     assert c.forward_tokens == 2 * H + 5 * H
 
 
+def test_saved_states_stay_within_their_budget(eng, monkeypatch):
+    """Candidates' states go least recently used first once the folder is over its budget (a restore counts
+    as a use); the base's states, every measurement's reference, always stay."""
+    a, b, c = (Config.parse(x) for x in ("default=Q4_K,ffn_down=Q6_K", "default=Q5_0", "default=Q8_0"))
+    eng.measure(a)
+    base = {p.name for p in _states(eng) if p.name.startswith("base-")}
+    first = {p.name for p in _states(eng)} - base
+    assert base and len(first) == 1
+    size = max(p.stat().st_size for p in _states(eng))
+    monkeypatch.setenv("MQPREDICT_STREAM_STATES_MB", str(3.5 * size / 1e6))  # the base's and two candidates'
+    eng.measure(b)
+    eng.measure(c)
+    names = {p.name for p in _states(eng)}
+    assert base <= names and not first & names and len(names) == 3  # a's, the oldest, went
+    b_state, c_state = sorted((p for p in _states(eng) if p.name not in base), key=lambda p: p.stat().st_mtime_ns)
+    monkeypatch.setenv("MQPREDICT_STREAM_STATES_MB", str(4.5 * size / 1e6))
+    eng.base_logprobs(STREAM.part(6, 1))  # the base's state at chunk 7 joins: 4 states fit
+    assert eng.measure(b, STREAM.part(6, 1)).forward_tokens == H  # b's state restored (a use), one at 7 saved
+    names = {p.name for p in _states(eng)}
+    assert base <= names and b_state.name in names and c_state.name not in names  # c's was the least recent
+    assert eng.measure(b, STREAM.part(6, 1)).forward_tokens == H
+    with pytest.raises(InputError, match="MQPREDICT_STREAM_STATES_MB"):
+        monkeypatch.setenv("MQPREDICT_STREAM_STATES_MB", "lots")
+        eng.measure(c, STREAM.part(6, 1))
+
+
 def test_base_and_candidate_run_the_identical_procedure(eng):
     """The base measured against itself: the same logits at every position, so only the 16-bit storage of the
     base's log-probs is left (as in llama-perplexity's windows)."""

@@ -27,7 +27,7 @@ from mqpredict.llama.engine import Engine, EvalResult
 from mqpredict.llama.quantize import dry_run_types, pure_quantize
 from mqpredict.llama.stitch import index_sources, stitch
 from mqpredict.measure.corpus import EvalSpec
-from mqpredict.llama.stream import StateStore, StreamEvaluator, Walk, state_folder, walk
+from mqpredict.llama.stream import BASE_KEY, StateStore, StreamEvaluator, Walk, state_folder, walk
 from mqpredict.measure.baselogprobs import BaseLogProbs, CacheMeta, SparseRows
 from mqpredict.measure.kld import TokenScores, score_parallel
 from mqpredict.measure.stats import KLDStats
@@ -290,7 +290,7 @@ class InProcessEngine(Engine):
             if spec.stream:
                 run = spec.part(missing[0], spec.end - missing[0])
                 with StreamEvaluator(base, spec.ctx, self.threads) as ev:
-                    for c, logits in walk(ev, bl.tokens, run, self._states(spec), "base"):
+                    for c, logits in walk(ev, bl.tokens, run, self._states(spec), BASE_KEY):
                         if not bl.has(c):
                             bl.put(c, SparseRows.from_logits(logits, bl.tokens[spec.stream_targets(c)]))
                         self.progress("base log-probs", c + 1 - run.chunk_offset, run.n_chunks)

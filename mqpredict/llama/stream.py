@@ -20,6 +20,7 @@ base and for every candidate alike.
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -118,13 +119,35 @@ class StreamEvaluator:
         return ok
 
 
+#: default bound of one state folder, in MB (``$MQPREDICT_STREAM_STATES_MB`` overrides it)
+STATES_MB = 2048
+BASE_KEY = "base"
+
+
+def states_budget() -> int:
+    """Bytes one state folder may hold: ``$MQPREDICT_STREAM_STATES_MB`` (MB), else :data:`STATES_MB`."""
+    raw = os.environ.get("MQPREDICT_STREAM_STATES_MB", "").strip()
+    try:
+        mb = float(raw) if raw else STATES_MB
+    except ValueError:
+        raise InputError(f"MQPREDICT_STREAM_STATES_MB={raw!r} is not a number of megabytes",
+                         "set it to e.g. 2048, or unset it") from None  # fmt: skip
+    return max(0, int(mb * 1_000_000))
+
+
 @dataclass
 class StateStore:
     """Saved stream states of one (base, corpus, ctx, engine, build): ``<key>-cNNNNN.kv`` is the KV state of
-    the model named ``key`` after chunks ``0 … N-1`` (about 12 MB for SmolLM2 at ctx 512; deleting them
-    only costs a replay)."""
+    the model named ``key`` after chunks ``0 … N-1`` (about 12 MB for SmolLM2 at ctx 512, 15 MB for
+    Qwen2.5-Coder-1.5B; deleting them only costs a replay).
+
+    The folder is bounded (``budget`` bytes, default :func:`states_budget`): after each save the candidates'
+    states least recently saved or restored are deleted until it fits — a campaign needs a candidate's
+    state only between its stages and for its held-out slice, soon after — while the base's states
+    (``base-…``, every candidate's and every slice's reference) and the state just saved stay."""
 
     folder: Path
+    budget: int | None = None
 
     def path(self, key: str, chunk: int) -> Path:
         return self.folder / f"{key}-c{chunk:05d}.kv"
@@ -143,6 +166,36 @@ class StateStore:
     def save(self, key: str, chunk: int, data: bytes) -> None:
         with atomic_open(self.path(key, chunk)) as f:  # a cache: no fsync
             f.write(data)
+        self.prune(keep=self.path(key, chunk))
+
+    def touch(self, path: Path) -> None:
+        """Mark a state as just used (a restore), so that pruning deletes it last."""
+        try:
+            os.utime(path)
+        except OSError:
+            pass
+
+    def prune(self, keep: Path | None = None) -> list[Path]:
+        """Delete candidates' states, least recently used first, until the folder fits its budget; return them."""
+        budget = states_budget() if self.budget is None else self.budget
+        files = []
+        for p in self.folder.glob("*.kv"):
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            files.append((st.st_mtime_ns, p.name, st.st_size, p))
+        total = sum(f[2] for f in files)
+        gone = []
+        for _, name, size, p in sorted(files):
+            if total <= budget:
+                break
+            if name.startswith(f"{BASE_KEY}-c") or p == keep:
+                continue
+            p.unlink(missing_ok=True)
+            total -= size
+            gone.append(p)
+        return gone
 
 
 def glob_escape(text: str) -> str:
@@ -175,6 +228,7 @@ def walk(ev: StreamEvaluator, tokens: np.ndarray, spec: EvalSpec, states: StateS
                 data = b""
             if data and ev.restore(data):
                 at, counter.restored_from = k, k
+                states.touch(p)
                 break
             p.unlink(missing_ok=True)  # damaged or from another llama.cpp: never used again
             found = states.nearest(key, o)
