@@ -80,9 +80,13 @@ def test_saved_states_stay_within_their_budget(eng, monkeypatch):
     names = {p.name for p in _states(eng)}
     assert base <= names and b_state.name in names and c_state.name not in names  # c's was the least recent
     assert eng.measure(b, STREAM.part(6, 1)).forward_tokens == H
-    with pytest.raises(InputError, match="MQPREDICT_STREAM_STATES_MB"):
-        monkeypatch.setenv("MQPREDICT_STREAM_STATES_MB", "lots")
-        eng.measure(c, STREAM.part(6, 1))
+    before = {p.name for p in _states(eng)}
+    for bad in ("lots", "inf"):
+        with pytest.raises(InputError, match="MQPREDICT_STREAM_STATES_MB"):
+            monkeypatch.setenv("MQPREDICT_STREAM_STATES_MB", bad)
+            eng.measure(c, STREAM.part(6, 1))
+    monkeypatch.delenv("MQPREDICT_STREAM_STATES_MB")
+    assert {p.name for p in _states(eng)} == before  # refused before any work: nothing saved
 
 
 def test_base_and_candidate_run_the_identical_procedure(eng):

@@ -20,10 +20,11 @@ base and for every candidate alike.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -130,8 +131,10 @@ def states_budget() -> int:
     try:
         mb = float(raw) if raw else STATES_MB
     except ValueError:
+        mb = math.nan
+    if not math.isfinite(mb):
         raise InputError(f"MQPREDICT_STREAM_STATES_MB={raw!r} is not a number of megabytes",
-                         "set it to e.g. 2048, or unset it") from None  # fmt: skip
+                         "set it to e.g. 2048, or unset it")  # fmt: skip
     return max(0, int(mb * 1_000_000))
 
 
@@ -141,13 +144,14 @@ class StateStore:
     the model named ``key`` after chunks ``0 … N-1`` (about 12 MB for SmolLM2 at ctx 512, 15 MB for
     Qwen2.5-Coder-1.5B; deleting them only costs a replay).
 
-    The folder is bounded (``budget`` bytes, default :func:`states_budget`): after each save the candidates'
-    states least recently saved or restored are deleted until it fits — a campaign needs a candidate's
-    state only between its stages and for its held-out slice, soon after — while the base's states
-    (``base-…``, every candidate's and every slice's reference) and the state just saved stay."""
+    The folder is bounded (``budget`` bytes, read from :func:`states_budget` when the store is made, i.e.
+    before a measurement runs, so a bad setting costs no work): after each save the candidates' states
+    least recently saved or restored are deleted until it fits — a campaign needs a candidate's state only
+    between its stages and for its held-out slice, soon after — while the base's states (``base-…``, every
+    candidate's and every slice's reference) and the state just saved stay."""
 
     folder: Path
-    budget: int | None = None
+    budget: int = field(default_factory=states_budget)
 
     def path(self, key: str, chunk: int) -> Path:
         return self.folder / f"{key}-c{chunk:05d}.kv"
@@ -175,9 +179,8 @@ class StateStore:
         except OSError:
             pass
 
-    def prune(self, keep: Path | None = None) -> list[Path]:
-        """Delete candidates' states, least recently used first, until the folder fits its budget; return them."""
-        budget = states_budget() if self.budget is None else self.budget
+    def prune(self, keep: Path | None = None) -> None:
+        """Delete candidates' states, least recently used first, until the folder fits its budget."""
         files = []
         for p in self.folder.glob("*.kv"):
             try:
@@ -186,16 +189,13 @@ class StateStore:
                 continue
             files.append((st.st_mtime_ns, p.name, st.st_size, p))
         total = sum(f[2] for f in files)
-        gone = []
         for _, name, size, p in sorted(files):
-            if total <= budget:
+            if total <= self.budget:
                 break
             if name.startswith(f"{BASE_KEY}-c") or p == keep:
                 continue
             p.unlink(missing_ok=True)
             total -= size
-            gone.append(p)
-        return gone
 
 
 def glob_escape(text: str) -> str:
