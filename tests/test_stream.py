@@ -113,6 +113,16 @@ def test_stream_and_windows_score_different_tokens_and_records(eng, tiny, corpus
     assert cs != cw and cs.key(s.types_key, s.build) != cw.key(w.types_key, w.build)
 
 
+def test_evaluations_time_their_forward_passes(eng):
+    """`decode_seconds` is the part of an evaluation spent in llama_decode, in both modes (`bench measure`'s
+    `stream_decode_ratio` is made of it)."""
+    path = eng.build(CFG).path
+    windows = EvalSpec(ctx=128, n_chunks=6)
+    s, w = eng.evaluate(path), eng.evaluate(path, windows)
+    for e in (s, w):
+        assert 0 < e.decode_seconds < e.seconds
+
+
 def test_one_base_cache_per_setup_grown_chunk_by_chunk(eng):
     folder = eng.logprob_path(STREAM)
     eng.measure(CFG, STREAM.part(0, 2))
@@ -239,3 +249,8 @@ def test_bench_measure_reports_the_stream_ratio_and_its_floor(tiny, corpus):
     # with no head the floor is the forward tokens' ratio alone: (128 + 3·64)/256 ÷ 128/63
     assert stream_floor(0.0, 128, 4) == pytest.approx((320 / 256) / (128 / 63))
     assert 0.5 < res["stream_floor"] < 1 and res["stream_ratio"] > 0
+    # the forward passes alone: part of each evaluation's time, so below the whole-time ratio
+    assert 0 < res["decode_stream_s"] < res["eval_stream_s"] and 0 < res["decode_inprocess_s"] < res["eval_inprocess_s"]
+    assert res["stream_decode_ratio"] == pytest.approx((res["decode_stream_s"] / 256) / (res["eval_tool_s"] / 252))
+    assert res["stream_decode_vs_windows"] == pytest.approx((res["decode_stream_s"] / 256) / (res["decode_inprocess_s"] / 252))
+    assert res["stream_decode_ratio"] < res["stream_ratio"]

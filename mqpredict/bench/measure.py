@@ -8,6 +8,11 @@
   *scored token* against llama-perplexity's (``stream_ratio``; target ≤ 0.55 — windows mode scores
   ``ctx/2 - 1`` tokens per ``ctx`` forward tokens, a stream ``ctx/2`` per ``ctx/2``), and the ratio of
   mean KLD stream / windows per config (the two modes score different tokens; see docs/measurement.md).
+  Both in-process evaluations also time their ``llama_decode`` calls (``Evaluation.decode_seconds``):
+  ``stream_decode_ratio`` is the stream's forward passes *alone* per scored token over llama-perplexity's
+  whole time — what ``stream_ratio`` would be with scoring, file reads and start-up free, so the least any
+  work outside llama.cpp's forward pass can reach — and ``stream_decode_vs_windows`` the same forward
+  passes over the in-process windows' (the number ``stream_floor`` bounds).
 * **build**: seconds to build one hybrid by stitching (pure quantizations cached) vs
   ``llama-quantize --pure --tensor-type-file`` for the same config, interleaved likewise.
 
@@ -21,7 +26,8 @@ the ``blk.*`` matrices a token uses, routed experts at ``n_expert_used / n_exper
 cache left out, so this is a lower bound), the stream's cost per scored token over the windows' is at
 least ``((ctx + (n−1)·h) + n·h·r) / (n·h)  ÷  (n·ctx + n·h·r) / (n·(h−1))`` — about ``(1 + r) / (2 + r)``
 for many chunks. SmolLM2 (49,152 × 576 head on a 106 M-parameter body, r = 0.27) cannot go below 0.58
-at 16 chunks of 512 by arithmetic alone; the ratio measured beside it says how close the engine gets. The
+at 16 chunks of 512 by arithmetic alone; ``stream_decode_vs_windows`` measured beside it says how close
+llama.cpp's forward passes get (the cache's attention and K-shift are what the count leaves out). The
 count is of multiply-adds; ``benchmarks/stream_breakdown.py`` times a stream step's parts against a window
 (on SmolLM2 the head's share of the time is about ``r``, as counted).
 """
@@ -58,10 +64,14 @@ class BenchResult:
     eval_ratio: float
     kld_agreement: float  # max relative difference of mean KLD between the two, over the configs
     eval_stream_s: float  # median seconds per config, stream scoring (in-process)
+    decode_inprocess_s: float  # of eval_inprocess_s, the median seconds inside llama_decode (forward passes)
+    decode_stream_s: float  # of eval_stream_s, likewise
     tokens_windows: int  # tokens scored per config: windows (both engines) …
     tokens_stream: int  # … and stream
     stream_ratio: float  # stream seconds per scored token / llama-perplexity's
-    stream_floor: float  # the least stream_ratio the model's shapes allow against in-process windows (module doc)
+    stream_decode_ratio: float  # the stream's llama_decode seconds alone per scored token / llama-perplexity's whole
+    stream_decode_vs_windows: float  # stream / in-process windows, llama_decode seconds per scored token
+    stream_floor: float  # the least stream_decode_vs_windows the model's shapes allow (module doc)
     head_to_body: float  # r: output-head multiply-adds per token / the body's
     kld_stream_vs_windows: dict[str, float]  # mean KLD stream / windows, per config
     build_stitch_s: float
@@ -98,6 +108,8 @@ def run(base: Path, corpus: Path, spec: EvalSpec, threads: int, repeats: int, pr
         t_in: list[float] = []
         t_tool: list[float] = []
         t_stream: list[float] = []
+        d_in: list[float] = []
+        d_stream: list[float] = []
         agree = 0.0
         kld_ratio: dict[str, float] = {}
         total = repeats * len(files)
@@ -105,14 +117,18 @@ def run(base: Path, corpus: Path, spec: EvalSpec, threads: int, repeats: int, pr
             for i, (c, path) in enumerate(files.items()):
                 progress("evaluate (side by side)", r * len(files) + i, total)
                 t0 = time.perf_counter()
-                mi = inproc.evaluate(path).stats
+                ei = inproc.evaluate(path)
                 t_in.append(time.perf_counter() - t0)
+                mi = ei.stats
                 t0 = time.perf_counter()
                 mt = tools._evaluate(path, spec).stats
                 t_tool.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                ms = inproc.evaluate(path, stream).stats
+                es = inproc.evaluate(path, stream)
                 t_stream.append(time.perf_counter() - t0)
+                ms = es.stats
+                d_in.append(ei.decode_seconds)
+                d_stream.append(es.decode_seconds)
                 agree = max(agree, abs(mi.kld_mean / mt.kld_mean - 1))
                 kld_ratio[c] = ms.kld_mean / mi.kld_mean
         progress("evaluate (side by side)", total, total)
@@ -140,6 +156,8 @@ def run(base: Path, corpus: Path, spec: EvalSpec, threads: int, repeats: int, pr
         progress("build (side by side)", n_build, n_build)
         assert Path(tool_base).exists()
         m_in, m_tool, m_stream = statistics.median(t_in), statistics.median(t_tool), statistics.median(t_stream)
+        md_in, md_stream = statistics.median(d_in), statistics.median(d_stream)
+        per_tool = m_tool / spec.n_tokens  # llama-perplexity's seconds per scored token
         r = head_to_body(inproc.model)
         s_st, s_tool = statistics.median(b_st), statistics.median(b_tool)
         return BenchResult(
@@ -153,9 +171,13 @@ def run(base: Path, corpus: Path, spec: EvalSpec, threads: int, repeats: int, pr
             eval_ratio=m_in / m_tool,
             kld_agreement=agree,
             eval_stream_s=m_stream,
+            decode_inprocess_s=md_in,
+            decode_stream_s=md_stream,
             tokens_windows=spec.n_tokens,
             tokens_stream=stream.n_tokens,
-            stream_ratio=(m_stream / stream.n_tokens) / (m_tool / spec.n_tokens),
+            stream_ratio=(m_stream / stream.n_tokens) / per_tool,
+            stream_decode_ratio=(md_stream / stream.n_tokens) / per_tool,
+            stream_decode_vs_windows=(md_stream / stream.n_tokens) / (md_in / spec.n_tokens),
             stream_floor=stream_floor(r, spec.ctx, spec.n_chunks),
             head_to_body=r,
             kld_stream_vs_windows=kld_ratio,

@@ -70,6 +70,7 @@ class Evaluation:
     seconds: float
     source: str  # what the numbers were computed from (e.g. "llama-perplexity statistics")
     forward_tokens: int = 0  # tokens the quantized model really ran through (replays included)
+    decode_seconds: float | None = None  # of ``seconds``, those inside llama.cpp's forward passes (None: unknown)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class EvalResult:
     scores: TokenScores | None
     source: str
     forward_tokens: int
+    decode_seconds: float | None = None  # wall time inside llama_decode, when the engine can tell
 
 
 @dataclass(frozen=True)
@@ -334,7 +336,7 @@ class Engine(ABC):
     def _timed_evaluate(self, path: Path, spec: EvalSpec) -> Evaluation:
         t0 = time.perf_counter()
         r = self._evaluate(path, spec)
-        return Evaluation(r.stats, r.scores, time.perf_counter() - t0, r.source, r.forward_tokens)
+        return Evaluation(r.stats, r.scores, time.perf_counter() - t0, r.source, r.forward_tokens, r.decode_seconds)
 
     def release(self, path: Path) -> None:
         """Forget anything held for ``path`` (it is about to be deleted)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -103,6 +104,7 @@ class Evaluator:
         self.lib, self.model, self.spec = lib, model, spec
         n_ctx = spec.n_seq * spec.ctx
         self.ctx = runtime.new_context(model, n_ctx, min(spec.n_batch, n_ctx), spec.n_seq, threads)
+        self.decode_seconds = 0.0  # wall time inside llama_decode (the forward passes)
         n = spec.n_seq * spec.ctx
         self.batch = lib.llama_batch_init(n, 0, 1)
         self.tokens = np.ctypeslib.as_array(self.batch.token, shape=(n,))
@@ -138,7 +140,9 @@ class Evaluator:
             self.tokens[: k * spec.ctx] = flat.reshape(-1)
             self.batch.n_tokens = k * spec.ctx
             lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
+            t0 = time.perf_counter()
             rc = lib.llama_decode(self.ctx, self.batch)
+            self.decode_seconds += time.perf_counter() - t0
             if rc != 0:
                 raise LlamaError(f"llama.cpp failed to decode a batch of {self.model.path} (code {rc})")
             for s in range(k):
@@ -322,7 +326,7 @@ class InProcessEngine(Engine):
                         done += 1
                         self.progress(f"evaluate {path.name}", done, spec.n_chunks)
                         faults.point("measure", f"{path.stem}@{c}")
-                forward = counter.forward_tokens
+                forward, decode = counter.forward_tokens, ev.decode_seconds
             else:
                 windows = _windows(bl.tokens, spec, list(range(spec.chunk_offset, spec.end)))
                 with evaluator(path, spec, self.threads, model) as ev:
@@ -330,9 +334,9 @@ class InProcessEngine(Engine):
                         parts.append(score_parallel(logits, bl.get(spec.chunk_offset + i), windows[i, spec.first + 1 :], pool))
                         self.progress(f"evaluate {path.name}", i + 1, spec.n_chunks)
                         faults.point("measure", f"{path.stem}@{spec.chunk_offset + i}")
-                forward = spec.n_chunks * spec.ctx
+                forward, decode = spec.n_chunks * spec.ctx, ev.decode_seconds
         scores = TokenScores.concat(parts)
-        return EvalResult(KLDStats.from_scores(scores), scores, "llama-cpp-python logits", forward)
+        return EvalResult(KLDStats.from_scores(scores), scores, "llama-cpp-python logits", forward, decode)
 
 
 def _windows(tokens: np.ndarray, spec: EvalSpec, chunks: list[int]) -> np.ndarray:

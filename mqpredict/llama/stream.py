@@ -23,6 +23,7 @@ import ctypes
 import math
 import os
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ class StreamEvaluator:
         self.keep = keep  # cells never dropped (1: the attention sink; 0 only to show why it stays)
         self.ctx = runtime.new_context(model, ctx, ctx, 1, threads, flash_attn)  # flash_attn: benchmarks only
         self.mem = lib.llama_get_memory(self.ctx)
+        self.decode_seconds = 0.0  # wall time inside llama_decode (the forward passes, K-shift included)
         if not lib.llama_memory_can_shift(self.mem):
             self.close()
             raise InputError(f"llama.cpp cannot shift the KV cache of {model.path}, so it cannot be scored as a stream",
@@ -80,7 +82,9 @@ class StreamEvaluator:
         self._pos[:n] = np.arange(pos0, pos0 + n, dtype=np.int32)
         self._want[:n] = False if first_out is None else np.arange(n) >= first_out
         self.batch.n_tokens = n
+        t0 = time.perf_counter()
         rc = self.lib.llama_decode(self.ctx, self.batch)
+        self.decode_seconds += time.perf_counter() - t0
         if rc != 0:
             raise LlamaError(f"llama.cpp failed to decode a batch of {self.model.path} (code {rc})")
         if first_out is None:
