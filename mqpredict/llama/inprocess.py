@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -130,7 +129,6 @@ class Evaluator:
         The view points into llama.cpp's buffer and is valid until the next iteration.
         """
         spec, lib = self.spec, self.lib
-        n_vocab = self.model.n_vocab
         for g in range(0, len(windows), spec.n_seq):
             group = windows[g : g + spec.n_seq]
             k = len(group)
@@ -140,19 +138,9 @@ class Evaluator:
             self.tokens[: k * spec.ctx] = flat.reshape(-1)
             self.batch.n_tokens = k * spec.ctx
             lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
-            t0 = time.perf_counter()
-            rc = lib.llama_decode(self.ctx, self.batch)
-            self.decode_seconds += time.perf_counter() - t0
-            if rc != 0:
-                raise LlamaError(f"llama.cpp failed to decode a batch of {self.model.path} (code {rc})")
+            self.decode_seconds += runtime.decode(self.ctx, self.batch, self.model)
             for s in range(k):
-                ptr = lib.llama_get_logits_ith(self.ctx, s * spec.ctx + spec.first)
-                if not ptr:
-                    raise LlamaError(f"llama.cpp returned no logits for {self.model.path}")
-                view = np.ctypeslib.as_array(
-                    ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(spec.scored_per_chunk, n_vocab)
-                )
-                yield g + s, view
+                yield g + s, runtime.logits_view(self.ctx, s * spec.ctx + spec.first, spec.scored_per_chunk, self.model)
 
 
 @contextmanager

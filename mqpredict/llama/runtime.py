@@ -11,6 +11,7 @@ import hashlib
 import os
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -113,6 +114,28 @@ def new_context(model, n_ctx: int, n_batch: int, n_seq: int, threads: int, flash
     if not ctx:
         raise LlamaError(f"llama.cpp could not create a context for {model.path}: {LOG.last_error()}")
     return ctx
+
+
+def decode(ctx, batch, model) -> float:
+    """``llama_decode`` of ``batch`` on ``ctx``; returns its wall seconds (the forward pass, a pending K-shift
+    included), a one-line error naming the model when llama.cpp refuses the batch."""
+    t0 = time.perf_counter()
+    rc = lib().llama_decode(ctx, batch)
+    seconds = time.perf_counter() - t0
+    if rc != 0:
+        raise LlamaError(f"llama.cpp failed to decode a batch of {model.path} (code {rc})")
+    return seconds
+
+
+def logits_view(ctx, row: int, n_rows: int, model):
+    """The logits of output ``row`` and the ``n_rows - 1`` after it, as a (n_rows, n_vocab) float32 numpy view on
+    llama.cpp's buffer (valid until the next decode)."""
+    import numpy as np
+
+    ptr = lib().llama_get_logits_ith(ctx, row)
+    if not ptr:
+        raise LlamaError(f"llama.cpp returned no logits for {model.path}")
+    return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_rows, model.n_vocab))
 
 
 def set_verbose(verbose: bool) -> None:

@@ -23,7 +23,6 @@ import ctypes
 import math
 import os
 import re
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,17 +81,8 @@ class StreamEvaluator:
         self._pos[:n] = np.arange(pos0, pos0 + n, dtype=np.int32)
         self._want[:n] = False if first_out is None else np.arange(n) >= first_out
         self.batch.n_tokens = n
-        t0 = time.perf_counter()
-        rc = self.lib.llama_decode(self.ctx, self.batch)
-        self.decode_seconds += time.perf_counter() - t0
-        if rc != 0:
-            raise LlamaError(f"llama.cpp failed to decode a batch of {self.model.path} (code {rc})")
-        if first_out is None:
-            return None
-        ptr = self.lib.llama_get_logits_ith(self.ctx, first_out)
-        if not ptr:
-            raise LlamaError(f"llama.cpp returned no logits for {self.model.path}")
-        return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n - first_out, self.model.n_vocab))
+        self.decode_seconds += runtime.decode(self.ctx, self.batch, self.model)
+        return None if first_out is None else runtime.logits_view(self.ctx, first_out, n - first_out, self.model)
 
     def first(self, window: np.ndarray, logits: bool) -> np.ndarray | None:
         """Chunk 0: the first window from an empty cache; logits of positions h … ctx-1 (or none)."""
